@@ -1,0 +1,167 @@
+//! The only room that sees all the others: loads config, binds listeners, starts the proxy, the
+//! admin API and the reload watchers, and drains them on shutdown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::reload::Reloader;
+use crate::config::{Config, ConfigError};
+use crate::state::{Generation, Shared};
+use crate::telemetry::Metrics;
+
+/// Why sluice could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({which}): {source}")]
+    Bind { which: &'static str, addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running sluice: its bound addresses, and the handle to stop it.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    pub reloader: Arc<Reloader>,
+    admin_stop: CancellationToken,
+    accept_loop: JoinHandle<()>,
+    admin_loop: JoinHandle<()>,
+}
+
+/// Starts sluice on the config at `path`, binding the addresses it names (port 0 picks a free one).
+pub async fn start(path: &Path) -> Result<Running, StartError> {
+    crate::tls::install_crypto_provider();
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let config = Config::load(path)?;
+    let proxy = bind("proxy", config.listen.proxy).await?;
+    let admin = bind("admin", config.listen.admin).await?;
+    let metrics = Arc::new(Metrics::new());
+    let generation = Generation::build(config, None)?;
+    metrics.reloads.with_label_values(&["success"]).inc();
+    metrics.reload_last_success.set(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64()),
+    );
+    let shared = Shared::new(generation, metrics);
+    let reloader = Reloader::new(path.to_path_buf(), shared.clone(), &text);
+    start_with(proxy, admin, shared, reloader)
+}
+
+fn start_with(
+    proxy: TcpListener,
+    admin: TcpListener,
+    shared: Arc<Shared>,
+    reloader: Arc<Reloader>,
+) -> Result<Running, StartError> {
+    let proxy_addr = proxy.local_addr().map_err(|source| StartError::Bind {
+        which: "proxy",
+        addr: ([0, 0, 0, 0], 0).into(),
+        source,
+    })?;
+    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+        which: "admin",
+        addr: ([0, 0, 0, 0], 0).into(),
+        source,
+    })?;
+    let accept_loop = tokio::spawn(crate::listen::serve_proxy(proxy, shared.clone()));
+    let admin_stop = CancellationToken::new();
+    let admin_loop =
+        tokio::spawn(crate::admin::serve_admin(admin, shared.clone(), reloader.clone(), admin_stop.clone()));
+    reloader.spawn_watchers();
+    shared.set_ready();
+    let generation = shared.current();
+    tracing::info!(
+        proxy = %proxy_addr,
+        admin = %admin_addr,
+        upstreams = generation.config.upstreams.len(),
+        "sluice is serving."
+    );
+    Ok(Running { proxy_addr, admin_addr, shared, reloader, admin_stop, accept_loop, admin_loop })
+}
+
+async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { which, addr, source })
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests and tunnels finish for up to the configured
+    /// grace period, then stops the admin API. Returns whether everything finished in time.
+    pub async fn shutdown(self) -> bool {
+        let grace = self.shared.current().config.shutdown_grace;
+        self.shutdown_within(grace).await
+    }
+
+    pub async fn shutdown_within(self, grace: Duration) -> bool {
+        let open = self.shared.tasks.len();
+        tracing::info!(open_connections = open, grace = %humantime::format_duration(grace), "Shutting down; draining.");
+        self.shared.shutdown.cancel();
+        self.shared.tasks.close();
+        let _ = self.accept_loop.await;
+        let drained = tokio::time::timeout(grace, self.shared.tasks.wait()).await.is_ok();
+        if drained {
+            tracing::info!("Drained; exiting.");
+        } else {
+            tracing::warn!(cut = self.shared.tasks.len(), "Grace period over; cutting remaining connections.");
+        }
+        self.admin_stop.cancel();
+        let _ = self.admin_loop.await;
+        drained
+    }
+}
+
+/// `sluice run`: start, then drain on SIGTERM or SIGINT.
+pub async fn run(path: PathBuf) -> Result<(), StartError> {
+    let running = start(&path).await?;
+    wait_for_stop_signal().await;
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::warn!("Cannot listen for SIGTERM/SIGINT; running until killed.");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received."),
+        _ = int.recv() => tracing::info!("SIGINT received."),
+    }
+}
+
+/// `sluice check`: everything `run` would verify, without binding or writing anything.
+pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
+    crate::tls::install_crypto_provider();
+    let config = Config::load(path)?;
+    let mut notes = Vec::new();
+    if let Some(intercept) = &config.intercept {
+        if !intercept.ca_cert.exists() && !intercept.ca_key.exists() {
+            notes.push(format!(
+                "intercept: {} and {} do not exist yet; `sluice run` will create them",
+                intercept.ca_cert.display(),
+                intercept.ca_key.display()
+            ));
+        } else {
+            crate::tls::ca::CertAuthority::load_or_generate(intercept)?;
+        }
+    }
+    for (index, upstream) in config.upstreams.iter().enumerate() {
+        if let Some(path) = &upstream.extra_ca {
+            crate::tls::client::read_certs(path, &format!("upstreams[{index}].tls.extra_ca"))?;
+        }
+    }
+    notes.push(format!(
+        "{} upstream(s): {}",
+        config.upstreams.len(),
+        config.upstreams.iter().map(|u| &*u.name).collect::<Vec<_>>().join(", ")
+    ));
+    Ok(notes)
+}

@@ -1,0 +1,218 @@
+//! Live reload: SIGHUP, `POST /reload` and file changes all end in [`Reloader::reload`], which
+//! validates the new file whole, builds a new generation and swaps it in atomically. Requests in
+//! flight keep the generation they started on; a bad file is refused, logged and counted, and the
+//! old config keeps serving.
+//!
+//! The watcher watches the config file's directory, not the file: a Kubernetes ConfigMap update
+//! swaps the `..data` symlink, which replaces the file without ever writing to it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, Mutex};
+
+use super::{Config, ConfigError};
+use crate::state::{Generation, Shared};
+
+/// Editors and ConfigMap swaps write in several steps; wait this long for them to settle.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// What asked for a reload, for logs and for skipping no-op file events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    Admin,
+    FileChange,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "sighup",
+            Trigger::Admin => "admin",
+            Trigger::FileChange => "file_change",
+        }
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied {
+        generation: u64,
+    },
+    /// A file event, but the content is what is already running.
+    Unchanged {
+        generation: u64,
+    },
+}
+
+pub struct Reloader {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    /// Serialises reloads and remembers the hash of the text last applied.
+    last_applied: Mutex<u64>,
+}
+
+impl Reloader {
+    pub fn new(path: PathBuf, shared: Arc<Shared>, initial_text: &str) -> Arc<Self> {
+        Arc::new(Self { path, shared, last_applied: Mutex::new(hash(initial_text)) })
+    }
+
+    pub async fn reload(&self, trigger: Trigger) -> Result<Outcome, ConfigError> {
+        let mut last_applied = self.last_applied.lock().await;
+        let result = self.try_reload(trigger, &mut last_applied).await;
+        let metrics = &self.shared.metrics;
+        match &result {
+            Ok(Outcome::Applied { generation }) => {
+                metrics.reloads.with_label_values(&["success"]).inc();
+                metrics.reload_last_success.set(unix_now());
+                tracing::info!(trigger = trigger.as_str(), generation, "Config reloaded.");
+            }
+            Ok(Outcome::Unchanged { .. }) => {}
+            Err(error) => {
+                metrics.reloads.with_label_values(&["failure"]).inc();
+                tracing::error!(
+                    trigger = trigger.as_str(),
+                    error = %error,
+                    "Config reload refused; the previous config keeps serving."
+                );
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self, trigger: Trigger, last_applied: &mut u64) -> Result<Outcome, ConfigError> {
+        let text = tokio::fs::read_to_string(&self.path)
+            .await
+            .map_err(|source| ConfigError::Read { path: self.path.clone(), source })?;
+        let current = self.shared.current();
+        let text_hash = hash(&text);
+        if trigger == Trigger::FileChange && text_hash == *last_applied {
+            return Ok(Outcome::Unchanged { generation: current.id });
+        }
+        let config = Config::from_yaml(&text).map_err(|error| match error {
+            ConfigError::Invalid { problems, .. } => ConfigError::Invalid { path: Some(self.path.clone()), problems },
+            other => other,
+        })?;
+        let generation = Generation::build(config, Some(&current))?;
+        warn_restart_needed(&current.config, &generation.config);
+        audit_diff(&current.config, &generation.config, trigger);
+        let id = generation.id;
+        self.shared.publish(generation);
+        *last_applied = text_hash;
+        Ok(Outcome::Applied { generation: id })
+    }
+
+    /// Reloads on SIGHUP and on changes in the config file's directory, until shutdown.
+    pub fn spawn_watchers(self: &Arc<Self>) {
+        let reloader = self.clone();
+        tokio::spawn(async move {
+            let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                tracing::warn!("Cannot listen for SIGHUP; reload by file change or POST /reload.");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    received = hangups.recv() => if received.is_none() { return },
+                    () = reloader.shared.shutdown.cancelled() => return,
+                }
+                let _ = reloader.reload(Trigger::Signal).await;
+            }
+        });
+
+        let reloader = self.clone();
+        let (events_tx, mut events) = mpsc::channel::<()>(1);
+        let watched_dir = watch_dir(&self.path);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                // A full channel already holds a pending reload: coalesce.
+                let _ = events_tx.try_send(());
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(watcher) => watcher,
+            Err(error) => {
+                tracing::warn!(%error, "Cannot watch the config directory; reload by SIGHUP or POST /reload.");
+                return;
+            }
+        };
+        if let Err(error) = watcher.watch(&watched_dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(%error, dir = %watched_dir.display(), "Cannot watch the config directory.");
+            return;
+        }
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            loop {
+                tokio::select! {
+                    event = events.recv() => if event.is_none() { return },
+                    () = reloader.shared.shutdown.cancelled() => return,
+                }
+                tokio::time::sleep(DEBOUNCE).await;
+                while events.try_recv().is_ok() {}
+                let _ = reloader.reload(Trigger::FileChange).await;
+            }
+        });
+    }
+}
+
+fn watch_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn hash(text: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64())
+}
+
+/// Listener addresses and thread counts are fixed at start: say so instead of ignoring them.
+fn warn_restart_needed(old: &Config, new: &Config) {
+    if old.listen != new.listen {
+        tracing::warn!(
+            old = ?old.listen,
+            new = ?new.listen,
+            "listen addresses changed; they take effect only after a restart."
+        );
+    }
+    if old.worker_threads != new.worker_threads {
+        tracing::warn!("runtime.worker_threads changed; it takes effect only after a restart.");
+    }
+    if old.limits.max_connections != new.limits.max_connections {
+        tracing::warn!("limits.max_connections changed; it takes effect only after a restart.");
+    }
+}
+
+/// One structured audit line: which upstreams a reload added, removed or changed.
+fn audit_diff(old: &Config, new: &Config, trigger: Trigger) {
+    let names = |config: &Config| config.upstreams.iter().map(|u| u.name.to_string()).collect::<Vec<_>>();
+    let (old_names, new_names) = (names(old), names(new));
+    let added: Vec<_> = new_names.iter().filter(|name| !old_names.contains(name)).cloned().collect();
+    let removed: Vec<_> = old_names.iter().filter(|name| !new_names.contains(name)).cloned().collect();
+    let changed: Vec<_> = new
+        .upstreams
+        .iter()
+        .filter(|upstream| old.upstream(&upstream.name).is_some_and(|before| before != *upstream))
+        .map(|upstream| upstream.name.to_string())
+        .collect();
+    tracing::info!(
+        target: "sluice::audit",
+        event = "config_reload",
+        trigger = trigger.as_str(),
+        upstreams_added = ?added,
+        upstreams_removed = ?removed,
+        upstreams_changed = ?changed,
+        "Config change applied."
+    );
+}

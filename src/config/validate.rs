@@ -1,0 +1,314 @@
+//! Turns the file model into a [`Config`], collecting every problem instead of stopping at the
+//! first, so an SRE fixes a broken file in one pass.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Uri};
+
+use super::file::{FileConfig, UpstreamFile};
+use super::{Config, Problem};
+
+/// One vendor API that sluice proxies to, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub hosts: Vec<HostPattern>,
+    /// Reverse-mode path prefix, without a trailing slash (`/hubspot`).
+    pub prefix: Option<String>,
+    /// Where requests really go; `None` means the host the client asked for.
+    pub target: Option<Target>,
+    pub intercept: bool,
+    pub connect_ports: Vec<u16>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub extra_ca: Option<PathBuf>,
+}
+
+impl Upstream {
+    /// Whether this upstream answers for `host` (already lower-cased, no port).
+    pub fn serves_host(&self, host: &str) -> bool {
+        self.hosts.iter().any(|pattern| pattern.matches(host))
+    }
+
+    /// Whether a CONNECT to `port` is allowed: a listed port, or the target's own.
+    pub fn allows_port(&self, port: u16) -> bool {
+        self.connect_ports.contains(&port) || self.target.as_ref().is_some_and(|target| target.port == port)
+    }
+}
+
+/// A hostname an upstream answers for: exact, or `*.suffix` for any subdomain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    /// Stored with its leading dot: `*.example.com` is `.example.com`.
+    Subdomains(String),
+}
+
+impl HostPattern {
+    fn parse(raw: &str) -> Result<Self, String> {
+        let lower = raw.trim().to_ascii_lowercase();
+        let (pattern, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (HostPattern::Subdomains(format!(".{rest}")), rest.to_owned()),
+            None => (HostPattern::Exact(lower.clone()), lower),
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if valid || name.parse::<std::net::IpAddr>().is_ok() {
+            Ok(pattern)
+        } else {
+            Err(format!("`{raw}` is not a hostname (or *.hostname)"))
+        }
+    }
+
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(name) => name == host,
+            HostPattern::Subdomains(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// `scheme://host:port` of the server that really receives an upstream's traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+    pub authority: Authority,
+}
+
+impl Target {
+    fn parse(raw: &str) -> Result<Self, String> {
+        let uri: Uri = raw.parse().map_err(|_| format!("`{raw}` is not a URL like https://host:port"))?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::Http,
+            Some("https") => Scheme::Https,
+            _ => return Err(format!("`{raw}` must start with http:// or https://")),
+        };
+        let authority = uri.authority().ok_or_else(|| format!("`{raw}` has no host"))?.clone();
+        if authority.as_str().contains('@') {
+            return Err(format!("`{raw}` must not carry credentials"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(format!("`{raw}` must be scheme://host[:port] with no path"));
+        }
+        let port = authority.port_u16().unwrap_or(match scheme {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        });
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        Ok(Target { scheme, host, port, authority })
+    }
+
+    /// The same upstream address as a target, for upstreams that name only hosts.
+    pub fn for_host(scheme: Scheme, host: &str, port: u16) -> Option<Self> {
+        let default_port = match scheme {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        };
+        let text = if port == default_port { host.to_owned() } else { format!("{host}:{port}") };
+        let authority = text.parse().ok()?;
+        Some(Target { scheme, host: host.to_owned(), port, authority })
+    }
+}
+
+/// Checks everything and returns all problems at once.
+pub fn validate(file: FileConfig) -> Result<Config, Vec<Problem>> {
+    let mut problems = Vec::new();
+
+    let limits = &file.limits;
+    if limits.max_header_bytes < 8192 {
+        problems.push(Problem::new("limits.max_header_bytes", "must be at least 8192"));
+    }
+    if limits.max_body_bytes == 0 {
+        problems.push(Problem::new("limits.max_body_bytes", "must be greater than 0"));
+    }
+    if limits.max_connections == 0 {
+        problems.push(Problem::new("limits.max_connections", "must be greater than 0"));
+    }
+    for (key, value) in [
+        ("limits.header_read_timeout", limits.header_read_timeout),
+        ("limits.tunnel_idle_timeout", limits.tunnel_idle_timeout),
+    ] {
+        if value.is_zero() {
+            problems.push(Problem::new(key, "must be greater than 0"));
+        }
+    }
+    if file.runtime.worker_threads == Some(0) {
+        problems.push(Problem::new("runtime.worker_threads", "must be at least 1"));
+    }
+    if let Some(intercept) = &file.intercept {
+        if intercept.leaf_cache_size == 0 {
+            problems.push(Problem::new("intercept.leaf_cache_size", "must be at least 1"));
+        }
+        if intercept.leaf_ttl < Duration::from_secs(3600) {
+            problems.push(Problem::new("intercept.leaf_ttl", "must be at least 1h"));
+        }
+    }
+
+    let mut upstreams: Vec<Arc<Upstream>> = Vec::with_capacity(file.upstreams.len());
+    for (index, raw) in file.upstreams.iter().enumerate() {
+        let key = format!("upstreams[{index}]");
+        if let Some(upstream) = validate_upstream(raw, &key, file.intercept.is_some(), &mut problems) {
+            check_overlaps(&upstream, &upstreams, &key, &mut problems);
+            upstreams.push(Arc::new(upstream));
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Config {
+        listen: file.listen.clone(),
+        shutdown_grace: file.shutdown_grace,
+        limits: file.limits.clone(),
+        intercept: file.intercept.clone(),
+        worker_threads: file.runtime.worker_threads,
+        upstreams,
+        file,
+    })
+}
+
+fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mut Vec<Problem>) -> Option<Upstream> {
+    let before = problems.len();
+    let name_ok = !raw.name.is_empty()
+        && raw.name.len() <= 64
+        && raw.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !name_ok {
+        problems.push(Problem::new(format!("{key}.name"), "must be 1-64 characters of a-z, 0-9, - and _"));
+    }
+    let mut hosts = Vec::with_capacity(raw.hosts.len());
+    for (at, host) in raw.hosts.iter().enumerate() {
+        match HostPattern::parse(host) {
+            Ok(pattern) => hosts.push(pattern),
+            Err(message) => problems.push(Problem::new(format!("{key}.hosts[{at}]"), message)),
+        }
+    }
+    let prefix = raw.prefix.as_deref().map(|prefix| prefix.trim_end_matches('/').to_owned());
+    if let Some(prefix) = &prefix {
+        if !prefix.starts_with('/') || prefix.len() < 2 || prefix.contains(['?', '#', ' ']) {
+            problems.push(Problem::new(format!("{key}.prefix"), "must be a path like /hubspot"));
+        }
+    }
+    if raw.hosts.is_empty() && prefix.is_none() {
+        problems.push(Problem::new(format!("{key}.hosts"), "an upstream needs hosts, a prefix, or both"));
+    }
+    let target = match raw.target.as_deref().map(Target::parse) {
+        Some(Ok(target)) => Some(target),
+        Some(Err(message)) => {
+            problems.push(Problem::new(format!("{key}.target"), message));
+            None
+        }
+        None => None,
+    };
+    if prefix.is_some() && raw.target.is_none() && !matches!(hosts.first(), Some(HostPattern::Exact(_))) {
+        problems.push(Problem::new(
+            format!("{key}.target"),
+            "reverse mode (prefix) needs a target, or an exact first host to send to",
+        ));
+    }
+    if raw.intercept {
+        if !have_ca {
+            problems.push(Problem::new(
+                format!("{key}.intercept"),
+                "needs the top-level `intercept: { ca_cert, ca_key }` section",
+            ));
+        }
+        if raw.hosts.is_empty() {
+            problems.push(Problem::new(format!("{key}.hosts"), "intercept needs at least one host"));
+        }
+    }
+    for (field, value) in [("connect", raw.timeouts.connect), ("request", raw.timeouts.request)] {
+        if value.is_zero() {
+            problems.push(Problem::new(format!("{key}.timeouts.{field}"), "must be greater than 0"));
+        }
+    }
+    if raw.connect_ports.contains(&0) {
+        problems.push(Problem::new(format!("{key}.connect_ports"), "0 is not a port"));
+    }
+    if problems.len() > before {
+        return None;
+    }
+    let target = target.or_else(|| match (&prefix, hosts.first()) {
+        (Some(_), Some(HostPattern::Exact(host))) => Target::for_host(Scheme::Https, host, 443),
+        _ => None,
+    });
+    Some(Upstream {
+        name: Arc::from(raw.name.as_str()),
+        hosts,
+        prefix,
+        target,
+        intercept: raw.intercept,
+        connect_ports: raw.connect_ports.clone(),
+        connect_timeout: raw.timeouts.connect,
+        request_timeout: raw.timeouts.request,
+        extra_ca: raw.tls.extra_ca.clone(),
+    })
+}
+
+/// Two upstreams may not share a name, a host or a prefix: routing must be unambiguous.
+fn check_overlaps(upstream: &Upstream, earlier: &[Arc<Upstream>], key: &str, problems: &mut Vec<Problem>) {
+    for other in earlier {
+        if other.name == upstream.name {
+            problems.push(Problem::new(format!("{key}.name"), format!("`{}` is used twice", upstream.name)));
+        }
+        if let Some(host) = upstream.hosts.iter().find(|host| other.hosts.contains(host)) {
+            problems.push(Problem::new(
+                format!("{key}.hosts"),
+                format!("{host:?} is already served by upstream `{}`", other.name),
+            ));
+        }
+        if upstream.prefix.is_some() && upstream.prefix == other.prefix {
+            problems.push(Problem::new(format!("{key}.prefix"), format!("already used by upstream `{}`", other.name)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns() {
+        let exact = HostPattern::parse("API.HubAPI.com").unwrap();
+        assert!(exact.matches("api.hubapi.com"));
+        let wild = HostPattern::parse("*.my.salesforce.com").unwrap();
+        assert!(wild.matches("acme.my.salesforce.com"));
+        assert!(!wild.matches("my.salesforce.com"));
+        assert!(HostPattern::parse("bad host").is_err());
+        assert!(HostPattern::parse("127.0.0.1").is_ok());
+    }
+
+    #[test]
+    fn targets() {
+        let t = Target::parse("https://api.hubapi.com").unwrap();
+        assert_eq!((t.scheme, t.host.as_str(), t.port), (Scheme::Https, "api.hubapi.com", 443));
+        let t = Target::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!(t.port, 8080);
+        assert!(Target::parse("ftp://x").is_err());
+        assert!(Target::parse("https://x/path").is_err());
+        assert!(Target::parse("nope").is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! Why sluice answered a request itself instead of relaying the vendor's answer.
+//!
+//! Every failure on the request path becomes a [`ProxyError`]: a bounded [`ErrorKind`] (which
+//! decides status, `Proxy-Status` error type and metric label) plus the upstream involved and a
+//! human detail. Only `respond` turns it into HTTP, so all synthetic responses look alike.
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// A failure on the request path, tagged with the upstream it concerns.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}")]
+pub struct ProxyError {
+    pub kind: ErrorKind,
+    pub upstream: Option<Arc<str>>,
+}
+
+/// What went wrong; each variant maps to one status and one RFC 9209 error type.
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorKind {
+    #[error("egress to {host} is not allowed")]
+    EgressDenied { host: String },
+    #[error("no upstream is configured for {path}")]
+    NoRoute { path: String },
+    #[error("malformed request: {detail}")]
+    Malformed { detail: String },
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("cannot connect to upstream: {detail}")]
+    Unreachable { detail: String },
+    #[error("upstream TLS failed: {detail}")]
+    Tls { detail: String },
+    #[error("upstream connect timed out after {}", humantime::format_duration(*after))]
+    ConnectTimeout { after: Duration },
+    #[error("upstream did not answer within {}", humantime::format_duration(*after))]
+    ResponseTimeout { after: Duration },
+    #[error("upstream broke the exchange: {detail}")]
+    UpstreamProtocol { detail: String },
+    #[error("sluice is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {detail}")]
+    Internal { detail: String },
+}
+
+impl ProxyError {
+    pub fn new(kind: ErrorKind, upstream: Option<Arc<str>>) -> Self {
+        Self { kind, upstream }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self.kind {
+            ErrorKind::EgressDenied { .. } => StatusCode::FORBIDDEN,
+            ErrorKind::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ErrorKind::Malformed { .. } => StatusCode::BAD_REQUEST,
+            ErrorKind::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Unreachable { .. } | ErrorKind::Tls { .. } | ErrorKind::UpstreamProtocol { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ErrorKind::ConnectTimeout { .. } | ErrorKind::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `error` field of the JSON body and the metric label: short, stable, bounded.
+    pub fn code(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::EgressDenied { .. } => "egress_denied",
+            ErrorKind::NoRoute { .. } => "no_route",
+            ErrorKind::Malformed { .. } => "malformed_request",
+            ErrorKind::BodyTooLarge { .. } => "body_too_large",
+            ErrorKind::Unreachable { .. } => "upstream_unreachable",
+            ErrorKind::Tls { .. } => "upstream_tls_error",
+            ErrorKind::ConnectTimeout { .. } | ErrorKind::ResponseTimeout { .. } => "upstream_timeout",
+            ErrorKind::UpstreamProtocol { .. } => "upstream_protocol_error",
+            ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::Internal { .. } => "internal_error",
+        }
+    }
+
+    /// The RFC 9209 `error` parameter of `Proxy-Status`.
+    pub fn proxy_status_type(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::EgressDenied { .. } => "http_request_denied",
+            ErrorKind::NoRoute { .. } => "destination_not_found",
+            ErrorKind::Malformed { .. } | ErrorKind::BodyTooLarge { .. } => "http_request_error",
+            ErrorKind::Unreachable { ref detail } if detail.contains("dns") => "dns_error",
+            ErrorKind::Unreachable { ref detail } if detail.contains("refused") => "connection_refused",
+            ErrorKind::Unreachable { .. } => "destination_unavailable",
+            ErrorKind::Tls { .. } => "tls_protocol_error",
+            ErrorKind::ConnectTimeout { .. } => "connection_timeout",
+            ErrorKind::ResponseTimeout { .. } => "http_response_timeout",
+            ErrorKind::UpstreamProtocol { .. } => "http_protocol_error",
+            ErrorKind::ShuttingDown | ErrorKind::Internal { .. } => "proxy_internal_error",
+        }
+    }
+}
+
+/// Walks an error's `source()` chain.
+pub fn causes<'a>(error: &'a (dyn StdError + 'static)) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(error), |&error| error.source())
+}
+
+/// The chain of messages of an error, joined, for details and logs.
+pub fn describe(error: &(dyn StdError + 'static)) -> String {
+    let mut out = String::new();
+    for (at, cause) in causes(error).enumerate() {
+        let text = cause.to_string();
+        if at > 0 {
+            if out.contains(&text) {
+                continue;
+            }
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}

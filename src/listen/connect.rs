@@ -1,0 +1,231 @@
+//! CONNECT: the door HTTPS_PROXY users come through.
+//!
+//! A host no upstream serves gets 403 before any byte moves. For an upstream with
+//! `intercept: true`, sluice answers 200, terminates the client's TLS with a leaf minted for the
+//! host, and serves the requests inside through the normal journey (so quotas, metrics and logs
+//! see them). Any other allowed host gets a blind byte tunnel, connected before the 200 so a
+//! dead destination is an honest 502/504 rather than a tunnel that closes at once.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::{self, ProxyBody};
+use crate::config::Upstream;
+use crate::error::{ErrorKind, ProxyError};
+use crate::proxy::route::Via;
+use crate::proxy::stack::synthesize;
+use crate::proxy::ClientConn;
+use crate::state::{Generation, Shared};
+use crate::telemetry::metrics::{status_class, NO_UPSTREAM};
+
+/// Answers one CONNECT request; the tunnel itself runs in a tracked task.
+pub async fn handle(
+    request: Request<Incoming>,
+    generation: Arc<Generation>,
+    shared: Arc<Shared>,
+    conn: Arc<ClientConn>,
+) -> Response<ProxyBody> {
+    let (response, upstream) = match open(request, &generation, &shared, &conn).await {
+        Ok((response, upstream)) => (response, Some(upstream)),
+        Err(error) => {
+            let upstream = error.upstream.clone();
+            (synthesize(&error, &shared.metrics), upstream)
+        }
+    };
+    let label = upstream.as_deref().unwrap_or(NO_UPSTREAM);
+    shared.metrics.requests.with_label_values(&[label, "CONNECT", status_class(response.status().as_u16())]).inc();
+    response
+}
+
+async fn open(
+    request: Request<Incoming>,
+    generation: &Generation,
+    shared: &Arc<Shared>,
+    conn: &ClientConn,
+) -> Result<(Response<ProxyBody>, Arc<str>), ProxyError> {
+    let (host, port) = parse_authority(request.uri())?;
+    let upstream = generation
+        .routes
+        .by_host(&host)
+        .ok_or_else(|| ProxyError::new(ErrorKind::EgressDenied { host: host.clone() }, None))?
+        .clone();
+    let name = upstream.name.clone();
+    if !upstream.allows_port(port) {
+        return Err(ProxyError::new(ErrorKind::EgressDenied { host: format!("{host}:{port}") }, Some(name)));
+    }
+    if upstream.intercept {
+        let ca = generation.ca.clone().ok_or_else(|| {
+            ProxyError::new(ErrorKind::Internal { detail: "interception CA not loaded".into() }, Some(name.clone()))
+        })?;
+        let (server_config, minted) = ca.server_config(&host).map_err(|error| {
+            shared.metrics.leaf_certs_minted.with_label_values(&["error"]).inc();
+            ProxyError::new(ErrorKind::Internal { detail: error.to_string() }, Some(name.clone()))
+        })?;
+        if minted {
+            shared.metrics.leaf_certs_minted.with_label_values(&["ok"]).inc();
+        }
+        let handshake_timeout = generation.config.limits.header_read_timeout;
+        let inner = ClientConn { peer: conn.peer, via: Via { tunnel_host: Some(Arc::from(host.as_str())) } };
+        let task_shared = shared.clone();
+        shared.tasks.spawn(async move {
+            let Ok(upgraded) = hyper::upgrade::on(request).await else { return };
+            let gauge = task_shared.metrics.tunnels_open.with_label_values(&["intercept"]);
+            gauge.inc();
+            let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(TokioIo::new(upgraded))).await {
+                Ok(Ok(tls)) => crate::listen::serve_http(tls, inner, task_shared.clone()).await,
+                Ok(Err(error)) => tracing::info!(%host, %error, "Client TLS handshake failed in intercepted tunnel."),
+                Err(_) => tracing::info!(%host, "Client TLS handshake timed out in intercepted tunnel."),
+            }
+            gauge.dec();
+        });
+        return Ok((established(), name));
+    }
+
+    let (dial_host, dial_port) = match &upstream.target {
+        Some(target) => (target.host.clone(), target.port),
+        None => (host.clone(), port),
+    };
+    let stream = dial(&upstream, &dial_host, dial_port).await?;
+    let idle = generation.config.limits.tunnel_idle_timeout;
+    let task_shared = shared.clone();
+    shared.tasks.spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(request).await else { return };
+        let gauge = task_shared.metrics.tunnels_open.with_label_values(&["blind"]);
+        gauge.inc();
+        let (up, down) = pump(TokioIo::new(upgraded), stream, idle).await;
+        tracing::debug!(%host, bytes_up = up, bytes_down = down, "Tunnel closed.");
+        gauge.dec();
+    });
+    Ok((established(), name))
+}
+
+fn established() -> Response<ProxyBody> {
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::OK;
+    response
+}
+
+/// `host:port` of a CONNECT request target (RFC 9110 §9.3.6: authority-form, port required).
+pub fn parse_authority(uri: &Uri) -> Result<(String, u16), ProxyError> {
+    let malformed = |detail: &str| ProxyError::new(ErrorKind::Malformed { detail: detail.to_owned() }, None);
+    if uri.scheme().is_some() || uri.path_and_query().is_some_and(|path| !path.as_str().is_empty() && path != "/") {
+        return Err(malformed("CONNECT needs host:port"));
+    }
+    let authority = uri.authority().ok_or_else(|| malformed("CONNECT needs host:port"))?;
+    if authority.as_str().contains('@') {
+        return Err(malformed("CONNECT target must not carry credentials"));
+    }
+    let port = authority.port_u16().ok_or_else(|| malformed("CONNECT target needs a port"))?;
+    if port == 0 {
+        return Err(malformed("CONNECT to port 0"));
+    }
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    if host.is_empty() {
+        return Err(malformed("CONNECT target needs a host"));
+    }
+    Ok((host, port))
+}
+
+async fn dial(upstream: &Upstream, host: &str, port: u16) -> Result<TcpStream, ProxyError> {
+    let name = Some(upstream.name.clone());
+    match tokio::time::timeout(upstream.connect_timeout, TcpStream::connect((host, port))).await {
+        Err(_) => Err(ProxyError::new(ErrorKind::ConnectTimeout { after: upstream.connect_timeout }, name)),
+        Ok(Err(error)) => {
+            let detail = if error.kind() == std::io::ErrorKind::ConnectionRefused {
+                format!("{host}:{port}: connection refused")
+            } else {
+                format!("{host}:{port}: {error}")
+            };
+            Err(ProxyError::new(ErrorKind::Unreachable { detail }, name))
+        }
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+    }
+}
+
+/// Copies both ways until either side closes or no byte has moved for `idle`.
+/// Returns the bytes copied client->upstream and upstream->client.
+async fn pump<A, B>(client: A, upstream: B, idle: Duration) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let epoch = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut client = Watched { inner: client, last: last.clone(), epoch };
+    let mut upstream = Watched { inner: upstream, last: last.clone(), epoch };
+    let check_every = (idle / 4).max(Duration::from_millis(50));
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(check_every).await;
+            let quiet = epoch.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            if quiet >= idle {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => copied.unwrap_or((0, 0)),
+        () = watchdog => (0, 0),
+    }
+}
+
+/// A stream that records when it last read a byte, for the tunnel idle timeout.
+struct Watched<T> {
+    inner: T,
+    last: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.last.store(now, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_form_only() {
+        let ok = |s: &str| parse_authority(&s.parse().unwrap());
+        assert_eq!(ok("api.hubapi.com:443").unwrap(), ("api.hubapi.com".into(), 443));
+        assert_eq!(ok("[::1]:8443").unwrap(), ("::1".into(), 8443));
+        assert!(ok("api.hubapi.com").is_err());
+        assert!(ok("http://api.hubapi.com:443/").is_err());
+        assert!(ok("user@host:443").is_err());
+        assert!(ok("host:0").is_err());
+    }
+}

@@ -1,0 +1,99 @@
+//! 1. ACCEPT: the proxy listener's accept loop and the serving of one client connection.
+//!
+//! The listener is bound by the caller and handed in (tests bind port 0). A semaphore caps open
+//! connections: past the cap, accept waits and the kernel backlog absorbs the burst instead of
+//! sluice running out of file descriptors. Every connection is a tracked task that drains
+//! gracefully (HTTP/1 finishes its response, HTTP/2 sends GOAWAY) when shutdown starts.
+
+pub mod connect;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::proxy::route::Via;
+use crate::proxy::{ClientConn, ProxyService};
+use crate::state::Shared;
+
+/// Accept errors (EMFILE and the like) are retried after this pause instead of spinning.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Runs the proxy listener until shutdown starts.
+pub async fn serve_proxy(listener: TcpListener, shared: Arc<Shared>) {
+    let max_connections = shared.current().config.limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit { Ok(permit) => permit, Err(_) => return },
+            () = shared.shutdown.cancelled() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "Accept failed; retrying.");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = shared.shutdown.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_shared = shared.clone();
+        shared.tasks.spawn(async move {
+            conn_shared.metrics.connections_open.inc();
+            serve_http(stream, ClientConn { peer, via: Via::default() }, conn_shared.clone()).await;
+            conn_shared.metrics.connections_open.dec();
+            drop(permit);
+        });
+    }
+}
+
+/// The HTTP/1.1 + HTTP/2 server settings for client connections, from the current limits.
+pub fn server_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
+    let limits = shared.current().config.limits.clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .max_pending_accept_reset_streams(64)
+        .keep_alive_interval(Duration::from_secs(30));
+    builder
+}
+
+/// Serves HTTP on one connection (plain, or the inside of an intercepted tunnel) until it
+/// closes, draining gracefully if shutdown starts first.
+pub async fn serve_http<IO>(io: IO, conn: ClientConn, shared: Arc<Shared>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer: SocketAddr = conn.peer;
+    let builder = server_builder(&shared);
+    let service = ProxyService::new(shared.clone(), conn);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shared.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, error = %error, "Client connection ended with an error.");
+    }
+}

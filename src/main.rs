@@ -1,0 +1,123 @@
+//! The `sluice` command: `run`, `check`, and `ca init`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "A rate-limit-aware egress proxy for CRM vendor APIs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Config file (YAML).
+        #[arg(short, long, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file: exit 0, or non-zero naming each bad key and its line.
+    Check {
+        #[arg(short, long, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Manage the interception CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a new CA to DIR/ca.crt and DIR/ca.key (PEM; the key readable by its owner only).
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(config),
+        Command::Check { config } => match sluice::app::check(&config) {
+            Ok(notes) => {
+                for note in notes {
+                    println!("{note}");
+                }
+                println!("{}: OK", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Ca { command: CaCommand::Init { out, force } } => ca_init(&out, force),
+    }
+}
+
+fn run(config_path: PathBuf) -> ExitCode {
+    sluice::telemetry::init_logging();
+    // The config decides the runtime's size, so it is read once before the runtime exists.
+    let worker_threads = match sluice::config::Config::load(&config_path) {
+        Ok(config) => config.worker_threads,
+        Err(error) => {
+            tracing::error!(%error, "Cannot start: invalid config.");
+            eprintln!("{error}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("sluice-worker");
+    if let Some(threads) = worker_threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(sluice::app::run(config_path)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "Cannot start.");
+            eprintln!("{error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn ca_init(dir: &std::path::Path, force: bool) -> ExitCode {
+    let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+    if force {
+        let _ = std::fs::remove_file(&cert_path);
+        let _ = std::fs::remove_file(&key_path);
+    } else if cert_path.exists() || key_path.exists() {
+        eprintln!("{} or {} already exists; pass --force to replace them", cert_path.display(), key_path.display());
+        return ExitCode::from(1);
+    }
+    let written = sluice::tls::ca::generate_ca_pem().map_err(|error| error.to_string()).and_then(|(cert, key)| {
+        sluice::tls::ca::write_ca_files(&cert_path, &key_path, &cert, &key).map_err(|error| error.to_string())
+    });
+    match written {
+        Ok(()) => {
+            println!("wrote {} and {}", cert_path.display(), key_path.display());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("cannot write the CA: {error}");
+            ExitCode::from(1)
+        }
+    }
+}

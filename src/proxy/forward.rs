@@ -1,0 +1,132 @@
+//! 5. FORWARD: send the request to the vendor over a pooled connection and relay the answer.
+//!
+//! One hyper-util client per upstream, so each has its own pool, connect timeout and trust
+//! roots. The per-request timeout covers everything up to the response head; the body then
+//! streams back as the vendor sends it. Connection failures are sorted into the few kinds a
+//! caller can act on (refused, DNS, TLS, timeout) before `respond` turns them into HTTP.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HOST;
+use http::{Request, Response, Version};
+use http_body_util::BodyExt;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::headers;
+use super::route::Routed;
+use crate::body::ProxyBody;
+use crate::config::{ConfigError, Upstream};
+use crate::error::{causes, describe, ErrorKind, ProxyError};
+
+/// Idle pooled connections are closed after this long (vendors close theirs around 60-120 s).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A pooled HTTP/1.1 + HTTP/2 client for one upstream.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    /// The settings this client was built with, to decide reuse across reloads.
+    connect_timeout: Duration,
+    extra_ca: Option<PathBuf>,
+    extra_ca_pem: Option<Arc<[u8]>>,
+}
+
+impl UpstreamClient {
+    pub fn new(upstream: &Upstream, key: &str) -> Result<Self, ConfigError> {
+        let tls = crate::tls::client::client_config(upstream.extra_ca.as_deref(), key)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(upstream.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Ok(Self {
+            client,
+            connect_timeout: upstream.connect_timeout,
+            extra_ca: upstream.extra_ca.clone(),
+            extra_ca_pem: read_pem(upstream.extra_ca.as_deref()),
+        })
+    }
+
+    /// Whether this client can serve `upstream` as configured now (same timeout, same roots).
+    pub fn fits(&self, upstream: &Upstream) -> bool {
+        self.connect_timeout == upstream.connect_timeout
+            && self.extra_ca == upstream.extra_ca
+            && self.extra_ca_pem == read_pem(upstream.extra_ca.as_deref())
+    }
+
+    /// Sends `request` (already routed) and returns the vendor's response, hygiene applied.
+    pub async fn forward(
+        &self,
+        request: Request<ProxyBody>,
+        routed: Routed,
+        max_body_bytes: u64,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let upstream = routed.upstream;
+        let (mut parts, body) = request.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::append_via(&mut parts.headers, parts.version);
+        // The Host header follows the target; hyper derives it from the URI.
+        parts.headers.remove(HOST);
+        parts.uri = routed.uri;
+        parts.version = Version::HTTP_11;
+        let outgoing = Request::from_parts(parts, body);
+
+        let sent = tokio::time::timeout(upstream.request_timeout, self.client.request(outgoing)).await;
+        let response = match sent {
+            Err(_) => {
+                return Err(ProxyError::new(
+                    ErrorKind::ResponseTimeout { after: upstream.request_timeout },
+                    Some(upstream.name.clone()),
+                ))
+            }
+            Ok(Err(error)) => return Err(classify(&error, &upstream, max_body_bytes)),
+            Ok(Ok(response)) => response,
+        };
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::append_via(&mut parts.headers, parts.version);
+        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
+    }
+}
+
+fn read_pem(path: Option<&std::path::Path>) -> Option<Arc<[u8]>> {
+    path.and_then(|path| std::fs::read(path).ok()).map(Arc::from)
+}
+
+/// Sorts a client error into the kind of failure a caller can act on.
+fn classify(error: &hyper_util::client::legacy::Error, upstream: &Upstream, max_body_bytes: u64) -> ProxyError {
+    let name = Some(upstream.name.clone());
+    let detail = describe(error);
+    if causes(error).any(|cause| cause.is::<http_body_util::LengthLimitError>()) {
+        return ProxyError::new(ErrorKind::BodyTooLarge { limit: max_body_bytes }, name);
+    }
+    if error.is_connect() {
+        let timed_out = causes(error).any(|cause| {
+            cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        });
+        if timed_out {
+            return ProxyError::new(ErrorKind::ConnectTimeout { after: upstream.connect_timeout }, name);
+        }
+        if causes(error).any(|cause| cause.is::<rustls::Error>()) {
+            return ProxyError::new(ErrorKind::Tls { detail }, name);
+        }
+        return ProxyError::new(ErrorKind::Unreachable { detail }, name);
+    }
+    ProxyError::new(ErrorKind::UpstreamProtocol { detail }, name)
+}

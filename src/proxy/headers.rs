@@ -1,0 +1,110 @@
+//! Header hygiene at the proxy boundary (RFC 9110 §7.6): hop-by-hop fields never cross sluice,
+//! `Via` records it, and every request carries an id both sides can log.
+
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE, VIA,
+};
+use http::Version;
+
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers vendors use for their own request id, in the order sluice looks for them.
+pub const VENDOR_REQUEST_ID_HEADERS: &[&str] = &[
+    "x-hubspot-correlation-id",
+    "x-request-id",
+    "x-ms-service-request-id",
+    "x-zendesk-request-id",
+    "x-github-request-id",
+    "request-id",
+    "x-amzn-requestid",
+];
+
+/// Removes hop-by-hop fields: the fixed set plus any listed in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &PROXY_AUTHENTICATE,
+        &PROXY_AUTHORIZATION,
+        &TE,
+        &TRAILER,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Appends this hop to `Via`.
+pub fn append_via(headers: &mut HeaderMap, version: Version) {
+    let hop = match version {
+        Version::HTTP_10 => HeaderValue::from_static("1.0 sluice"),
+        Version::HTTP_2 => HeaderValue::from_static("2 sluice"),
+        Version::HTTP_3 => HeaderValue::from_static("3 sluice"),
+        _ => HeaderValue::from_static("1.1 sluice"),
+    };
+    headers.append(VIA, hop);
+}
+
+/// The vendor's own request id from a response, for the log line.
+pub fn vendor_request_id(headers: &HeaderMap) -> Option<&str> {
+    VENDOR_REQUEST_ID_HEADERS.iter().find_map(|name| headers.get(*name)).and_then(|value| value.to_str().ok())
+}
+
+/// The trace id of a W3C `traceparent`, when it is well formed.
+pub fn trace_id(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = value.split('-');
+    let (_version, trace) = (parts.next()?, parts.next()?);
+    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace)
+}
+
+/// A new request id: 128 random bits, hex.
+pub fn new_request_id() -> HeaderValue {
+    let id: u128 = rand::random();
+    // 32 hex digits are always a valid header value.
+    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_fixed_and_connection_named_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, HeaderValue::from_static("keep-alive, X-Secret-Hop"));
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+        headers
+            .insert("traceparent", HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert_eq!(trace_id(&headers), Some("0af7651916cd43dd8448eb211c80319c"));
+    }
+
+    #[test]
+    fn via_is_appended() {
+        let mut headers = HeaderMap::new();
+        headers.insert(VIA, HeaderValue::from_static("1.1 corp-proxy"));
+        append_via(&mut headers, Version::HTTP_11);
+        let all: Vec<_> = headers.get_all(VIA).iter().collect();
+        assert_eq!(all, ["1.1 corp-proxy", "1.1 sluice"]);
+    }
+}

@@ -1,0 +1,209 @@
+//! 2. ROUTE: which upstream a request belongs to, and the URI it is sent to.
+//!
+//! Three ways in, one answer: an absolute-form request (`GET http://host/...` from HTTP_PROXY
+//! users) and a request inside an intercepted tunnel are routed by host; an origin-form request
+//! (`GET /hubspot/...`, reverse mode) by the longest matching prefix, which is stripped. Anything
+//! else is refused here, before any upstream work.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
+use http::{Request, Version};
+
+use crate::config::{Scheme, Target, Upstream};
+use crate::error::{ErrorKind, ProxyError};
+
+/// Upstreams indexed for lookup by host and by prefix.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    exact_hosts: HashMap<String, Arc<Upstream>>,
+    wildcard: Vec<Arc<Upstream>>,
+    /// Longest prefix first, so `/hubspot-eu` is tried before `/hubspot`.
+    prefixes: Vec<(String, Arc<Upstream>)>,
+}
+
+/// Where a request goes: the upstream and the full URI to send.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub upstream: Arc<Upstream>,
+    pub uri: Uri,
+}
+
+/// How the request reached sluice: the host of the CONNECT tunnel it came through, if any.
+#[derive(Debug, Clone, Default)]
+pub struct Via {
+    pub tunnel_host: Option<Arc<str>>,
+}
+
+impl RouteTable {
+    pub fn new(upstreams: &[Arc<Upstream>]) -> Self {
+        let mut table = RouteTable::default();
+        for upstream in upstreams {
+            for host in &upstream.hosts {
+                match host {
+                    crate::config::HostPattern::Exact(name) => {
+                        table.exact_hosts.insert(name.clone(), upstream.clone());
+                    }
+                    crate::config::HostPattern::Subdomains(_) => table.wildcard.push(upstream.clone()),
+                }
+            }
+            if let Some(prefix) = &upstream.prefix {
+                table.prefixes.push((prefix.clone(), upstream.clone()));
+            }
+        }
+        table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        table
+    }
+
+    /// The upstream serving `host` (any case, no port).
+    pub fn by_host(&self, host: &str) -> Option<&Arc<Upstream>> {
+        let lower;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = host.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            host
+        };
+        let host = host.trim_end_matches('.');
+        self.exact_hosts.get(host).or_else(|| self.wildcard.iter().find(|upstream| upstream.serves_host(host)))
+    }
+
+    /// The upstream whose prefix starts `path` at a segment boundary, and the rest of the path.
+    pub fn by_prefix<'p>(&self, path: &'p str) -> Option<(&Arc<Upstream>, &'p str)> {
+        self.prefixes.iter().find_map(|(prefix, upstream)| {
+            let rest = path.strip_prefix(prefix.as_str())?;
+            (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')).then_some((upstream, rest))
+        })
+    }
+
+    /// Resolves a request to its upstream and outgoing URI.
+    pub fn route<B>(&self, request: &Request<B>, via: &Via) -> Result<Routed, ProxyError> {
+        let uri = request.uri();
+        let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+
+        if let Some(host) = &via.tunnel_host {
+            let upstream = self.by_host(host).ok_or_else(|| denied(host))?;
+            let target = destination(upstream, Scheme::Https, host, 443)?;
+            return Ok(Routed { uri: join(&target, path_and_query)?, upstream: upstream.clone() });
+        }
+
+        if let Some(authority) = uri.authority() {
+            let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+            if let Some(upstream) = self.by_host(host) {
+                let scheme = if uri.scheme() == Some(&UriScheme::HTTPS) { Scheme::Https } else { Scheme::Http };
+                let port = authority.port_u16().unwrap_or(if scheme == Scheme::Https { 443 } else { 80 });
+                let target = destination(upstream, scheme, host, port)?;
+                return Ok(Routed { uri: join(&target, path_and_query)?, upstream: upstream.clone() });
+            }
+            // HTTP/1 absolute-form names the destination explicitly: an unknown one is egress.
+            // HTTP/2 always carries an authority, so reverse-mode h2c falls through to prefixes.
+            if request.version() != Version::HTTP_2 || self.by_prefix(uri.path()).is_none() {
+                return Err(denied(host));
+            }
+        }
+
+        match self.by_prefix(path_and_query) {
+            Some((upstream, rest)) => {
+                let target = upstream.target.as_ref().ok_or_else(|| {
+                    ProxyError::new(
+                        ErrorKind::Internal { detail: "upstream has a prefix but no target".into() },
+                        Some(upstream.name.clone()),
+                    )
+                })?;
+                let rest = if rest.is_empty() || rest.starts_with('?') { format!("/{rest}") } else { rest.to_owned() };
+                Ok(Routed { uri: join(target, &rest)?, upstream: upstream.clone() })
+            }
+            None => Err(ProxyError::new(ErrorKind::NoRoute { path: uri.path().to_owned() }, None)),
+        }
+    }
+}
+
+fn denied(host: &str) -> ProxyError {
+    ProxyError::new(ErrorKind::EgressDenied { host: host.to_owned() }, None)
+}
+
+/// The upstream's configured target, or the host the client named.
+fn destination(upstream: &Upstream, scheme: Scheme, host: &str, port: u16) -> Result<Target, ProxyError> {
+    if let Some(target) = &upstream.target {
+        return Ok(target.clone());
+    }
+    Target::for_host(scheme, &host.to_ascii_lowercase(), port).ok_or_else(|| {
+        ProxyError::new(ErrorKind::Malformed { detail: format!("bad host {host}") }, Some(upstream.name.clone()))
+    })
+}
+
+fn join(target: &Target, path_and_query: &str) -> Result<Uri, ProxyError> {
+    let scheme = match target.scheme {
+        Scheme::Http => UriScheme::HTTP,
+        Scheme::Https => UriScheme::HTTPS,
+    };
+    let authority: Authority = target.authority.clone();
+    let path: PathAndQuery = path_and_query
+        .parse()
+        .map_err(|_| ProxyError::new(ErrorKind::Malformed { detail: "invalid request path".into() }, None))?;
+    Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|error| ProxyError::new(ErrorKind::Malformed { detail: error.to_string() }, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn table() -> RouteTable {
+        let config = Config::from_yaml(
+            "listen: { proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }
+upstreams:
+  - { name: hubspot, hosts: [api.hubapi.com], prefix: /hubspot, target: 'http://127.0.0.1:9' }
+  - { name: sf, hosts: ['*.my.salesforce.com'], prefix: /sf/eu }
+  - { name: sfus, hosts: [login.salesforce.com], prefix: /sf }
+",
+        )
+        .unwrap();
+        RouteTable::new(&config.upstreams)
+    }
+
+    fn get(uri: &str) -> Request<()> {
+        Request::get(uri).body(()).unwrap()
+    }
+
+    #[test]
+    fn absolute_form_by_host() {
+        let routed = table().route(&get("http://API.hubapi.com/crm/v3?x=1"), &Via::default()).unwrap();
+        assert_eq!(&*routed.upstream.name, "hubspot");
+        assert_eq!(routed.uri, "http://127.0.0.1:9/crm/v3?x=1");
+        let routed = table().route(&get("http://acme.my.salesforce.com/services"), &Via::default()).unwrap();
+        assert_eq!(routed.uri, "http://acme.my.salesforce.com/services");
+    }
+
+    #[test]
+    fn unknown_host_is_denied() {
+        let error = table().route(&get("http://evil.example/hubspot/x"), &Via::default()).unwrap_err();
+        assert_eq!(error.code(), "egress_denied");
+    }
+
+    #[test]
+    fn reverse_prefix_longest_first_and_stripped() {
+        let routed = table().route(&get("/hubspot/crm/v3/objects?limit=1"), &Via::default()).unwrap();
+        assert_eq!(routed.uri, "http://127.0.0.1:9/crm/v3/objects?limit=1");
+        let routed = table().route(&get("/sf/eu/x"), &Via::default()).unwrap();
+        assert_eq!(&*routed.upstream.name, "sf");
+        let routed = table().route(&get("/sf/x"), &Via::default()).unwrap();
+        assert_eq!(routed.uri, "https://login.salesforce.com/x");
+        let routed = table().route(&get("/hubspot"), &Via::default()).unwrap();
+        assert_eq!(routed.uri, "http://127.0.0.1:9/");
+        assert_eq!(table().route(&get("/hubspotx/y"), &Via::default()).unwrap_err().code(), "no_route");
+    }
+
+    #[test]
+    fn tunnel_host_routes() {
+        let via = Via { tunnel_host: Some("api.hubapi.com".into()) };
+        let routed = table().route(&get("/crm"), &via).unwrap();
+        assert_eq!(routed.uri, "http://127.0.0.1:9/crm");
+    }
+}

@@ -1,0 +1,311 @@
+//! THE journey of an HTTP request through sluice, outermost layer first:
+//!
+//! ```text
+//! accept (listen) -> Observe -> Respond -> Route -> [limit -> breaker -> batch: later issues] -> Forward
+//! ```
+//!
+//! Each layer is a small tower service with one job; they share nothing but request extensions
+//! (the [`Generation`] the request runs on, then its [`Routed`] destination). CONNECT requests
+//! leave before this stack (see `listen::connect`): they are tunnels, not requests.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{HeaderValue, CONTENT_LENGTH};
+use http::{Request, Response};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceBuilder};
+use tracing::Instrument;
+
+use super::headers;
+use super::route::{Routed, Via};
+use crate::body::ProxyBody;
+use crate::error::{ErrorKind, ProxyError};
+use crate::respond;
+use crate::state::Generation;
+use crate::telemetry::metrics::{method_label, status_class, NO_UPSTREAM};
+use crate::telemetry::Metrics;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The upstream that answered (or was meant to), left in response extensions for `Observe`.
+#[derive(Debug, Clone)]
+pub struct UpstreamName(pub Arc<str>);
+
+/// The whole HTTP stack for one request; cheap to clone.
+pub type HttpStack = Observe<Respond<Route<Forward>>>;
+
+/// Builds the journey. The order is the contract; each line says why it stands where it does.
+pub fn http_stack(metrics: Arc<Metrics>) -> HttpStack {
+    ServiceBuilder::new()
+        // Outermost: sees every final response, synthetic ones included, for metrics and logs,
+        // and gives each request its id before anything else can log.
+        .layer(ObserveLayer { metrics: metrics.clone() })
+        // Nothing outside this layer sees an error: a ProxyError becomes a JSON response here.
+        .layer(RespondLayer { metrics: metrics.clone() })
+        // Resolves the upstream once; later layers read `Routed`, never the raw request target.
+        .layer(RouteLayer)
+        // Innermost: the pooled client call, timed per attempt.
+        .service(Forward { metrics })
+}
+
+// === Observe ===
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner, metrics: self.metrics.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// Decrements the in-flight gauge however the request ends, a dropped client included.
+struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl<S> Service<Request<ProxyBody>> for Observe<S>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ProxyBody>) -> Self::Future {
+        let started = Instant::now();
+        let request_id = match request.headers().get(&headers::REQUEST_ID) {
+            Some(id) if !id.is_empty() && id.len() <= 128 => id.clone(),
+            _ => {
+                let id = headers::new_request_id();
+                request.headers_mut().insert(headers::REQUEST_ID.clone(), id.clone());
+                id
+            }
+        };
+        let method = method_label(request.method());
+        let span = tracing::info_span!(
+            "request",
+            request_id = request_id.to_str().unwrap_or("-"),
+            trace_id = headers::trace_id(request.headers()),
+            method,
+            path = request.uri().path(),
+        );
+        self.metrics.in_flight.inc();
+        let in_flight = InFlight(self.metrics.in_flight.clone());
+        let metrics = self.metrics.clone();
+        // Boxed before the async block: the compiler proves `Send` for a boxed future, not for
+        // an associated type seen through the `ProxyBody` alias (rust-lang/rust#110338).
+        let response: BoxFuture<Result<Response<ProxyBody>, Infallible>> = Box::pin(self.inner.call(request));
+        Box::pin(
+            async move {
+                let Ok(mut response) = response.await;
+                drop(in_flight);
+                let upstream = response.extensions().get::<UpstreamName>().map(|name| name.0.clone());
+                let upstream_label = upstream.as_deref().unwrap_or(NO_UPSTREAM);
+                let status = response.status().as_u16();
+                let elapsed = started.elapsed();
+                metrics.requests.with_label_values(&[upstream_label, method, status_class(status)]).inc();
+                metrics.request_duration.with_label_values(&[upstream_label]).observe(elapsed.as_secs_f64());
+                tracing::info!(
+                    upstream = upstream_label,
+                    status,
+                    duration_ms = elapsed.as_secs_f64() * 1000.0,
+                    vendor_request_id = headers::vendor_request_id(response.headers()),
+                    "Request completed."
+                );
+                response.headers_mut().insert(headers::REQUEST_ID.clone(), request_id);
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+// === Respond ===
+
+#[derive(Clone)]
+pub struct RespondLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Layer<S> for RespondLayer {
+    type Service = Respond<S>;
+    fn layer(&self, inner: S) -> Respond<S> {
+        Respond { inner, metrics: self.metrics.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Respond<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Service<Request<ProxyBody>> for Respond<S>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+        let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(self.inner.call(request));
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            match response.await {
+                Ok(response) => Ok(response),
+                Err(error) => Ok(synthesize(&error, &metrics)),
+            }
+        })
+    }
+}
+
+/// Logs, counts and renders a [`ProxyError`]; also used by CONNECT handling.
+pub fn synthesize(error: &ProxyError, metrics: &Metrics) -> Response<ProxyBody> {
+    let upstream = error.upstream.clone().unwrap_or_else(|| Arc::from(NO_UPSTREAM));
+    metrics.proxy_errors.with_label_values(&[&upstream, error.code()]).inc();
+    if error.status().is_server_error() {
+        tracing::warn!(upstream = &*upstream, error = %error, "Request failed.");
+    } else {
+        tracing::info!(upstream = &*upstream, error = %error, "Request refused.");
+    }
+    let mut response = respond::error_response(error);
+    if error.upstream.is_some() {
+        response.extensions_mut().insert(UpstreamName(upstream));
+    }
+    response
+}
+
+// === Route ===
+
+#[derive(Clone)]
+pub struct RouteLayer;
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = Route<S>;
+    fn layer(&self, inner: S) -> Route<S> {
+        Route { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Route<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<ProxyBody>> for Route<S>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ProxyBody>) -> Self::Future {
+        let routed = route(&request);
+        match routed {
+            Ok(routed) => {
+                request.extensions_mut().insert(routed);
+                Box::pin(self.inner.call(request))
+            }
+            Err(error) => Box::pin(std::future::ready(Err(error))),
+        }
+    }
+}
+
+fn route(request: &Request<ProxyBody>) -> Result<Routed, ProxyError> {
+    let generation = request.extensions().get::<Arc<Generation>>().ok_or_else(|| internal("no generation"))?;
+    let via = request.extensions().get::<Via>().cloned().unwrap_or_default();
+    let routed = generation.routes.route(request, &via)?;
+    let limit = generation.config.limits.max_body_bytes;
+    let declared = request.headers().get(CONTENT_LENGTH).and_then(|value: &HeaderValue| value.to_str().ok());
+    if let Some(declared) = declared {
+        match declared.trim().parse::<u64>() {
+            Ok(length) if length > limit => {
+                return Err(ProxyError::new(ErrorKind::BodyTooLarge { limit }, Some(routed.upstream.name.clone())))
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(ProxyError::new(
+                    ErrorKind::Malformed { detail: "invalid Content-Length".into() },
+                    Some(routed.upstream.name.clone()),
+                ))
+            }
+        }
+    }
+    Ok(routed)
+}
+
+fn internal(detail: &str) -> ProxyError {
+    ProxyError::new(ErrorKind::Internal { detail: detail.to_owned() }, None)
+}
+
+// === Forward ===
+
+#[derive(Clone)]
+pub struct Forward {
+    metrics: Arc<Metrics>,
+}
+
+impl Service<Request<ProxyBody>> for Forward {
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<ProxyBody>) -> Self::Future {
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let routed = request.extensions_mut().remove::<Routed>().ok_or_else(|| internal("request not routed"))?;
+            let generation =
+                request.extensions_mut().remove::<Arc<Generation>>().ok_or_else(|| internal("no generation"))?;
+            let name = routed.upstream.name.clone();
+            let client = generation.clients.get(&name).ok_or_else(|| internal("no client for upstream"))?;
+            let started = Instant::now();
+            let result = client.forward(request, routed, generation.config.limits.max_body_bytes).await;
+            metrics.upstream_duration.with_label_values(&[&name]).observe(started.elapsed().as_secs_f64());
+            let mut response = result?;
+            response.extensions_mut().insert(UpstreamName(name));
+            Ok(response)
+        })
+    }
+}

@@ -1,0 +1,121 @@
+//! What the proxy runs on right now: a [`Generation`] (one validated config plus everything built
+//! from it) behind an `ArcSwap`, and the process-wide parts that outlive reloads.
+//!
+//! A request loads the current generation once and keeps that `Arc` to the end, so a reload never
+//! changes the rules under a request in flight. Building a generation reuses what did not change
+//! (upstream connection pools, the CA and its leaf cache), so a reload is cheap and keeps
+//! warm connections.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError};
+use crate::proxy::forward::UpstreamClient;
+use crate::proxy::route::RouteTable;
+use crate::telemetry::Metrics;
+use crate::tls::ca::CertAuthority;
+
+/// One config and what was built from it.
+pub struct Generation {
+    /// Increases by one with every successful load.
+    pub id: u64,
+    pub config: Arc<Config>,
+    pub routes: RouteTable,
+    /// One pooled client per upstream, by upstream name.
+    pub clients: HashMap<Arc<str>, UpstreamClient>,
+    pub ca: Option<Arc<CertAuthority>>,
+}
+
+impl Generation {
+    /// Builds everything a config needs, reusing unchanged parts of `previous`.
+    pub fn build(config: Config, previous: Option<&Generation>) -> Result<Self, ConfigError> {
+        let ca = match &config.intercept {
+            None => None,
+            Some(settings) => match previous {
+                Some(old)
+                    if old.config.intercept.as_ref() == Some(settings)
+                        && old.ca.is_some()
+                        && !ca_files_changed(old, settings) =>
+                {
+                    old.ca.clone()
+                }
+                _ => Some(Arc::new(CertAuthority::load_or_generate(settings)?)),
+            },
+        };
+        let mut clients = HashMap::with_capacity(config.upstreams.len());
+        for (index, upstream) in config.upstreams.iter().enumerate() {
+            let reused =
+                previous.and_then(|old| old.clients.get(&upstream.name)).filter(|client| client.fits(upstream));
+            let client = match reused {
+                Some(client) => client.clone(),
+                None => UpstreamClient::new(upstream, &format!("upstreams[{index}].tls.extra_ca"))?,
+            };
+            clients.insert(upstream.name.clone(), client);
+        }
+        Ok(Self {
+            id: previous.map_or(1, |old| old.id + 1),
+            routes: RouteTable::new(&config.upstreams),
+            config: Arc::new(config),
+            clients,
+            ca,
+        })
+    }
+}
+
+/// The CA is re-read when its files changed on disk (a rotated Secret), even if paths did not.
+fn ca_files_changed(old: &Generation, settings: &crate::config::InterceptFile) -> bool {
+    let Some(ca) = &old.ca else { return true };
+    match rustls_pki_types::pem::PemObject::from_pem_file(&settings.ca_cert) {
+        Ok(cert) => {
+            let cert: rustls_pki_types::CertificateDer<'static> = cert;
+            cert.as_ref() != ca.ca_der().as_ref()
+        }
+        Err(_) => true,
+    }
+}
+
+/// Process-wide state shared by listeners, the admin API and the reloader.
+pub struct Shared {
+    current: ArcSwap<Generation>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when shutdown starts: listeners stop accepting, connections drain.
+    pub shutdown: CancellationToken,
+    /// Every connection and tunnel task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    ready: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(generation: Generation, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(generation),
+            metrics,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// The generation a new request runs on.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    pub fn publish(&self, generation: Generation) {
+        self.current.store(Arc::new(generation));
+    }
+
+    /// Ready once listeners are bound, until shutdown starts.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.shutdown.is_cancelled()
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+}

@@ -1,0 +1,19 @@
+//! Logs and metrics. Logs go through `tracing` (filter from `SLUICE_LOG`, format from
+//! `SLUICE_LOG_FORMAT`); metrics are registered once in [`Metrics`] and passed down by `Arc`.
+
+pub mod metrics;
+
+pub use metrics::Metrics;
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber. Safe to call more than once (later calls do nothing), which
+/// lets tests start several proxies in one process.
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let _ =
+        if json { builder.json().flatten_event(true).with_current_span(true).try_init() } else { builder.try_init() };
+}

@@ -1,0 +1,36 @@
+//! rustls client configuration towards vendors: webpki roots plus an optional extra CA per
+//! upstream (tests and staging use it for their own servers), TLS 1.2 and 1.3 only, ALPN
+//! h2 + http/1.1 so HTTP/2 is used where the vendor offers it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::{pem::PemObject, CertificateDer};
+
+use crate::config::ConfigError;
+
+pub fn client_config(extra_ca: Option<&Path>, key: &str) -> Result<Arc<ClientConfig>, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        for cert in read_certs(path, key)? {
+            roots.add(cert).map_err(|error| ConfigError::at_key(key, format!("{}: {error}", path.display())))?;
+        }
+    }
+    let config = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Reads every certificate in a PEM file; an empty or unreadable file is a config error.
+pub fn read_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|error| ConfigError::at_key(key, format!("cannot read {}: {error}", path.display())))?;
+    if certs.is_empty() {
+        return Err(ConfigError::at_key(key, format!("{} holds no PEM certificate", path.display())));
+    }
+    Ok(certs)
+}
