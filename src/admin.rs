@@ -83,7 +83,11 @@ async fn route(request: Request<Incoming>, shared: &Shared, reloader: &Reloader)
             let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             let body = json!({
                 "status": if ready { "ready" } else if shared.shutdown.is_cancelled() { "draining" } else { "starting" },
-                "store": { "kind": "memory", "mode": "local" },
+                "store": {
+                    "kind": match shared.limiter.store_kind() { crate::config::StoreKind::Memory => "memory", crate::config::StoreKind::Redis => "redis" },
+                    "mode": shared.limiter.mode().as_str(),
+                    "replicas": shared.limiter.replicas(),
+                },
                 "generation": generation.id,
             });
             json_response(status, &body)
@@ -103,7 +107,10 @@ async fn route(request: Request<Incoming>, shared: &Shared, reloader: &Reloader)
                 &json!({"error": "config_invalid", "detail": error.to_string(), "generation": shared.current().id}),
             ),
         },
-        (&Method::GET, "/quotas") => json_response(StatusCode::OK, &json!({"upstreams": []})),
+        (&Method::GET, "/quotas") => {
+            let generation = shared.current();
+            json_response(StatusCode::OK, &shared.limiter.snapshot(&generation.config.upstreams).await)
+        }
         (_, "/metrics" | "/healthz" | "/readyz" | "/config" | "/reload" | "/quotas") => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": "method_not_allowed", "detail": format!("{} is not allowed here", request.method())}),

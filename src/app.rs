@@ -49,7 +49,10 @@ pub async fn start(path: &Path) -> Result<Running, StartError> {
     metrics.reload_last_success.set(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64()),
     );
-    let shared = Shared::new(generation, metrics);
+    let shutdown = CancellationToken::new();
+    let limiter =
+        crate::limit::Limiter::start(generation.config.store.clone(), metrics.clone(), shutdown.clone()).await;
+    let shared = Shared::new(generation, metrics, limiter, shutdown);
     let reloader = Reloader::new(path.to_path_buf(), shared.clone(), &text);
     start_with(proxy, admin, shared, reloader)
 }

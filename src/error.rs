@@ -39,6 +39,17 @@ pub enum ErrorKind {
     ResponseTimeout { after: Duration },
     #[error("upstream broke the exchange: {detail}")]
     UpstreamProtocol { detail: String },
+    #[error("quota `{quota}` exhausted; retry in {}", humantime::format_duration(Duration::from_secs(retry_after.as_secs().max(1))))]
+    RateLimited {
+        quota: String,
+        retry_after: Duration,
+        rate_limit: Option<http::HeaderValue>,
+        policy: Option<http::HeaderValue>,
+    },
+    #[error("all {max} connection slots to the upstream stayed busy for {}", humantime::format_duration(Duration::from_millis(waited.as_millis() as u64)))]
+    ConcurrencyLimited { max: usize, waited: Duration },
+    #[error("the quota store is unavailable and on_failure is deny")]
+    StoreUnavailable,
     #[error("sluice is shutting down")]
     ShuttingDown,
     #[error("internal error: {detail}")]
@@ -48,6 +59,15 @@ pub enum ErrorKind {
 impl ProxyError {
     pub fn new(kind: ErrorKind, upstream: Option<Arc<str>>) -> Self {
         Self { kind, upstream }
+    }
+
+    /// When the caller may try again, for `Retry-After`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self.kind {
+            ErrorKind::RateLimited { retry_after, .. } => Some(retry_after),
+            ErrorKind::ConcurrencyLimited { .. } | ErrorKind::StoreUnavailable => Some(Duration::from_secs(1)),
+            _ => None,
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -60,7 +80,8 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ErrorKind::ConnectTimeout { .. } | ErrorKind::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::RateLimited { .. } | ErrorKind::ConcurrencyLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::StoreUnavailable | ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -76,6 +97,9 @@ impl ProxyError {
             ErrorKind::Tls { .. } => "upstream_tls_error",
             ErrorKind::ConnectTimeout { .. } | ErrorKind::ResponseTimeout { .. } => "upstream_timeout",
             ErrorKind::UpstreamProtocol { .. } => "upstream_protocol_error",
+            ErrorKind::RateLimited { .. } => "rate_limited",
+            ErrorKind::ConcurrencyLimited { .. } => "concurrency_limited",
+            ErrorKind::StoreUnavailable => "store_unavailable",
             ErrorKind::ShuttingDown => "shutting_down",
             ErrorKind::Internal { .. } => "internal_error",
         }
@@ -94,7 +118,10 @@ impl ProxyError {
             ErrorKind::ConnectTimeout { .. } => "connection_timeout",
             ErrorKind::ResponseTimeout { .. } => "http_response_timeout",
             ErrorKind::UpstreamProtocol { .. } => "http_protocol_error",
-            ErrorKind::ShuttingDown | ErrorKind::Internal { .. } => "proxy_internal_error",
+            ErrorKind::RateLimited { .. } | ErrorKind::ConcurrencyLimited { .. } => "http_request_denied",
+            ErrorKind::StoreUnavailable | ErrorKind::ShuttingDown | ErrorKind::Internal { .. } => {
+                "proxy_internal_error"
+            }
         }
     }
 }

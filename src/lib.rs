@@ -6,6 +6,7 @@
 //! - [`listen`]: 1. ACCEPT. The proxy listener, CONNECT tunnels and TLS interception.
 //! - [`proxy`]: the per-connection service and the journey in `proxy::stack`:
 //!   observe -> respond -> route -> forward.
+//! - [`limit`]: 3. LIMIT. Quotas (GCRA, memory or Redis), queueing, concurrency caps.
 //! - [`respond`] and [`error`]: how failures become responses, in one place.
 //! - [`config`]: the YAML file, validation and live reload.
 //! - [`state`]: the current config generation, swapped atomically on reload.
@@ -19,6 +20,7 @@ pub mod app;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod limit;
 pub mod listen;
 pub mod proxy;
 pub mod respond;

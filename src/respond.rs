@@ -5,11 +5,11 @@
 //! curl) can always tell a vendor's answer from sluice's.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::body::{self, ProxyBody};
-use crate::error::ProxyError;
+use crate::error::{ErrorKind, ProxyError};
 
 /// Name sluice uses for itself in `Proxy-Status` and `Via`.
 pub const PROXY_NAME: &str = "sluice";
@@ -23,8 +23,20 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
     });
     let proxy_status = format!("{PROXY_NAME}; error={}; details={}", error.proxy_status_type(), sf_string(&detail));
     let mut response = json_response(error.status(), &body);
+    let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&proxy_status) {
-        response.headers_mut().insert("proxy-status", value);
+        headers.insert("proxy-status", value);
+    }
+    if let Some(wait) = error.retry_after() {
+        headers.insert(RETRY_AFTER, crate::limit::headers::retry_after(wait));
+    }
+    if let ErrorKind::RateLimited { rate_limit, policy, .. } = &error.kind {
+        if let Some(value) = rate_limit {
+            headers.insert("ratelimit", value.clone());
+        }
+        if let Some(value) = policy {
+            headers.insert("ratelimit-policy", value.clone());
+        }
     }
     response
 }
@@ -60,7 +72,6 @@ fn sf_string(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ErrorKind;
 
     #[test]
     fn error_response_has_proxy_status_and_json() {

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigError};
+use crate::limit::Limiter;
 use crate::proxy::forward::UpstreamClient;
 use crate::proxy::route::RouteTable;
 use crate::telemetry::Metrics;
@@ -83,6 +84,8 @@ fn ca_files_changed(old: &Generation, settings: &crate::config::InterceptFile) -
 pub struct Shared {
     current: ArcSwap<Generation>,
     pub metrics: Arc<Metrics>,
+    /// Quota state and decisions; lives across reloads so buckets keep their state.
+    pub limiter: Arc<Limiter>,
     /// Cancelled when shutdown starts: listeners stop accepting, connections drain.
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
@@ -91,11 +94,17 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(generation: Generation, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        generation: Generation,
+        metrics: Arc<Metrics>,
+        limiter: Arc<Limiter>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwap::from_pointee(generation),
             metrics,
-            shutdown: CancellationToken::new(),
+            limiter,
+            shutdown,
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),
         })

@@ -41,11 +41,39 @@ pub struct ListenFile {
     pub admin: SocketAddr,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreFile {
     #[serde(default)]
     pub kind: StoreKind,
+    /// `redis://`, `rediss://` or `redis+cluster://host:port,host:port`. Required for `kind: redis`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// What to do while Redis is unreachable or slower than `timeout`.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// The longest a request waits on Redis before the `on_failure` policy applies.
+    #[serde(default = "default_store_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Prefix of every Redis key sluice writes.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// How often each replica announces itself (the replica count sets the local share).
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl Default for StoreFile {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::default(),
+            url: None,
+            on_failure: OnFailure::default(),
+            timeout: default_store_timeout(),
+            key_prefix: default_key_prefix(),
+            heartbeat: default_heartbeat(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -54,6 +82,20 @@ pub enum StoreKind {
     /// Quota state in this process only: one replica.
     #[default]
     Memory,
+    /// Quota state in Redis, shared by every replica.
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Enforce each quota locally at `limit / replicas` (the last known replica count).
+    #[default]
+    Local,
+    /// Let traffic through unlimited.
+    Allow,
+    /// Answer 503.
+    Deny,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -135,6 +177,79 @@ pub struct UpstreamFile {
     pub timeouts: TimeoutsFile,
     #[serde(default)]
     pub tls: UpstreamTlsFile,
+    /// The vendor's quotas, all enforced at once.
+    #[serde(default)]
+    pub quotas: Vec<QuotaFile>,
+    /// Over quota: wait for a turn (`queue`) or answer 429 at once (`reject`).
+    #[serde(default)]
+    pub over_limit: OverLimit,
+    /// The longest a request waits for quota or a concurrency slot before 429.
+    #[serde(default = "default_max_queue_wait", with = "humantime_serde")]
+    pub max_queue_wait: Duration,
+    /// Most requests in flight to this upstream at once (per replica); more wait in line.
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
+    /// Per-route token costs (`match: "POST /crm/v3/objects/{object}/batch/create", cost: 10`).
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaFile {
+    /// Name shown in metrics, `/quotas` and the `RateLimit` headers (a-z, 0-9, -, _).
+    pub name: String,
+    /// Requests allowed in any window of length `per` (rolling) or per window (fixed).
+    pub limit: u64,
+    #[serde(with = "humantime_serde")]
+    pub per: Duration,
+    /// Scope: one bucket per distinct value of these (`header:NAME`, `client_ip`, `proxy_user`).
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// Rolling windows: how many requests may go back to back. Default: 5% of `limit`, at least 1.
+    #[serde(default)]
+    pub burst: Option<u64>,
+    #[serde(default)]
+    pub window: WindowKind,
+    /// Fixed windows only: when the window resets, `"HH:MM Area/City"` (e.g. `00:00 America/New_York`).
+    #[serde(default)]
+    pub resets_at: Option<String>,
+    /// Added to `per` so jitter between sluice and the vendor cannot push a window over.
+    /// Default: 1% of `per`, at most 250ms.
+    #[serde(default, with = "humantime_serde")]
+    pub margin: Option<Duration>,
+    /// Most distinct scope values tracked; the least recently used is evicted past this.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowKind {
+    /// At most `limit` in ANY window of length `per` (HubSpot's TEN_SECONDLY_ROLLING).
+    #[default]
+    Rolling,
+    /// At most `limit` per calendar window, resetting at `resets_at` (HubSpot's daily quota).
+    Fixed,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OverLimit {
+    #[default]
+    Queue,
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    /// `METHOD /path/{capture}/*`: `{name}` and `*` match one segment, a trailing `/**` the rest.
+    #[serde(rename = "match")]
+    pub matches: String,
+    /// Tokens one call takes from every quota of the upstream.
+    #[serde(default = "default_cost")]
+    pub cost: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -164,6 +279,24 @@ pub struct UpstreamTlsFile {
 
 // === defaults ===
 
+fn default_store_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_key_prefix() -> String {
+    "sluice".to_owned()
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_queue_wait() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_keys() -> usize {
+    10_000
+}
+fn default_cost() -> u64 {
+    1
+}
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
 }

@@ -6,6 +6,7 @@
 
 mod file;
 mod locate;
+pub mod policy;
 pub mod reload;
 mod validate;
 
@@ -14,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use file::{FileConfig, InterceptFile, LimitsFile, ListenFile, StoreKind};
+pub use file::{FileConfig, InterceptFile, LimitsFile, ListenFile, OnFailure, OverLimit, StoreKind};
+pub use policy::{Limits as UpstreamLimits, Quota, ScopeKey, Store, Window};
 pub use validate::{HostPattern, Scheme, Target, Upstream};
 
 /// A validated configuration: what the proxy runs on.
@@ -27,6 +29,7 @@ pub struct Config {
     pub limits: LimitsFile,
     pub intercept: Option<InterceptFile>,
     pub worker_threads: Option<usize>,
+    pub store: Store,
     pub upstreams: Vec<Arc<Upstream>>,
 }
 

@@ -186,6 +186,9 @@ fn warn_restart_needed(old: &Config, new: &Config) {
             "listen addresses changed; they take effect only after a restart."
         );
     }
+    if old.store != new.store {
+        tracing::warn!("store settings changed; they take effect only after a restart.");
+    }
     if old.worker_threads != new.worker_threads {
         tracing::warn!("runtime.worker_threads changed; it takes effect only after a restart.");
     }

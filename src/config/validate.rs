@@ -24,6 +24,8 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub extra_ca: Option<PathBuf>,
+    /// Quotas, queueing and route costs.
+    pub limits: super::policy::Limits,
 }
 
 impl Upstream {
@@ -168,6 +170,8 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    let store = super::policy::validate_store(&file.store, &mut problems);
+
     let mut upstreams: Vec<Arc<Upstream>> = Vec::with_capacity(file.upstreams.len());
     for (index, raw) in file.upstreams.iter().enumerate() {
         let key = format!("upstreams[{index}]");
@@ -186,6 +190,7 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Problem>> {
         limits: file.limits.clone(),
         intercept: file.intercept.clone(),
         worker_threads: file.runtime.worker_threads,
+        store,
         upstreams,
         file,
     })
@@ -248,6 +253,34 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
     if raw.connect_ports.contains(&0) {
         problems.push(Problem::new(format!("{key}.connect_ports"), "0 is not a port"));
     }
+    let mut quotas = Vec::with_capacity(raw.quotas.len());
+    for (at, quota) in raw.quotas.iter().enumerate() {
+        let quota_key = format!("{key}.quotas[{at}]");
+        if let Some(quota) = super::policy::validate_quota(quota, &quota_key, problems) {
+            if quotas.iter().any(|q: &super::policy::Quota| q.name == quota.name) {
+                problems.push(Problem::new(format!("{quota_key}.name"), format!("`{}` is used twice", quota.name)));
+            }
+            quotas.push(quota);
+        }
+    }
+    let routes = super::policy::validate_routes(&raw.routes, key, problems);
+    if let Some(cost) = routes.iter().map(|route| route.cost).max() {
+        for (at, quota) in quotas.iter().enumerate() {
+            let capacity = match quota.window {
+                super::policy::Window::Rolling => quota.burst,
+                super::policy::Window::Fixed { .. } => quota.limit,
+            };
+            if cost > capacity {
+                problems.push(Problem::new(
+                    format!("{key}.quotas[{at}].burst"),
+                    format!("a route costs {cost} tokens but this quota never holds more than {capacity}"),
+                ));
+            }
+        }
+    }
+    if raw.max_concurrency == Some(0) {
+        problems.push(Problem::new(format!("{key}.max_concurrency"), "must be at least 1"));
+    }
     if problems.len() > before {
         return None;
     }
@@ -265,6 +298,7 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
         connect_timeout: raw.timeouts.connect,
         request_timeout: raw.timeouts.request,
         extra_ca: raw.tls.extra_ca.clone(),
+        limits: super::policy::limits_of(quotas, raw.over_limit, raw.max_queue_wait, raw.max_concurrency, routes),
     })
 }
 

@@ -22,7 +22,8 @@ pub const VENDOR_REQUEST_ID_HEADERS: &[&str] = &[
     "x-amzn-requestid",
 ];
 
-/// Removes hop-by-hop fields: the fixed set plus any listed in `Connection`.
+/// Removes hop-by-hop fields: the fixed set, any listed in `Connection`, and sluice's own
+/// request controls (`Sluice-*`), which are for this hop only.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)

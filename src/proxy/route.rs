@@ -160,7 +160,7 @@ mod tests {
             "listen: { proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }
 upstreams:
   - { name: hubspot, hosts: [api.hubapi.com], prefix: /hubspot, target: 'http://127.0.0.1:9' }
-  - { name: sf, hosts: ['*.my.salesforce.com'], prefix: /sf/eu }
+  - { name: sf, hosts: ['*.my.salesforce.com'], prefix: /sf/eu, target: 'https://eu.my.salesforce.com' }
   - { name: sfus, hosts: [login.salesforce.com], prefix: /sf }
 ",
         )
@@ -178,7 +178,10 @@ upstreams:
         assert_eq!(&*routed.upstream.name, "hubspot");
         assert_eq!(routed.uri, "http://127.0.0.1:9/crm/v3?x=1");
         let routed = table().route(&get("http://acme.my.salesforce.com/services"), &Via::default()).unwrap();
-        assert_eq!(routed.uri, "http://acme.my.salesforce.com/services");
+        assert_eq!(&*routed.upstream.name, "sf");
+        assert_eq!(routed.uri, "https://eu.my.salesforce.com/services");
+        let routed = table().route(&get("http://login.salesforce.com/x"), &Via::default()).unwrap();
+        assert_eq!(routed.uri, "http://login.salesforce.com/x");
     }
 
     #[test]

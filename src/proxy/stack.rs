@@ -1,7 +1,7 @@
 //! THE journey of an HTTP request through sluice, outermost layer first:
 //!
 //! ```text
-//! accept (listen) -> Observe -> Respond -> Route -> [limit -> breaker -> batch: later issues] -> Forward
+//! accept (listen) -> Observe -> Respond -> Route -> Limit -> [breaker -> batch: later] -> Forward
 //! ```
 //!
 //! Each layer is a small tower service with one job; they share nothing but request extensions
@@ -24,6 +24,7 @@ use super::headers;
 use super::route::{Routed, Via};
 use crate::body::ProxyBody;
 use crate::error::{ErrorKind, ProxyError};
+use crate::limit::{self, Limiter};
 use crate::respond;
 use crate::state::Generation;
 use crate::telemetry::metrics::{method_label, status_class, NO_UPSTREAM};
@@ -36,10 +37,10 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub struct UpstreamName(pub Arc<str>);
 
 /// The whole HTTP stack for one request; cheap to clone.
-pub type HttpStack = Observe<Respond<Route<Forward>>>;
+pub type HttpStack = Observe<Respond<Route<Limit<Forward>>>>;
 
 /// Builds the journey. The order is the contract; each line says why it stands where it does.
-pub fn http_stack(metrics: Arc<Metrics>) -> HttpStack {
+pub fn http_stack(metrics: Arc<Metrics>, limiter: Arc<Limiter>) -> HttpStack {
     ServiceBuilder::new()
         // Outermost: sees every final response, synthetic ones included, for metrics and logs,
         // and gives each request its id before anything else can log.
@@ -48,6 +49,9 @@ pub fn http_stack(metrics: Arc<Metrics>) -> HttpStack {
         .layer(RespondLayer { metrics: metrics.clone() })
         // Resolves the upstream once; later layers read `Routed`, never the raw request target.
         .layer(RouteLayer)
+        // Quotas and concurrency per upstream: waits (queues) or refuses before any upstream
+        // work, and reports the caller's standing in `RateLimit` and `Server-Timing`.
+        .layer(LimitLayer { limiter })
         // Innermost: the pooled client call, timed per attempt.
         .service(Forward { metrics })
 }
@@ -274,6 +278,67 @@ fn route(request: &Request<ProxyBody>) -> Result<Routed, ProxyError> {
 
 fn internal(detail: &str) -> ProxyError {
     ProxyError::new(ErrorKind::Internal { detail: detail.to_owned() }, None)
+}
+
+// === Limit ===
+
+#[derive(Clone)]
+pub struct LimitLayer {
+    limiter: Arc<Limiter>,
+}
+
+impl<S> Layer<S> for LimitLayer {
+    type Service = Limit<S>;
+    fn layer(&self, inner: S) -> Limit<S> {
+        Limit { inner, limiter: self.limiter.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Limit<S> {
+    inner: S,
+    limiter: Arc<Limiter>,
+}
+
+impl<S> Service<Request<ProxyBody>> for Limit<S>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+        // The inner service is called after the wait; take the one that was made ready.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let limiter = self.limiter.clone();
+        Box::pin(async move {
+            let Some(routed) = request.extensions().get::<Routed>() else {
+                let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(inner.call(request));
+                return response.await;
+            };
+            let upstream = routed.upstream.clone();
+            let path = routed.uri.path().to_owned();
+            let peer = request.extensions().get::<std::net::SocketAddr>().copied();
+            let admission = limiter.admit(&upstream, request.method(), &path, request.headers(), peer).await?;
+            let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(inner.call(request));
+            let mut response = response.await?;
+            if admission.limited {
+                let headers = response.headers_mut();
+                headers.append("server-timing", limit::headers::server_timing(admission.queued));
+                if let Some(rate_limit) = admission.rate_limit {
+                    headers.insert("ratelimit", rate_limit);
+                }
+            }
+            Ok(response)
+        })
+    }
 }
 
 // === Forward ===

@@ -39,6 +39,20 @@ pub struct Metrics {
     pub proxy_errors: IntCounterVec,
     /// Leaf certificates minted for interception.
     pub leaf_certs_minted: IntCounterVec,
+    /// Quota decisions by upstream, quota and result (`allowed`, `queued`, `rejected`).
+    pub quota_decisions: IntCounterVec,
+    /// Time requests spent queued for quota or a concurrency slot, by upstream.
+    pub quota_queue_wait: HistogramVec,
+    /// Latency of quota store (Redis) decisions.
+    pub store_latency: prometheus::Histogram,
+    /// Quota store errors by kind (`timeout`, `redis_error`, `not_connected`, ...).
+    pub store_errors: IntCounterVec,
+    /// 1 while Redis is unreachable and `on_failure` applies.
+    pub store_degraded: IntGauge,
+    /// Live sluice replicas sharing the quota store.
+    pub replicas: IntGauge,
+    /// Scope values evicted from a quota's bounded key table.
+    pub scope_evictions: IntCounterVec,
 }
 
 impl Metrics {
@@ -94,6 +108,36 @@ impl Metrics {
                 &["result"],
             )
             .expect("static metric definition"),
+            quota_decisions: IntCounterVec::new(
+                Opts::new("sluice_quota_decisions_total", "Quota decisions by upstream, quota and result."),
+                &["upstream", "quota", "result"],
+            )
+            .expect("static metric definition"),
+            quota_queue_wait: HistogramVec::new(
+                HistogramOpts::new("sluice_quota_queue_wait_seconds", "Time queued for quota or a concurrency slot.")
+                    .buckets(vec![0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                &["upstream"],
+            )
+            .expect("static metric definition"),
+            store_latency: prometheus::Histogram::with_opts(
+                HistogramOpts::new("sluice_store_latency_seconds", "Latency of quota store decisions.")
+                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]),
+            )
+            .expect("static metric definition"),
+            store_errors: IntCounterVec::new(
+                Opts::new("sluice_store_errors_total", "Quota store errors by kind."),
+                &["kind"],
+            )
+            .expect("static metric definition"),
+            store_degraded: IntGauge::new("sluice_store_degraded", "1 while the quota store is unreachable.")
+                .expect("static metric definition"),
+            replicas: IntGauge::new("sluice_replicas", "Live sluice replicas sharing the quota store.")
+                .expect("static metric definition"),
+            scope_evictions: IntCounterVec::new(
+                Opts::new("sluice_quota_scope_evictions_total", "Scope values evicted from a quota's key table."),
+                &["upstream", "quota"],
+            )
+            .expect("static metric definition"),
             registry,
         };
         metrics.register_all();
@@ -101,6 +145,7 @@ impl Metrics {
         metrics.tunnels_open.with_label_values(&["intercept"]).set(0);
         metrics.reloads.with_label_values(&["success"]);
         metrics.reloads.with_label_values(&["failure"]);
+        metrics.replicas.set(1);
         metrics
     }
 
@@ -116,6 +161,13 @@ impl Metrics {
             Box::new(self.connections_open.clone()),
             Box::new(self.proxy_errors.clone()),
             Box::new(self.leaf_certs_minted.clone()),
+            Box::new(self.quota_decisions.clone()),
+            Box::new(self.quota_queue_wait.clone()),
+            Box::new(self.store_latency.clone()),
+            Box::new(self.store_errors.clone()),
+            Box::new(self.store_degraded.clone()),
+            Box::new(self.replicas.clone()),
+            Box::new(self.scope_evictions.clone()),
         ];
         for collector in collectors {
             self.registry.register(collector).expect("each metric is registered once");

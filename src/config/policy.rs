@@ -1,0 +1,362 @@
+//! Validated rate-limit policy: quotas, their scopes, route costs and the store settings.
+//!
+//! Kept apart from `validate` because the limiter reads these types on every request: they are
+//! shaped for that (header names pre-parsed, path patterns pre-split), not for the YAML.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::Method;
+
+use super::file::{OnFailure, OverLimit, QuotaFile, RouteFile, StoreFile, StoreKind, WindowKind};
+use super::Problem;
+
+/// One vendor quota, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quota {
+    pub name: Arc<str>,
+    pub limit: u64,
+    pub per: Duration,
+    pub burst: u64,
+    pub margin: Duration,
+    pub window: Window,
+    pub scope: Vec<ScopeKey>,
+    pub max_keys: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Window {
+    Rolling,
+    /// Fixed windows of `per`, aligned to `resets_at` when given, else to the Unix epoch.
+    Fixed {
+        resets_at: Option<ResetsAt>,
+    },
+}
+
+/// `"HH:MM Area/City"`: the daily instant a fixed window resets, in the vendor account's zone.
+#[derive(Debug, Clone)]
+pub struct ResetsAt {
+    pub hour: i8,
+    pub minute: i8,
+    pub zone_name: String,
+    pub zone: jiff::tz::TimeZone,
+}
+
+impl PartialEq for ResetsAt {
+    fn eq(&self, other: &Self) -> bool {
+        (self.hour, self.minute, &self.zone_name) == (other.hour, other.minute, &other.zone_name)
+    }
+}
+impl Eq for ResetsAt {}
+
+/// What a quota is scoped by; each distinct combination of values is its own bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeKey {
+    Header(HeaderName),
+    ClientIp,
+    ProxyUser,
+}
+
+/// A route's token cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteCost {
+    pub method: Option<Method>,
+    pub path: PathPattern,
+    pub cost: u64,
+}
+
+/// `/crm/v3/objects/{object}/batch/*`: literal segments, one-segment wildcards (`{name}`, `*`),
+/// and an optional trailing `**` for any rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    pub segments: Vec<Segment>,
+    pub rest: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Literal(String),
+    Capture(Option<String>),
+}
+
+impl PathPattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if !text.starts_with('/') {
+            return Err(format!("path `{text}` must start with /"));
+        }
+        let mut segments = Vec::new();
+        let mut rest = false;
+        let parts: Vec<&str> = text[1..].split('/').collect();
+        for (at, part) in parts.iter().enumerate() {
+            if *part == "**" {
+                if at + 1 != parts.len() {
+                    return Err("`**` may only end a path".into());
+                }
+                rest = true;
+            } else if *part == "*" {
+                segments.push(Segment::Capture(None));
+            } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                if name.is_empty() {
+                    return Err("`{}` needs a name".into());
+                }
+                segments.push(Segment::Capture(Some(name.to_owned())));
+            } else {
+                segments.push(Segment::Literal((*part).to_owned()));
+            }
+        }
+        Ok(Self { segments, rest })
+    }
+
+    /// The captured values when `path` matches, in order of the captures.
+    pub fn captures<'p>(&self, path: &'p str) -> Option<Vec<(&str, &'p str)>> {
+        let path = path.split('?').next().unwrap_or(path);
+        let mut parts = path.strip_prefix('/')?.split('/');
+        let mut captured = Vec::new();
+        for segment in &self.segments {
+            let part = parts.next()?;
+            match segment {
+                Segment::Literal(literal) if literal == part => {}
+                Segment::Literal(_) => return None,
+                Segment::Capture(_) if part.is_empty() => return None,
+                Segment::Capture(name) => captured.push((name.as_deref().unwrap_or("*"), part)),
+            }
+        }
+        match parts.next() {
+            None => Some(captured),
+            Some(_) if self.rest => Some(captured),
+            Some("") if !self.rest && parts.next().is_none() => Some(captured),
+            Some(_) => None,
+        }
+    }
+}
+
+/// `METHOD /path` (method `*` or omitted: any).
+pub fn parse_route_match(text: &str) -> Result<(Option<Method>, PathPattern), String> {
+    let text = text.trim();
+    let (method, path) = match text.split_once(' ') {
+        Some((method, path)) => (Some(method), path.trim()),
+        None => (None, text),
+    };
+    let method = match method {
+        None | Some("*") => None,
+        Some(name) => Some(Method::from_bytes(name.as_bytes()).map_err(|_| format!("`{name}` is not a method"))?),
+    };
+    Ok((method, PathPattern::parse(path)?))
+}
+
+/// Store settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Store {
+    pub kind: StoreKind,
+    pub url: Option<String>,
+    pub on_failure: OnFailure,
+    pub timeout: Duration,
+    pub key_prefix: String,
+    pub heartbeat: Duration,
+}
+
+/// Per-upstream limiting settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub quotas: Vec<Quota>,
+    pub over_limit: OverLimit,
+    pub max_queue_wait: Duration,
+    pub max_concurrency: Option<usize>,
+    pub routes: Vec<RouteCost>,
+}
+
+impl Limits {
+    /// Tokens a request takes: the first matching route's cost, else 1.
+    pub fn cost(&self, method: &Method, path: &str) -> u64 {
+        self.routes
+            .iter()
+            .find(|route| route.method.as_ref().is_none_or(|m| m == method) && route.path.captures(path).is_some())
+            .map_or(1, |route| route.cost)
+    }
+}
+
+pub fn validate_store(raw: &StoreFile, problems: &mut Vec<Problem>) -> Store {
+    if raw.kind == StoreKind::Redis {
+        match raw.url.as_deref() {
+            None => problems.push(Problem::new("store.url", "required when kind is redis")),
+            Some(url) => {
+                let scheme_ok =
+                    ["redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "redis+unix://", "unix://"]
+                        .iter()
+                        .any(|scheme| url.starts_with(scheme));
+                if !scheme_ok {
+                    problems.push(Problem::new("store.url", "must start with redis://, rediss:// or redis+cluster://"));
+                }
+            }
+        }
+    }
+    if raw.timeout.is_zero() {
+        problems.push(Problem::new("store.timeout", "must be greater than 0"));
+    }
+    if raw.heartbeat < Duration::from_millis(100) {
+        problems.push(Problem::new("store.heartbeat", "must be at least 100ms"));
+    }
+    if raw.key_prefix.is_empty() || raw.key_prefix.contains(['{', '}', ' ']) {
+        problems.push(Problem::new("store.key_prefix", "must be non-empty, without braces or spaces"));
+    }
+    Store {
+        kind: raw.kind,
+        url: raw.url.clone(),
+        on_failure: raw.on_failure,
+        timeout: raw.timeout,
+        key_prefix: raw.key_prefix.clone(),
+        heartbeat: raw.heartbeat,
+    }
+}
+
+pub fn validate_quota(raw: &QuotaFile, key: &str, problems: &mut Vec<Problem>) -> Option<Quota> {
+    let before = problems.len();
+    let name_ok = !raw.name.is_empty()
+        && raw.name.len() <= 64
+        && raw.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !name_ok {
+        problems.push(Problem::new(format!("{key}.name"), "must be 1-64 characters of a-z, 0-9, - and _"));
+    }
+    if raw.limit == 0 || raw.limit > 1_000_000_000_000 {
+        problems.push(Problem::new(format!("{key}.limit"), "must be between 1 and 10^12"));
+    }
+    if raw.per < Duration::from_millis(100) || raw.per > Duration::from_secs(366 * 86_400) {
+        problems.push(Problem::new(format!("{key}.per"), "must be between 100ms and 366d"));
+    }
+    let mut scope = Vec::new();
+    for (at, text) in raw.key.iter().enumerate() {
+        match parse_scope(text) {
+            Ok(scope_key) => scope.push(scope_key),
+            Err(message) => problems.push(Problem::new(format!("{key}.key[{at}]"), message)),
+        }
+    }
+    if raw.max_keys == 0 {
+        problems.push(Problem::new(format!("{key}.max_keys"), "must be at least 1"));
+    }
+    let window = match raw.window {
+        WindowKind::Rolling => {
+            if raw.resets_at.is_some() {
+                problems.push(Problem::new(format!("{key}.resets_at"), "only for `window: fixed`"));
+            }
+            Window::Rolling
+        }
+        WindowKind::Fixed => {
+            let resets_at = match raw.resets_at.as_deref().map(parse_resets_at) {
+                None => None,
+                Some(Ok(resets_at)) => Some(resets_at),
+                Some(Err(message)) => {
+                    problems.push(Problem::new(format!("{key}.resets_at"), message));
+                    None
+                }
+            };
+            if raw.resets_at.is_some() && raw.per.as_secs() % 86_400 != 0
+                || raw.per.subsec_nanos() != 0 && raw.resets_at.is_some()
+            {
+                problems.push(Problem::new(format!("{key}.per"), "with resets_at, must be a whole number of days"));
+            }
+            if raw.burst.is_some() {
+                problems.push(Problem::new(format!("{key}.burst"), "only for rolling windows"));
+            }
+            Window::Fixed { resets_at }
+        }
+    };
+    let burst = raw.burst.unwrap_or_else(|| (raw.limit / 20).max(1));
+    if raw.window == WindowKind::Rolling && (burst == 0 || burst > raw.limit) {
+        problems.push(Problem::new(format!("{key}.burst"), "must be between 1 and limit"));
+    }
+    let margin = raw.margin.unwrap_or_else(|| (raw.per / 100).min(Duration::from_millis(250)));
+    if margin > raw.per {
+        problems.push(Problem::new(format!("{key}.margin"), "must not exceed per"));
+    }
+    if problems.len() > before {
+        return None;
+    }
+    Some(Quota {
+        name: Arc::from(raw.name.as_str()),
+        limit: raw.limit,
+        per: raw.per,
+        burst,
+        margin,
+        window,
+        scope,
+        max_keys: raw.max_keys,
+    })
+}
+
+fn parse_scope(text: &str) -> Result<ScopeKey, String> {
+    match text.trim() {
+        "client_ip" => Ok(ScopeKey::ClientIp),
+        "proxy_user" => Ok(ScopeKey::ProxyUser),
+        other => match other.strip_prefix("header:") {
+            Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
+                .map(ScopeKey::Header)
+                .map_err(|_| format!("`{name}` is not a header name")),
+            None => Err(format!("`{other}` is not a scope (header:NAME, client_ip, proxy_user)")),
+        },
+    }
+}
+
+fn parse_resets_at(text: &str) -> Result<ResetsAt, String> {
+    let usage = || format!("`{text}` must look like \"00:00 America/New_York\"");
+    let (time, zone_name) = text.trim().split_once(' ').ok_or_else(usage)?;
+    let (hour, minute) = time.split_once(':').ok_or_else(usage)?;
+    let hour: i8 = hour.parse().map_err(|_| usage())?;
+    let minute: i8 = minute.parse().map_err(|_| usage())?;
+    if !(0..24).contains(&hour) || !(0..60).contains(&minute) {
+        return Err(usage());
+    }
+    let zone_name = zone_name.trim().to_owned();
+    let zone =
+        jiff::tz::TimeZone::get(&zone_name).map_err(|error| format!("unknown time zone `{zone_name}`: {error}"))?;
+    Ok(ResetsAt { hour, minute, zone_name, zone })
+}
+
+pub fn validate_routes(raw: &[RouteFile], key: &str, problems: &mut Vec<Problem>) -> Vec<RouteCost> {
+    let mut routes = Vec::new();
+    for (at, route) in raw.iter().enumerate() {
+        match parse_route_match(&route.matches) {
+            Ok((method, path)) => {
+                if route.cost == 0 {
+                    problems.push(Problem::new(format!("{key}.routes[{at}].cost"), "must be at least 1"));
+                }
+                routes.push(RouteCost { method, path, cost: route.cost });
+            }
+            Err(message) => problems.push(Problem::new(format!("{key}.routes[{at}].match"), message)),
+        }
+    }
+    routes
+}
+
+pub fn limits_of(
+    quotas: Vec<Quota>,
+    over_limit: OverLimit,
+    max_queue_wait: Duration,
+    max_concurrency: Option<usize>,
+    routes: Vec<RouteCost>,
+) -> Limits {
+    Limits { quotas, over_limit, max_queue_wait, max_concurrency, routes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_patterns_capture() {
+        let pattern = PathPattern::parse("/crm/v3/objects/{object}").unwrap();
+        assert_eq!(pattern.captures("/crm/v3/objects/contacts"), Some(vec![("object", "contacts")]));
+        assert_eq!(pattern.captures("/crm/v3/objects/contacts/batch/create"), None);
+        assert_eq!(pattern.captures("/crm/v3/objects"), None);
+        let rest = PathPattern::parse("/services/**").unwrap();
+        assert!(rest.captures("/services/data/v62.0/sobjects").is_some());
+    }
+
+    #[test]
+    fn resets_at_parses_zone() {
+        let parsed = parse_resets_at("00:00 America/New_York").unwrap();
+        assert_eq!((parsed.hour, parsed.minute), (0, 0));
+        assert!(parse_resets_at("25:00 UTC").is_err());
+        assert!(parse_resets_at("00:00 Mars/Base").is_err());
+    }
+}

@@ -1,0 +1,518 @@
+//! 3. LIMIT: the vendor sees no more than its quota, however many replicas run, and as close to
+//! the full quota as demand allows.
+//!
+//! A request first takes a concurrency slot (when `max_concurrency` is set), then one decision
+//! over all its upstream's quotas (see `gcra` for the maths): allowed now, allowed after a wait
+//! (a reservation: the request sleeps, later ones queue behind it), or rejected with an honest
+//! `Retry-After`. The slot is taken first so a request never waits for a slot after its quota
+//! reservation, which would let sends bunch up beyond the window promise.
+//!
+//! Decisions go to the configured store: memory (one replica), or Redis shared by every replica.
+//! When Redis fails or is slower than `store.timeout`, `on_failure` decides: `local` enforces each
+//! quota at `limit / replicas` in memory, `allow` lets traffic through, `deny` answers 503; a
+//! background probe brings shared mode back as soon as Redis answers.
+
+pub mod gcra;
+pub mod headers;
+pub mod memory;
+pub mod redis;
+pub mod scope;
+pub mod window;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, HeaderValue, Method};
+use serde_json::{json, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{OnFailure, OverLimit, Quota, Store, StoreKind, Upstream, Window};
+use crate::error::{ErrorKind, ProxyError};
+use crate::telemetry::Metrics;
+use gcra::{Decision, Micros, Rule};
+use memory::MemoryStore;
+use redis::RedisStore;
+use scope::{QuotaKey, ScopeTable};
+
+/// Request header with which a caller shortens (never lengthens) its own queue wait.
+pub const MAX_WAIT_HEADER: &str = "sluice-max-wait";
+
+/// What a request got from the limiter: held until its response head is back.
+#[derive(Debug, Default)]
+pub struct Admission {
+    pub permit: Option<OwnedSemaphorePermit>,
+    /// Time spent waiting for a slot and for quota.
+    pub queued: Duration,
+    /// `RateLimit` for the scope the request used.
+    pub rate_limit: Option<HeaderValue>,
+    /// Whether this upstream is limited at all (then `Server-Timing` is reported).
+    pub limited: bool,
+}
+
+/// How quota decisions are being made right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Memory store: this replica alone.
+    Memory,
+    /// Redis, shared by every replica.
+    Shared,
+    /// Redis unreachable: the `on_failure` policy applies.
+    Degraded(OnFailure),
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Memory => "memory",
+            Mode::Shared => "shared",
+            Mode::Degraded(OnFailure::Local) => "degraded-local",
+            Mode::Degraded(OnFailure::Allow) => "degraded-allow",
+            Mode::Degraded(OnFailure::Deny) => "degraded-deny",
+        }
+    }
+}
+
+pub struct Limiter {
+    /// Itself, for background tasks that must not keep it alive.
+    me: std::sync::Weak<Limiter>,
+    store: Store,
+    redis: Option<Arc<RedisStore>>,
+    degraded: AtomicBool,
+    probing: AtomicBool,
+    local: MemoryStore,
+    scopes: Mutex<HashMap<(Arc<str>, Arc<str>), ScopeTable>>,
+    slots: Mutex<HashMap<Arc<str>, (usize, Arc<Semaphore>)>>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+}
+
+impl Limiter {
+    /// Builds the limiter for `store`; with Redis, tries to connect for up to a second, then
+    /// starts degraded and keeps trying in the background.
+    pub async fn start(store: Store, metrics: Arc<Metrics>, stop: CancellationToken) -> Arc<Self> {
+        let redis = (store.kind == StoreKind::Redis).then(|| RedisStore::new(store.clone()));
+        let limiter = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            redis: redis.clone(),
+            degraded: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
+            local: MemoryStore::default(),
+            scopes: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
+            metrics,
+            stop,
+            store,
+        });
+        if let Some(redis) = redis {
+            let connect_wait = (limiter.store.timeout * 20).max(Duration::from_secs(1));
+            match tokio::time::timeout(connect_wait, redis.connect()).await {
+                Ok(Ok(())) => {
+                    let _ = tokio::time::timeout(limiter.store.timeout * 4, redis.heartbeat()).await;
+                    tracing::info!(replicas = redis.replicas(), "Connected to Redis; quotas are shared.");
+                }
+                Ok(Err(error)) => limiter.degrade(&error.to_string(), "connect"),
+                Err(_) => limiter.degrade("connect timed out", "timeout"),
+            }
+            limiter.metrics.replicas.set(i64::try_from(redis.replicas()).unwrap_or(i64::MAX));
+            limiter.spawn_heartbeat();
+        }
+        limiter
+    }
+
+    pub fn mode(&self) -> Mode {
+        match (&self.redis, self.degraded.load(Ordering::Acquire)) {
+            (None, _) => Mode::Memory,
+            (Some(_), false) => Mode::Shared,
+            (Some(_), true) => Mode::Degraded(self.store.on_failure),
+        }
+    }
+
+    pub fn replicas(&self) -> u64 {
+        self.redis.as_ref().map_or(1, |redis| redis.replicas())
+    }
+
+    pub fn store_kind(&self) -> StoreKind {
+        self.store.kind
+    }
+
+    /// Admits a request to `upstream` or says why not. Waits (queues) within the allowed time.
+    pub async fn admit(
+        &self,
+        upstream: &Upstream,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> Result<Admission, ProxyError> {
+        let limits = &upstream.limits;
+        if limits.quotas.is_empty() && limits.max_concurrency.is_none() {
+            return Ok(Admission::default());
+        }
+        let started = Instant::now();
+        let allowed_wait = match limits.over_limit {
+            OverLimit::Queue => limits.max_queue_wait,
+            OverLimit::Reject => Duration::ZERO,
+        };
+        let max_wait = match requested_wait(headers) {
+            Some(requested) => requested.min(allowed_wait),
+            None => allowed_wait,
+        };
+        let deadline = started + max_wait;
+        let mut admission = Admission { limited: true, ..Admission::default() };
+
+        if let Some(max) = limits.max_concurrency {
+            let slots = self.slots(&upstream.name, max);
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        return Err(ProxyError::new(
+                            ErrorKind::ConcurrencyLimited { max, waited: started.elapsed() },
+                            Some(upstream.name.clone()),
+                        ))
+                    }
+                },
+            };
+            admission.permit = Some(permit);
+        }
+
+        if !limits.quotas.is_empty() {
+            let cost = i64::try_from(limits.cost(method, path)).unwrap_or(i64::MAX);
+            let keys = self.bucket_keys(upstream, headers, peer);
+            let remaining_wait = deadline.saturating_duration_since(Instant::now());
+            let max_wait_us = i64::try_from(remaining_wait.as_micros()).unwrap_or(i64::MAX);
+            match self.decide(upstream, &keys, cost, max_wait_us).await? {
+                Some(Decision::Allowed { wait, standings }) => {
+                    let result = if wait > 0 { "queued" } else { "allowed" };
+                    for quota in &limits.quotas {
+                        self.metrics.quota_decisions.with_label_values(&[&upstream.name, &quota.name, result]).inc();
+                    }
+                    if wait > 0 {
+                        tokio::time::sleep(Duration::from_micros(u64::try_from(wait).unwrap_or(0))).await;
+                    }
+                    admission.rate_limit = headers::rate_limit(&limits.quotas, &standings);
+                }
+                Some(Decision::Rejected { retry_after, limiting, standings }) => {
+                    let quota = &limits.quotas[limiting.min(limits.quotas.len() - 1)];
+                    self.metrics.quota_decisions.with_label_values(&[&upstream.name, &quota.name, "rejected"]).inc();
+                    let retry_after = Duration::from_micros(u64::try_from(retry_after).unwrap_or(0));
+                    return Err(ProxyError::new(
+                        ErrorKind::RateLimited {
+                            quota: quota.name.to_string(),
+                            retry_after,
+                            rate_limit: headers::rate_limit(&limits.quotas, &standings),
+                            policy: headers::rate_limit_policy(&limits.quotas),
+                        },
+                        Some(upstream.name.clone()),
+                    ));
+                }
+                None => {}
+            }
+        }
+        admission.queued = started.elapsed();
+        self.metrics.quota_queue_wait.with_label_values(&[&upstream.name]).observe(admission.queued.as_secs_f64());
+        Ok(admission)
+    }
+
+    /// The bucket key of each quota for this request, recording scope use (and evictions).
+    fn bucket_keys(&self, upstream: &Upstream, headers: &HeaderMap, peer: Option<SocketAddr>) -> Vec<String> {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        upstream
+            .limits
+            .quotas
+            .iter()
+            .map(|quota| {
+                let key = scope::quota_key(&quota.scope, headers, peer);
+                let table = scopes
+                    .entry((upstream.name.clone(), quota.name.clone()))
+                    .or_insert_with(|| ScopeTable::new(quota.max_keys));
+                table.set_capacity(quota.max_keys);
+                if let Some(evicted) = table.touch(&key) {
+                    self.metrics.scope_evictions.with_label_values(&[&upstream.name, &quota.name]).inc();
+                    self.local.forget(&self.bucket_key(upstream, quota, &evicted));
+                    self.local.forget(&format!("local:{}", self.bucket_key(upstream, quota, &evicted)));
+                }
+                self.bucket_key(upstream, quota, &key)
+            })
+            .collect()
+    }
+
+    fn bucket_key(&self, upstream: &Upstream, quota: &Quota, key: &QuotaKey) -> String {
+        format!("{}:{{{}}}:{}:{}", self.store.key_prefix, upstream.name, quota.name, key.0)
+    }
+
+    /// One decision in the current mode; `None` means "let it through unlimited" (`allow`).
+    async fn decide(
+        &self,
+        upstream: &Upstream,
+        keys: &[String],
+        cost: i64,
+        max_wait: Micros,
+    ) -> Result<Option<Decision>, ProxyError> {
+        let now = now_micros();
+        if let (Some(redis), false) = (&self.redis, self.degraded.load(Ordering::Acquire)) {
+            let rules = rules(&upstream.limits.quotas, cost, now, 1);
+            let started = Instant::now();
+            let result = tokio::time::timeout(self.store.timeout, redis.decide(keys, &rules, max_wait, 0)).await;
+            self.metrics.store_latency.observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(Ok(decision)) => return Ok(Some(decision)),
+                Ok(Err(error)) => self.degrade(&error.to_string(), error.kind()),
+                Err(_) => self.degrade("decision timed out", "timeout"),
+            }
+        }
+        match self.mode() {
+            Mode::Memory => {
+                let rules = rules(&upstream.limits.quotas, cost, now, 1);
+                Ok(Some(self.local.decide(keys, &rules, now, max_wait)))
+            }
+            Mode::Shared | Mode::Degraded(OnFailure::Local) => {
+                let rules = rules(&upstream.limits.quotas, cost, now, self.replicas());
+                let local_keys: Vec<String> = keys.iter().map(|key| format!("local:{key}")).collect();
+                Ok(Some(self.local.decide(&local_keys, &rules, now, max_wait)))
+            }
+            Mode::Degraded(OnFailure::Allow) => Ok(None),
+            Mode::Degraded(OnFailure::Deny) => {
+                Err(ProxyError::new(ErrorKind::StoreUnavailable, Some(upstream.name.clone())))
+            }
+        }
+    }
+
+    /// Switches to degraded mode (once) and starts the probe that switches back.
+    fn degrade(&self, reason: &str, kind: &str) {
+        self.metrics.store_errors.with_label_values(&[kind]).inc();
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            self.metrics.store_degraded.set(1);
+            tracing::warn!(
+                reason,
+                on_failure = self.mode().as_str(),
+                replicas = self.replicas(),
+                "Redis unavailable; quotas are enforced by the on_failure policy until it is back."
+            );
+        }
+        self.spawn_probe();
+    }
+
+    fn spawn_probe(&self) {
+        let Some(redis) = self.redis.clone() else { return };
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // The probe needs the limiter back to flip the mode; it holds only what it needs.
+        let probe =
+            Probe { redis, timeout: self.store.timeout.max(Duration::from_millis(100)), stop: self.stop.clone() };
+        let this = self.me.clone();
+        tokio::spawn(async move {
+            probe.until_healthy().await;
+            if let Some(limiter) = this.upgrade() {
+                limiter.recover();
+            }
+        });
+    }
+
+    fn recover(&self) {
+        self.local.forget_prefix("local:");
+        self.degraded.store(false, Ordering::Release);
+        self.probing.store(false, Ordering::Release);
+        self.metrics.store_degraded.set(0);
+        tracing::info!(replicas = self.replicas(), "Redis is back; quotas are shared again.");
+    }
+
+    fn spawn_heartbeat(self: &Arc<Self>) {
+        let Some(redis) = self.redis.clone() else { return };
+        let weak = Arc::downgrade(self);
+        let every = self.store.heartbeat;
+        let timeout = self.store.timeout.max(Duration::from_millis(100)) * 4;
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = stop.cancelled() => {
+                        let _ = tokio::time::timeout(timeout, redis.leave()).await;
+                        return;
+                    }
+                }
+                let Some(limiter) = weak.upgrade() else { return };
+                if limiter.degraded.load(Ordering::Acquire) {
+                    continue;
+                }
+                match tokio::time::timeout(timeout, redis.heartbeat()).await {
+                    Ok(Ok(count)) => limiter.metrics.replicas.set(i64::try_from(count).unwrap_or(i64::MAX)),
+                    Ok(Err(error)) => limiter.degrade(&error.to_string(), error.kind()),
+                    Err(_) => limiter.degrade("heartbeat timed out", "timeout"),
+                }
+            }
+        });
+    }
+
+    fn slots(&self, upstream: &Arc<str>, max: usize) -> Arc<Semaphore> {
+        let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match slots.get(upstream) {
+            Some((size, semaphore)) if *size == max => semaphore.clone(),
+            _ => {
+                // A changed limit gets a fresh semaphore; requests holding the old one finish.
+                let semaphore = Arc::new(Semaphore::new(max));
+                slots.insert(upstream.clone(), (max, semaphore.clone()));
+                semaphore
+            }
+        }
+    }
+
+    /// `GET /quotas`: per upstream and quota, the busiest scopes' remaining tokens and next-free time.
+    pub async fn snapshot(&self, upstreams: &[Arc<Upstream>]) -> Value {
+        let now_local = now_micros();
+        let now = match (&self.redis, self.mode()) {
+            (Some(redis), Mode::Shared) => tokio::time::timeout(self.store.timeout * 4, redis.time())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(now_local),
+            _ => now_local,
+        };
+        let mut out = Vec::new();
+        for upstream in upstreams.iter().filter(|u| !u.limits.quotas.is_empty()) {
+            let mut quotas = Vec::new();
+            for quota in &upstream.limits.quotas {
+                let busiest = {
+                    let scopes = self.scopes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    scopes.get(&(upstream.name.clone(), quota.name.clone())).map(|t| t.busiest(10)).unwrap_or_default()
+                };
+                let keys: Vec<String> = busiest.iter().map(|(key, _)| self.bucket_key(upstream, quota, key)).collect();
+                let states = self.states_for(&keys).await;
+                let rule = rules(std::slice::from_ref(quota), 1, now, self.local_divisor())[0].0;
+                let scopes: Vec<Value> = busiest
+                    .iter()
+                    .zip(states)
+                    .map(|((key, hits), state)| {
+                        let standing = gcra::standing(&rule, &state, now);
+                        let next_free_in = next_free_in(&rule, &state, now);
+                        json!({
+                            "scope": key.0,
+                            "requests": hits,
+                            "remaining": standing.remaining,
+                            "next_free_in_ms": next_free_in / 1000,
+                            "full_in_ms": standing.reset_in.max(0) / 1000,
+                        })
+                    })
+                    .collect();
+                quotas.push(json!({
+                    "name": &*quota.name,
+                    "limit": quota.limit,
+                    "per": humantime::format_duration(quota.per).to_string(),
+                    "window": match quota.window { Window::Rolling => "rolling", Window::Fixed { .. } => "fixed" },
+                    "burst": quota.burst,
+                    "scopes": scopes,
+                }));
+            }
+            out.push(json!({"name": &*upstream.name, "quotas": quotas}));
+        }
+        json!({
+            "store": {"kind": match self.store.kind { StoreKind::Memory => "memory", StoreKind::Redis => "redis" }, "mode": self.mode().as_str(), "replicas": self.replicas()},
+            "upstreams": out,
+        })
+    }
+
+    fn local_divisor(&self) -> u64 {
+        match self.mode() {
+            Mode::Degraded(OnFailure::Local) => self.replicas(),
+            _ => 1,
+        }
+    }
+
+    async fn states_for(&self, keys: &[String]) -> Vec<gcra::State> {
+        match (&self.redis, self.mode()) {
+            (Some(redis), Mode::Shared) => {
+                match tokio::time::timeout(self.store.timeout * 4, redis.peek_tats(keys)).await {
+                    Ok(Ok(tats)) => {
+                        tats.into_iter().map(|tat| tat.map_or(gcra::State::Empty, gcra::State::Tat)).collect()
+                    }
+                    _ => vec![gcra::State::Empty; keys.len()],
+                }
+            }
+            (Some(_), _) => {
+                let local: Vec<String> = keys.iter().map(|key| format!("local:{key}")).collect();
+                self.local.peek(&local)
+            }
+            (None, _) => self.local.peek(keys),
+        }
+    }
+}
+
+/// Microseconds until a cost-1 request would be taken without waiting.
+fn next_free_in(rule: &Rule, state: &gcra::State, now: Micros) -> Micros {
+    gcra::earliest(rule, state, 1, now).map_or(Micros::MAX, |at| at - now)
+}
+
+/// The algorithm's rules for `quotas`, each scaled to `1 / divisor` of its limit (local shares).
+pub fn rules(quotas: &[Quota], cost: i64, now: Micros, divisor: u64) -> Vec<(Rule, i64)> {
+    let divisor = divisor.max(1);
+    quotas
+        .iter()
+        .map(|quota| {
+            let per = i64::try_from(quota.per.as_micros()).unwrap_or(i64::MAX);
+            let limit = (quota.limit / divisor).max(1);
+            let rule = match &quota.window {
+                Window::Rolling => {
+                    let burst = (quota.burst / divisor).clamp(1, limit);
+                    let margin = i64::try_from(quota.margin.as_micros()).unwrap_or(0);
+                    Rule::rolling(limit, per, burst, margin)
+                }
+                Window::Fixed { resets_at } => Rule::Fixed {
+                    limit: i64::try_from(limit).unwrap_or(i64::MAX),
+                    bounds: window::bounds(per, resets_at.as_ref(), now),
+                },
+            };
+            (rule, cost)
+        })
+        .collect()
+}
+
+/// The caller's own wait limit (`Sluice-Max-Wait: 2s`, or plain seconds).
+fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get(MAX_WAIT_HEADER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(86_400.0)));
+    }
+    humantime::parse_duration(text).ok()
+}
+
+pub fn now_micros() -> Micros {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| i64::try_from(since.as_micros()).unwrap_or(0))
+}
+
+/// Polls Redis until it answers, then returns.
+struct Probe {
+    redis: Arc<RedisStore>,
+    timeout: Duration,
+    stop: CancellationToken,
+}
+
+impl Probe {
+    async fn until_healthy(&self) {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.stop.cancelled() => return,
+            }
+            let healthy = async {
+                self.redis.connect().await?;
+                self.redis.ping().await?;
+                self.redis.heartbeat().await.map(|_| ())
+            };
+            if let Ok(Ok(())) = tokio::time::timeout(self.timeout * 4, healthy).await {
+                return;
+            }
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+}

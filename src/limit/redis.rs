@@ -1,0 +1,302 @@
+//! Quota state in Redis, shared by every replica: one atomic Lua call per request decides all
+//! its quotas (`decide.lua`), with time from Redis `TIME` so replica clocks don't matter.
+//!
+//! # Throughput
+//! Each decision is one `EVALSHA` on a multiplexed connection: concurrent decisions from all
+//! requests in flight are pipelined on the same socket, so the ceiling is Redis executing the
+//! script (tens of thousands per second per shard, see BENCHMARKS.md), not one round trip per
+//! request. No tokens are leased ahead, so no accuracy is traded for it: every decision is exact.
+//!
+//! # Keys
+//! `<prefix>:{<upstream>}:<quota>:<scope>`: the hash tag `{<upstream>}` puts all keys of one
+//! request in one slot, so the script runs on Redis Cluster too. A rolling bucket's key expires
+//! when the bucket is full again, so idle scopes cost nothing.
+//!
+//! # Replicas
+//! Each replica writes a heartbeat into a sorted set every `store.heartbeat`; the live count
+//! (members seen within five heartbeats) is each replica's divisor for its local share of a quota
+//! while Redis is unreachable.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+
+use super::gcra::{Decision, Micros, Rule, Standing};
+use crate::config::Store;
+
+const DECIDE_SCRIPT: &str = include_str!("decide.lua");
+
+const HEARTBEAT_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now_ms, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return redis.call('ZCARD', KEYS[1])
+";
+
+/// Why a Redis call failed; the limiter then applies `on_failure`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis is not connected")]
+    NotConnected,
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply from the quota script")]
+    BadReply,
+}
+
+impl StoreError {
+    /// Bounded label for the store errors metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::NotConnected => "not_connected",
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Redis(_) => "redis_error",
+            StoreError::BadReply => "bad_reply",
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+pub struct RedisStore {
+    settings: Store,
+    conn: ArcSwapOption<Conn>,
+    decide: redis::Script,
+    heartbeat: redis::Script,
+    replica_id: String,
+    replicas: AtomicU64,
+}
+
+impl RedisStore {
+    /// Creates the store; the connection is made in the background (see [`RedisStore::connect`]).
+    pub fn new(settings: Store) -> Arc<Self> {
+        let replica_id = format!("{}-{:016x}", hostname(), rand::random::<u64>());
+        Arc::new(Self {
+            settings,
+            conn: ArcSwapOption::empty(),
+            decide: redis::Script::new(DECIDE_SCRIPT),
+            heartbeat: redis::Script::new(HEARTBEAT_SCRIPT),
+            replica_id,
+            replicas: AtomicU64::new(1),
+        })
+    }
+
+    pub fn settings(&self) -> &Store {
+        &self.settings
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.load().is_some()
+    }
+
+    /// Opens the connection (single node or cluster). Called at start and by the health task
+    /// until it succeeds; once made, the connection reconnects by itself.
+    pub async fn connect(&self) -> Result<(), StoreError> {
+        if self.is_connected() {
+            return Ok(());
+        }
+        let url = self.settings.url.clone().ok_or(StoreError::NotConnected)?;
+        let timeout = self.settings.timeout.max(Duration::from_millis(250));
+        let conn = match cluster_nodes(&url) {
+            Some(nodes) => {
+                let client = redis::cluster::ClusterClient::builder(nodes)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout * 4)
+                    .build()?;
+                Conn::Cluster(client.get_async_connection().await?)
+            }
+            None => {
+                let client = redis::Client::open(url.as_str())?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout * 4))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_millis(500));
+                Conn::Single(client.get_connection_manager_with_config(config).await?)
+            }
+        };
+        self.conn.store(Some(Arc::new(conn)));
+        Ok(())
+    }
+
+    /// Runs the decision script for `keys` / `rules`; the caller bounds it with `store.timeout`.
+    pub async fn decide(
+        &self,
+        keys: &[String],
+        rules: &[(Rule, i64)],
+        max_wait: Micros,
+        now_override: Micros,
+    ) -> Result<Decision, StoreError> {
+        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let mut invocation = self.decide.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        invocation.arg(max_wait).arg(now_override).arg(rules.len());
+        for (rule, cost) in rules {
+            match rule {
+                Rule::Rolling { interval, tolerance } => {
+                    invocation.arg(0).arg(*cost).arg(*interval).arg(*tolerance).arg(0).arg(0).arg(0);
+                }
+                Rule::Fixed { limit, bounds } => {
+                    invocation
+                        .arg(1)
+                        .arg(*cost)
+                        .arg(*limit)
+                        .arg(bounds[0])
+                        .arg(bounds[1])
+                        .arg(bounds[2])
+                        .arg(bounds[3]);
+                }
+            }
+        }
+        let reply: Vec<i64> = match &*conn {
+            Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await?,
+            Conn::Cluster(cluster) => invocation.invoke_async(&mut cluster.clone()).await?,
+        };
+        parse_reply(&reply, rules.len()).ok_or(StoreError::BadReply)
+    }
+
+    /// Reads raw states for `/quotas`: TATs of rolling buckets (fixed ones report their hash).
+    pub async fn peek_tats(&self, keys: &[String]) -> Result<Vec<Option<i64>>, StoreError> {
+        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            let value: Option<String> = match &*conn {
+                Conn::Single(manager) => {
+                    redis::cmd("GET").arg(key).query_async(&mut manager.clone()).await.unwrap_or(None)
+                }
+                Conn::Cluster(cluster) => {
+                    redis::cmd("GET").arg(key).query_async(&mut cluster.clone()).await.unwrap_or(None)
+                }
+            };
+            values.push(value.and_then(|text| text.parse().ok()));
+        }
+        Ok(values)
+    }
+
+    /// Redis `TIME` in microseconds (for `/quotas`, so reported times match the script's).
+    pub async fn time(&self) -> Result<Micros, StoreError> {
+        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let (seconds, micros): (i64, i64) = match &*conn {
+            Conn::Single(manager) => redis::cmd("TIME").query_async(&mut manager.clone()).await?,
+            Conn::Cluster(cluster) => redis::cmd("TIME").query_async(&mut cluster.clone()).await?,
+        };
+        Ok(seconds * 1_000_000 + micros)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let _: String = match &*conn {
+            Conn::Single(manager) => redis::cmd("PING").query_async(&mut manager.clone()).await?,
+            Conn::Cluster(cluster) => redis::cmd("PING").query_async(&mut cluster.clone()).await?,
+        };
+        Ok(())
+    }
+
+    /// Announces this replica and refreshes the live replica count.
+    pub async fn heartbeat(&self) -> Result<u64, StoreError> {
+        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let key = format!("{}:replicas", self.settings.key_prefix);
+        let window_ms = u64::try_from(self.settings.heartbeat.as_millis() * 5).unwrap_or(u64::MAX);
+        let mut invocation = self.heartbeat.prepare_invoke();
+        invocation.key(&key).arg(&self.replica_id).arg(window_ms);
+        let count: u64 = match &*conn {
+            Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await?,
+            Conn::Cluster(cluster) => invocation.invoke_async(&mut cluster.clone()).await?,
+        };
+        self.replicas.store(count.max(1), Ordering::Relaxed);
+        Ok(count)
+    }
+
+    /// Removes this replica from the live set (at shutdown), so the others' shares grow at once.
+    pub async fn leave(&self) {
+        let Some(conn) = self.conn.load_full() else { return };
+        let key = format!("{}:replicas", self.settings.key_prefix);
+        let mut command = redis::cmd("ZREM");
+        command.arg(&key).arg(&self.replica_id);
+        let _: Result<i64, _> = match &*conn {
+            Conn::Single(manager) => command.query_async(&mut manager.clone()).await,
+            Conn::Cluster(cluster) => command.query_async(&mut cluster.clone()).await,
+        };
+    }
+
+    /// The last known number of live replicas (at least 1).
+    pub fn replicas(&self) -> u64 {
+        self.replicas.load(Ordering::Relaxed).max(1)
+    }
+}
+
+/// `redis+cluster://a:1,b:2` (or `rediss+cluster://`) to node URLs.
+fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", rest)
+    } else {
+        return None;
+    };
+    let (credentials, hosts) = match rest.rsplit_once('@') {
+        Some((credentials, hosts)) => (format!("{credentials}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let hosts = hosts.split('/').next().unwrap_or(hosts);
+    Some(
+        hosts
+            .split(',')
+            .filter(|host| !host.is_empty())
+            .map(|host| format!("{scheme}://{credentials}{host}"))
+            .collect(),
+    )
+}
+
+fn parse_reply(reply: &[i64], quotas: usize) -> Option<Decision> {
+    if reply.len() != 3 + 2 * quotas {
+        return None;
+    }
+    let standings = reply[3..].chunks(2).map(|pair| Standing { remaining: pair[0], reset_in: pair[1] }).collect();
+    let limiting = usize::try_from(reply[2]).ok()?;
+    Some(match reply[0] {
+        1 => Decision::Allowed { wait: reply[1], standings },
+        _ => Decision::Rejected { retry_after: reply[1], limiting, standings },
+    })
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "sluice".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls() {
+        assert_eq!(
+            cluster_nodes("redis+cluster://127.0.0.1:7000,127.0.0.1:7001"),
+            Some(vec!["redis://127.0.0.1:7000".to_string(), "redis://127.0.0.1:7001".to_string()])
+        );
+        assert_eq!(
+            cluster_nodes("rediss+cluster://:pw@a:1,b:2/0"),
+            Some(vec!["rediss://:pw@a:1".to_string(), "rediss://:pw@b:2".to_string()])
+        );
+        assert_eq!(cluster_nodes("redis://127.0.0.1:6379/0"), None);
+    }
+}

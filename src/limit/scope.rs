@@ -1,0 +1,200 @@
+//! Which bucket a request draws from: its [`QuotaKey`], from the quota's scope (`header:NAME`,
+//! `client_ip`, `proxy_user`) and a bounded table of the scope values seen.
+//!
+//! A missing scope value goes to the `_default` bucket of that quota, so requests without a
+//! tenant header share one bucket instead of escaping the limit. Values are used as they are when
+//! short and plain, else as a SHA-256 prefix, so keys stay small and never leak a credential.
+//! Each quota tracks at most `max_keys` values; past that the least recently used is evicted
+//! (its bucket forgotten locally; in Redis it expires on its own) and counted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+
+use http::header::PROXY_AUTHORIZATION;
+use http::HeaderMap;
+
+use crate::config::ScopeKey;
+
+/// The bucket name of a request for one quota: `<scope value>` or `_all` for unscoped quotas.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QuotaKey(pub String);
+
+/// Bucket used when a request lacks the scope value (no tenant header, say).
+pub const DEFAULT_BUCKET: &str = "_default";
+
+pub fn quota_key(scope: &[ScopeKey], headers: &HeaderMap, peer: Option<SocketAddr>) -> QuotaKey {
+    if scope.is_empty() {
+        return QuotaKey("_all".to_owned());
+    }
+    let parts: Vec<String> = scope
+        .iter()
+        .map(|key| {
+            let value = match key {
+                ScopeKey::Header(name) => {
+                    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).map(str::to_owned)
+                }
+                ScopeKey::ClientIp => peer.map(|peer| peer.ip().to_string()),
+                ScopeKey::ProxyUser => proxy_user(headers),
+            };
+            match value.filter(|value| !value.is_empty()) {
+                Some(value) => safe_component(&value),
+                None => DEFAULT_BUCKET.to_owned(),
+            }
+        })
+        .collect();
+    QuotaKey(parts.join("|"))
+}
+
+/// The client identity in `Proxy-Authorization`: the Basic user name, or a hash of a Bearer token.
+pub fn proxy_user(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(PROXY_AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, credentials) = value.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = decode_base64(credentials.trim())?;
+        let text = String::from_utf8(decoded).ok()?;
+        let user = text.split_once(':').map_or(text.as_str(), |(user, _)| user);
+        return Some(user.to_owned());
+    }
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(format!("token-{}", short_hash(credentials.trim())));
+    }
+    None
+}
+
+fn safe_component(value: &str) -> String {
+    let plain = value.len() <= 64
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'@' | b':'));
+    if plain {
+        value.to_owned()
+    } else {
+        format!("h-{}", short_hash(value))
+    }
+}
+
+/// First 16 hex digits of SHA-256: stable across replicas and processes.
+pub fn short_hash(value: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
+    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for byte in text.bytes().filter(|b| *b != b'=') {
+        let value = ALPHABET.iter().position(|c| *c == byte)? as u32;
+        buffer = (buffer << 6) | value;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+            buffer &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// The scope values of one quota, least recently used first out.
+#[derive(Debug)]
+pub struct ScopeTable {
+    capacity: usize,
+    entries: HashMap<QuotaKey, Entry>,
+    by_tick: BTreeMap<u64, QuotaKey>,
+    tick: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    tick: u64,
+    hits: u64,
+}
+
+impl ScopeTable {
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity: capacity.max(1), entries: HashMap::new(), by_tick: BTreeMap::new(), tick: 0 }
+    }
+
+    /// Records a use of `key`; returns the key evicted to make room, if any.
+    pub fn touch(&mut self, key: &QuotaKey) -> Option<QuotaKey> {
+        self.tick += 1;
+        if let Some(entry) = self.entries.get_mut(key) {
+            self.by_tick.remove(&entry.tick);
+            entry.tick = self.tick;
+            entry.hits += 1;
+            self.by_tick.insert(self.tick, key.clone());
+            return None;
+        }
+        let evicted = if self.entries.len() >= self.capacity {
+            self.by_tick.pop_first().map(|(_, oldest)| {
+                self.entries.remove(&oldest);
+                oldest
+            })
+        } else {
+            None
+        };
+        self.entries.insert(key.clone(), Entry { tick: self.tick, hits: 1 });
+        self.by_tick.insert(self.tick, key.clone());
+        evicted
+    }
+
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
+    }
+
+    /// The `n` scopes with the most requests.
+    pub fn busiest(&self, n: usize) -> Vec<(QuotaKey, u64)> {
+        let mut all: Vec<_> = self.entries.iter().map(|(key, entry)| (key.clone(), entry.hits)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0 .0.cmp(&b.0 .0)));
+        all.truncate(n);
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn keys_from_scope() {
+        let mut headers = HeaderMap::new();
+        let tenant = ScopeKey::Header("x-tenant-id".parse().unwrap());
+        assert_eq!(quota_key(&[tenant.clone()], &headers, None).0, DEFAULT_BUCKET);
+        headers.insert("x-tenant-id", HeaderValue::from_static("acme"));
+        assert_eq!(quota_key(&[tenant.clone()], &headers, None).0, "acme");
+        headers.insert("x-tenant-id", HeaderValue::from_static("has spaces {and braces}"));
+        assert!(quota_key(&[tenant], &headers, None).0.starts_with("h-"));
+        assert_eq!(quota_key(&[], &headers, None).0, "_all");
+        let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        assert_eq!(quota_key(&[ScopeKey::ClientIp], &headers, Some(peer)).0, "10.1.2.3");
+    }
+
+    #[test]
+    fn proxy_user_basic_and_bearer() {
+        let mut headers = HeaderMap::new();
+        headers.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("Basic YWxpY2U6c2VjcmV0"));
+        assert_eq!(proxy_user(&headers).as_deref(), Some("alice"));
+        headers.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        assert!(proxy_user(&headers).unwrap().starts_with("token-"));
+    }
+
+    #[test]
+    fn table_evicts_least_recently_used() {
+        let mut table = ScopeTable::new(2);
+        let key = |s: &str| QuotaKey(s.to_owned());
+        assert_eq!(table.touch(&key("a")), None);
+        assert_eq!(table.touch(&key("b")), None);
+        assert_eq!(table.touch(&key("a")), None);
+        assert_eq!(table.touch(&key("c")), Some(key("b")));
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.busiest(1)[0].0, key("a"));
+    }
+}
