@@ -181,7 +181,7 @@ upstreams:
         assert_eq!(&*routed.upstream.name, "sf");
         assert_eq!(routed.uri, "https://eu.my.salesforce.com/services");
         let routed = table().route(&get("http://login.salesforce.com/x"), &Via::default()).unwrap();
-        assert_eq!(routed.uri, "http://login.salesforce.com/x");
+        assert_eq!(routed.uri, "https://login.salesforce.com/x");
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! CA, and a real `redis-server` on a free port. Everything runs over real loopback sockets.
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod curl;
 pub mod mock_crm;
+pub mod process;
+pub mod raw_http;
 pub mod redis;
 
 use std::path::{Path, PathBuf};
