@@ -20,6 +20,7 @@ pub mod app;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod vendor;
 pub mod limit;
 pub mod listen;
 pub mod proxy;
