@@ -7,7 +7,8 @@
 //! | `GET /readyz` | 200 once listeners are bound and config is loaded, 503 while draining; body says the store mode |
 //! | `GET /config` | the effective config as JSON, secrets redacted |
 //! | `POST /reload` | reload the config file now; 200 with the generation, or 422 with the problems |
-//! | `GET /quotas` | quota state per upstream (empty until quotas are configured) |
+//! | `GET /quotas` | quota state per upstream (empty until quotas are configured), store mode |
+//! | `GET /breakers` | circuit breaker state per upstream |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -107,17 +108,18 @@ async fn route(request: Request<Incoming>, shared: &Shared, reloader: &Reloader)
                 &json!({"error": "config_invalid", "detail": error.to_string(), "generation": shared.current().id}),
             ),
         },
+        (&Method::GET, "/breakers") => json_response(StatusCode::OK, &shared.breakers.snapshot()),
         (&Method::GET, "/quotas") => {
             let generation = shared.current();
             json_response(StatusCode::OK, &shared.limiter.snapshot(&generation.config.upstreams).await)
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/config" | "/reload" | "/quotas") => json_response(
+        (_, "/metrics" | "/healthz" | "/readyz" | "/config" | "/reload" | "/quotas" | "/breakers") => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": "method_not_allowed", "detail": format!("{} is not allowed here", request.method())}),
         ),
         _ => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": "not_found", "detail": "endpoints: /metrics /healthz /readyz /config /reload /quotas"}),
+            &json!({"error": "not_found", "detail": "endpoints: /metrics /healthz /readyz /config /reload /quotas /breakers"}),
         ),
     }
 }

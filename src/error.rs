@@ -50,6 +50,8 @@ pub enum ErrorKind {
     ConcurrencyLimited { max: usize, waited: Duration },
     #[error("the quota store is unavailable and on_failure is deny")]
     StoreUnavailable,
+    #[error("circuit open: the upstream is failing; retry in {}", humantime::format_duration(Duration::from_secs(retry_after.as_secs().max(1))))]
+    BreakerOpen { retry_after: Duration },
     #[error("sluice is shutting down")]
     ShuttingDown,
     #[error("internal error: {detail}")]
@@ -64,7 +66,7 @@ impl ProxyError {
     /// When the caller may try again, for `Retry-After`.
     pub fn retry_after(&self) -> Option<Duration> {
         match self.kind {
-            ErrorKind::RateLimited { retry_after, .. } => Some(retry_after),
+            ErrorKind::RateLimited { retry_after, .. } | ErrorKind::BreakerOpen { retry_after } => Some(retry_after),
             ErrorKind::ConcurrencyLimited { .. } | ErrorKind::StoreUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -81,7 +83,9 @@ impl ProxyError {
             }
             ErrorKind::ConnectTimeout { .. } | ErrorKind::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::RateLimited { .. } | ErrorKind::ConcurrencyLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::StoreUnavailable | ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::StoreUnavailable | ErrorKind::ShuttingDown | ErrorKind::BreakerOpen { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorKind::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -100,6 +104,7 @@ impl ProxyError {
             ErrorKind::RateLimited { .. } => "rate_limited",
             ErrorKind::ConcurrencyLimited { .. } => "concurrency_limited",
             ErrorKind::StoreUnavailable => "store_unavailable",
+            ErrorKind::BreakerOpen { .. } => "circuit_open",
             ErrorKind::ShuttingDown => "shutting_down",
             ErrorKind::Internal { .. } => "internal_error",
         }
@@ -119,6 +124,7 @@ impl ProxyError {
             ErrorKind::ResponseTimeout { .. } => "http_response_timeout",
             ErrorKind::UpstreamProtocol { .. } => "http_protocol_error",
             ErrorKind::RateLimited { .. } | ErrorKind::ConcurrencyLimited { .. } => "http_request_denied",
+            ErrorKind::BreakerOpen { .. } => "destination_unavailable",
             ErrorKind::StoreUnavailable | ErrorKind::ShuttingDown | ErrorKind::Internal { .. } => {
                 "proxy_internal_error"
             }

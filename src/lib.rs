@@ -18,13 +18,15 @@
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod breaker;
 pub mod config;
 pub mod error;
-pub mod vendor;
 pub mod limit;
 pub mod listen;
 pub mod proxy;
 pub mod respond;
+pub mod retry;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod vendor;

@@ -86,6 +86,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Quota state and decisions; lives across reloads so buckets keep their state.
     pub limiter: Arc<Limiter>,
+    /// Circuit breakers by upstream; kept across reloads while their settings are unchanged.
+    pub breakers: Arc<crate::breaker::Breakers>,
+    pub retry_budgets: Arc<crate::retry::RetryBudgets>,
     /// Cancelled when shutdown starts: listeners stop accepting, connections drain.
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
@@ -104,10 +107,22 @@ impl Shared {
             current: ArcSwap::from_pointee(generation),
             metrics,
             limiter,
+            breakers: Arc::default(),
+            retry_budgets: Arc::default(),
             shutdown,
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),
         })
+    }
+
+    /// What the request stack's layers share.
+    pub fn stack_parts(&self) -> crate::proxy::stack::StackParts {
+        crate::proxy::stack::StackParts {
+            metrics: self.metrics.clone(),
+            limiter: self.limiter.clone(),
+            breakers: self.breakers.clone(),
+            budgets: self.retry_budgets.clone(),
+        }
     }
 
     /// The generation a new request runs on.

@@ -153,7 +153,7 @@ impl Default for LimitsFile {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamFile {
     /// Unique name: used in metrics, logs and error bodies.
@@ -192,6 +192,85 @@ pub struct UpstreamFile {
     /// Per-route token costs (`match: "POST /crm/v3/objects/{object}/batch/create", cost: 10`).
     #[serde(default)]
     pub routes: Vec<RouteFile>,
+    /// The vendor's rate-limit header dialect: `hubspot`, `salesforce`, `ietf`, `x-ratelimit`,
+    /// `github`, `dynamics`, `zendesk`, `none`; or `{ profile, reset, pause_at_remaining }`.
+    #[serde(default)]
+    pub limit_headers: LimitHeadersFile,
+    /// Retries of failed idempotent requests. Absent: no retries.
+    #[serde(default)]
+    pub retry: Option<RetryFile>,
+    /// Circuit breaker. Absent: no breaker.
+    #[serde(default)]
+    pub breaker: Option<BreakerFile>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum LimitHeadersFile {
+    Profile(crate::vendor::ProfileKind),
+    Detailed(LimitHeadersDetail),
+}
+
+impl Default for LimitHeadersFile {
+    fn default() -> Self {
+        LimitHeadersFile::Profile(crate::vendor::ProfileKind::None)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitHeadersDetail {
+    pub profile: crate::vendor::ProfileKind,
+    /// `x-ratelimit` only: whether the reset header counts seconds from now or epoch seconds.
+    #[serde(default)]
+    pub reset: crate::vendor::ResetUnit,
+    /// Pause all replicas once the vendor reports this many requests left (plus those in flight).
+    #[serde(default)]
+    pub pause_at_remaining: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryFile {
+    /// Tries in all, the first included (1 = no retries).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Base of the exponential backoff (full jitter).
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Retries allowed per ordinary request over a 10 s sliding window (0.2 = 20%).
+    #[serde(default = "default_budget")]
+    pub budget: f64,
+    /// Request bodies larger than this are streamed and never retried.
+    #[serde(default = "default_retry_body")]
+    pub max_body_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerFile {
+    /// Open when failures / requests over `window` reach this (once `min_requests` were seen).
+    #[serde(default = "default_failure_ratio")]
+    pub failure_ratio: f64,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    #[serde(default = "default_breaker_window", with = "humantime_serde")]
+    pub window: Duration,
+    /// Open after this many failures in a row, whatever the ratio.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u64,
+    #[serde(default = "default_open_for", with = "humantime_serde")]
+    pub open_for: Duration,
+    #[serde(default = "default_max_open_for", with = "humantime_serde")]
+    pub max_open_for: Duration,
+    /// Probes let through per half-open period.
+    #[serde(default = "default_half_open_requests")]
+    pub half_open_requests: u64,
+    /// Statuses that count as failures (connect errors and timeouts always do; 429 never).
+    #[serde(default = "default_failure_statuses")]
+    pub failure_statuses: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -296,6 +375,45 @@ fn default_max_keys() -> usize {
 }
 fn default_cost() -> u64 {
     1
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_budget() -> f64 {
+    0.2
+}
+fn default_retry_body() -> u64 {
+    64 * 1024
+}
+fn default_failure_ratio() -> f64 {
+    0.5
+}
+fn default_min_requests() -> u64 {
+    20
+}
+fn default_breaker_window() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_consecutive_failures() -> u64 {
+    5
+}
+fn default_open_for() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_open_for() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_half_open_requests() -> u64 {
+    3
+}
+fn default_failure_statuses() -> Vec<u16> {
+    vec![500, 502, 503, 504]
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use file::{FileConfig, InterceptFile, LimitsFile, ListenFile, OnFailure, OverLimit, StoreKind};
+pub use file::{
+    BreakerFile, FileConfig, InterceptFile, LimitsFile, ListenFile, OnFailure, OverLimit, RetryFile, StoreKind,
+};
 pub use policy::{Limits as UpstreamLimits, Quota, ScopeKey, Store, Window};
 pub use validate::{HostPattern, Scheme, Target, Upstream};
 

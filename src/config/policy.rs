@@ -9,8 +9,12 @@ use std::time::Duration;
 use http::header::HeaderName;
 use http::Method;
 
-use super::file::{OnFailure, OverLimit, QuotaFile, RouteFile, StoreFile, StoreKind, WindowKind};
+use super::file::{
+    BreakerFile, LimitHeadersFile, OnFailure, OverLimit, QuotaFile, RetryFile, RouteFile, StoreFile, StoreKind,
+    WindowKind,
+};
 use super::Problem;
+use crate::vendor::{ProfileKind, ResetUnit};
 
 /// One vendor quota, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,6 +340,64 @@ pub fn limits_of(
     routes: Vec<RouteCost>,
 ) -> Limits {
     Limits { quotas, over_limit, max_queue_wait, max_concurrency, routes }
+}
+
+/// How an upstream's responses are read for quota information (`limit_headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feedback {
+    pub profile: ProfileKind,
+    pub reset: ResetUnit,
+    pub pause_at_remaining: u64,
+}
+
+pub fn feedback_of(raw: &LimitHeadersFile) -> Feedback {
+    match raw {
+        LimitHeadersFile::Profile(profile) => {
+            Feedback { profile: *profile, reset: ResetUnit::default(), pause_at_remaining: 0 }
+        }
+        LimitHeadersFile::Detailed(detail) => {
+            Feedback { profile: detail.profile, reset: detail.reset, pause_at_remaining: detail.pause_at_remaining }
+        }
+    }
+}
+
+pub fn validate_retry(raw: &RetryFile, key: &str, problems: &mut Vec<Problem>) {
+    if raw.attempts == 0 || raw.attempts > 10 {
+        problems.push(Problem::new(format!("{key}.attempts"), "must be between 1 and 10 (it counts the first try)"));
+    }
+    if raw.backoff.is_zero() {
+        problems.push(Problem::new(format!("{key}.backoff"), "must be greater than 0"));
+    }
+    if raw.max_backoff < raw.backoff {
+        problems.push(Problem::new(format!("{key}.max_backoff"), "must be at least backoff"));
+    }
+    if !(raw.budget.is_finite() && raw.budget >= 0.0 && raw.budget <= 10.0) {
+        problems.push(Problem::new(format!("{key}.budget"), "must be between 0 and 10"));
+    }
+}
+
+pub fn validate_breaker(raw: &BreakerFile, key: &str, problems: &mut Vec<Problem>) {
+    if !(raw.failure_ratio.is_finite() && raw.failure_ratio > 0.0 && raw.failure_ratio <= 1.0) {
+        problems.push(Problem::new(format!("{key}.failure_ratio"), "must be in (0, 1]"));
+    }
+    if raw.window < Duration::from_secs(1) {
+        problems.push(Problem::new(format!("{key}.window"), "must be at least 1s"));
+    }
+    if raw.open_for.is_zero() {
+        problems.push(Problem::new(format!("{key}.open_for"), "must be greater than 0"));
+    }
+    if raw.max_open_for < raw.open_for {
+        problems.push(Problem::new(format!("{key}.max_open_for"), "must be at least open_for"));
+    }
+    if raw.half_open_requests == 0 {
+        problems.push(Problem::new(format!("{key}.half_open_requests"), "must be at least 1"));
+    }
+    if raw.consecutive_failures == 0 {
+        problems.push(Problem::new(format!("{key}.consecutive_failures"), "must be at least 1"));
+    }
+    if let Some(bad) = raw.failure_statuses.iter().find(|status| !(100..=599).contains(*status) || **status == 429) {
+        problems.push(Problem::new(format!("{key}.failure_statuses"), format!("{bad} cannot be a failure status")));
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use super::file::{FileConfig, UpstreamFile};
 use super::{Config, Problem};
 
 /// One vendor API that sluice proxies to, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub name: Arc<str>,
     pub hosts: Vec<HostPattern>,
@@ -26,6 +26,10 @@ pub struct Upstream {
     pub extra_ca: Option<PathBuf>,
     /// Quotas, queueing and route costs.
     pub limits: super::policy::Limits,
+    /// How to read the vendor's rate-limit headers.
+    pub feedback: super::policy::Feedback,
+    pub retry: Option<super::file::RetryFile>,
+    pub breaker: Option<super::file::BreakerFile>,
 }
 
 impl Upstream {
@@ -281,6 +285,12 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
     if raw.max_concurrency == Some(0) {
         problems.push(Problem::new(format!("{key}.max_concurrency"), "must be at least 1"));
     }
+    if let Some(retry) = &raw.retry {
+        super::policy::validate_retry(retry, &format!("{key}.retry"), problems);
+    }
+    if let Some(breaker) = &raw.breaker {
+        super::policy::validate_breaker(breaker, &format!("{key}.breaker"), problems);
+    }
     if problems.len() > before {
         return None;
     }
@@ -299,6 +309,9 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
         request_timeout: raw.timeouts.request,
         extra_ca: raw.tls.extra_ca.clone(),
         limits: super::policy::limits_of(quotas, raw.over_limit, raw.max_queue_wait, raw.max_concurrency, routes),
+        feedback: super::policy::feedback_of(&raw.limit_headers),
+        retry: raw.retry,
+        breaker: raw.breaker.clone(),
     })
 }
 

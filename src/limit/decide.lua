@@ -3,13 +3,14 @@
 --
 -- KEYS[i]  state of quota i: a string (the TAT, microseconds) for rolling windows,
 --          a hash {window start -> count} for fixed windows. All keys share one hash tag.
+-- KEYS[n+1] the vendor pause of this upstream and scope: "until" in microseconds, when set.
 -- ARGV[1]  longest wait the caller accepts (microseconds)
 -- ARGV[2]  "now" in microseconds, or 0 to use Redis TIME (tests pin it; production never does)
 -- ARGV[3]  number of quotas n, then 7 values per quota:
 --          kind (0 rolling, 1 fixed), cost, then
 --          rolling: interval, tolerance, -, -, -
 --          fixed:   limit, start0, start1, start2, start3 (four consecutive window starts)
--- Returns  {allowed (1|0), wait or retry-after (us), limiting quota (0-based),
+-- Returns  {allowed (1|0|2 paused), wait or retry-after (us), limiting quota (0-based),
 --           remaining_1, reset_in_1, ..., remaining_n, reset_in_n}
 
 local now = tonumber(ARGV[2])
@@ -86,6 +87,12 @@ local function standings(at, out)
     end
   end
   return out
+end
+
+-- A vendor pause holds everything, before any token is taken.
+local paused_until = tonumber(redis.call('GET', KEYS[n + 1]) or nil)
+if paused_until and paused_until > now then
+  return standings(now, { 2, paused_until - now, 0 })
 end
 
 local send_at = now

@@ -95,6 +95,8 @@ pub enum Decision {
     Allowed { wait: Micros, standings: Vec<Standing> },
     /// Nothing charged; `retry_after` is when it would conform; `limiting` the quota that said no.
     Rejected { retry_after: Micros, limiting: usize, standings: Vec<Standing> },
+    /// Nothing charged: the vendor asked every replica to hold off for `remaining` more.
+    Paused { remaining: Micros, standings: Vec<Standing> },
 }
 
 /// Earliest time >= `at` at which `cost` conforms to `rule` in `state`; `None` if never.
@@ -245,7 +247,7 @@ mod tests {
             .iter()
             .map(|&at| match decide(&[(rule, 1)], &mut state, at, max_wait) {
                 Decision::Allowed { wait, .. } => Some(at + wait),
-                Decision::Rejected { .. } => None,
+                Decision::Rejected { .. } | Decision::Paused { .. } => None,
             })
             .collect()
     }

@@ -18,6 +18,8 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct Buckets {
     states: HashMap<String, State>,
+    /// Vendor pauses: key -> until.
+    pauses: HashMap<String, Micros>,
     /// Decisions since the last sweep of full buckets.
     since_sweep: usize,
 }
@@ -26,10 +28,25 @@ struct Buckets {
 const SWEEP_EVERY: usize = 4096;
 
 impl MemoryStore {
-    pub fn decide(&self, keys: &[String], rules: &[(Rule, i64)], now: Micros, max_wait: Micros) -> Decision {
+    pub fn decide(
+        &self,
+        keys: &[String],
+        pause_key: &str,
+        rules: &[(Rule, i64)],
+        now: Micros,
+        max_wait: Micros,
+    ) -> Decision {
         let mut buckets = self.lock();
         let mut states: Vec<State> =
             keys.iter().map(|key| buckets.states.get(key).copied().unwrap_or_default()).collect();
+        if let Some(&until) = buckets.pauses.get(pause_key) {
+            if until > now {
+                let standings =
+                    rules.iter().zip(&states).map(|((rule, _), state)| gcra::standing(rule, state, now)).collect();
+                return Decision::Paused { remaining: until - now, standings };
+            }
+            buckets.pauses.remove(pause_key);
+        }
         let decision = gcra::decide(rules, &mut states, now, max_wait);
         if matches!(decision, Decision::Allowed { .. }) {
             for (key, state) in keys.iter().zip(states) {
@@ -40,8 +57,21 @@ impl MemoryStore {
         if buckets.since_sweep >= SWEEP_EVERY {
             buckets.since_sweep = 0;
             buckets.states.retain(|_, state| is_live(state, now));
+            buckets.pauses.retain(|_, until| *until > now);
         }
         decision
+    }
+
+    /// Extends the pause at `key` to `until` (never shortens it).
+    pub fn pause(&self, key: &str, until: Micros) {
+        let mut buckets = self.lock();
+        let entry = buckets.pauses.entry(key.to_owned()).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// When the pause at `key` ends, if it is in force.
+    pub fn paused_until(&self, key: &str, now: Micros) -> Option<Micros> {
+        self.lock().pauses.get(key).copied().filter(|until| *until > now)
     }
 
     /// Current states of `keys` (for `/quotas`).

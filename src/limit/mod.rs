@@ -52,6 +52,8 @@ pub struct Admission {
     pub rate_limit: Option<HeaderValue>,
     /// Whether this upstream is limited at all (then `Server-Timing` is reported).
     pub limited: bool,
+    /// Where a vendor pause for this request's upstream and scope is recorded.
+    pub pause_key: Option<String>,
 }
 
 /// How quota decisions are being made right now.
@@ -87,6 +89,10 @@ pub struct Limiter {
     local: MemoryStore,
     scopes: Mutex<HashMap<(Arc<str>, Arc<str>), ScopeTable>>,
     slots: Mutex<HashMap<Arc<str>, (usize, Arc<Semaphore>)>>,
+    /// Limits the vendor announced below the configured ones, by (upstream, quota).
+    vendor_limits: Mutex<HashMap<(Arc<str>, Arc<str>), u64>>,
+    /// Throttles in a row per upstream, for exponential backoff when the vendor gives no time.
+    throttle_streaks: Mutex<HashMap<Arc<str>, u32>>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 }
@@ -104,6 +110,8 @@ impl Limiter {
             local: MemoryStore::default(),
             scopes: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
+            vendor_limits: Mutex::new(HashMap::new()),
+            throttle_streaks: Mutex::new(HashMap::new()),
             metrics,
             stop,
             store,
@@ -140,7 +148,8 @@ impl Limiter {
         self.store.kind
     }
 
-    /// Admits a request to `upstream` or says why not. Waits (queues) within the allowed time.
+    /// Admits a request to `upstream` or says why not. Waits (queues) within the allowed time,
+    /// and gives up at once with 503 if `breaker_opened` fires while it waits.
     pub async fn admit(
         &self,
         upstream: &Upstream,
@@ -148,9 +157,10 @@ impl Limiter {
         path: &str,
         headers: &HeaderMap,
         peer: Option<SocketAddr>,
+        mut breaker_opened: Option<tokio::sync::watch::Receiver<u64>>,
     ) -> Result<Admission, ProxyError> {
         let limits = &upstream.limits;
-        if limits.quotas.is_empty() && limits.max_concurrency.is_none() {
+        if !watches_vendor(upstream) && limits.quotas.is_empty() && limits.max_concurrency.is_none() {
             return Ok(Admission::default());
         }
         let started = Instant::now();
@@ -164,42 +174,54 @@ impl Limiter {
         };
         let deadline = started + max_wait;
         let mut admission = Admission { limited: true, ..Admission::default() };
+        let name = Some(upstream.name.clone());
 
         if let Some(max) = limits.max_concurrency {
             let slots = self.slots(&upstream.name, max);
             let permit = match slots.clone().try_acquire_owned() {
                 Ok(permit) => permit,
-                Err(_) => match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
-                    Ok(Ok(permit)) => permit,
-                    _ => {
-                        return Err(ProxyError::new(
-                            ErrorKind::ConcurrencyLimited { max, waited: started.elapsed() },
-                            Some(upstream.name.clone()),
-                        ))
+                Err(_) => {
+                    let acquired = wait_or_open(
+                        tokio::time::timeout_at(deadline, slots.acquire_owned()),
+                        &mut breaker_opened,
+                        &name,
+                    )
+                    .await?;
+                    match acquired {
+                        Ok(Ok(permit)) => permit,
+                        _ => {
+                            return Err(ProxyError::new(
+                                ErrorKind::ConcurrencyLimited { max, waited: started.elapsed() },
+                                name,
+                            ))
+                        }
                     }
-                },
+                }
             };
             admission.permit = Some(permit);
         }
 
-        if !limits.quotas.is_empty() {
-            let cost = i64::try_from(limits.cost(method, path)).unwrap_or(i64::MAX);
-            let keys = self.bucket_keys(upstream, headers, peer);
+        let cost = i64::try_from(limits.cost(method, path)).unwrap_or(i64::MAX);
+        let (keys, pause_key) = self.bucket_keys(upstream, headers, peer);
+        // A pause can be re-armed while we sleep through it; three rounds is plenty, and bounded.
+        for _ in 0..3 {
             let remaining_wait = deadline.saturating_duration_since(Instant::now());
             let max_wait_us = i64::try_from(remaining_wait.as_micros()).unwrap_or(i64::MAX);
-            match self.decide(upstream, &keys, cost, max_wait_us).await? {
+            match self.decide(upstream, &keys, &pause_key, cost, max_wait_us).await? {
                 Some(Decision::Allowed { wait, standings }) => {
                     let result = if wait > 0 { "queued" } else { "allowed" };
                     for quota in &limits.quotas {
                         self.metrics.quota_decisions.with_label_values(&[&upstream.name, &quota.name, result]).inc();
                     }
                     if wait > 0 {
-                        tokio::time::sleep(Duration::from_micros(u64::try_from(wait).unwrap_or(0))).await;
+                        let sleep = tokio::time::sleep(Duration::from_micros(u64::try_from(wait).unwrap_or(0)));
+                        wait_or_open(sleep, &mut breaker_opened, &name).await?;
                     }
                     admission.rate_limit = headers::rate_limit(&limits.quotas, &standings);
+                    break;
                 }
                 Some(Decision::Rejected { retry_after, limiting, standings }) => {
-                    let quota = &limits.quotas[limiting.min(limits.quotas.len() - 1)];
+                    let quota = &limits.quotas[limiting.min(limits.quotas.len().saturating_sub(1))];
                     self.metrics.quota_decisions.with_label_values(&[&upstream.name, &quota.name, "rejected"]).inc();
                     let retry_after = Duration::from_micros(u64::try_from(retry_after).unwrap_or(0));
                     return Err(ProxyError::new(
@@ -209,21 +231,159 @@ impl Limiter {
                             rate_limit: headers::rate_limit(&limits.quotas, &standings),
                             policy: headers::rate_limit_policy(&limits.quotas),
                         },
-                        Some(upstream.name.clone()),
+                        name,
                     ));
                 }
-                None => {}
+                Some(Decision::Paused { remaining, standings }) => {
+                    // Released after the pause with positive-only jitter, then paced by the
+                    // bucket: never early, never everyone at the reset instant.
+                    let remaining = Duration::from_micros(u64::try_from(remaining).unwrap_or(0));
+                    let spread = (remaining / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    let hold = remaining + spread.mul_f64(rand::random::<f64>());
+                    if Instant::now() + hold > deadline {
+                        self.metrics.quota_decisions.with_label_values(&[&upstream.name, "vendor", "rejected"]).inc();
+                        return Err(ProxyError::new(
+                            ErrorKind::RateLimited {
+                                quota: "vendor".to_owned(),
+                                retry_after: remaining,
+                                rate_limit: headers::rate_limit(&limits.quotas, &standings),
+                                policy: headers::rate_limit_policy(&limits.quotas),
+                            },
+                            name,
+                        ));
+                    }
+                    self.metrics.quota_decisions.with_label_values(&[&upstream.name, "vendor", "queued"]).inc();
+                    wait_or_open(tokio::time::sleep(hold), &mut breaker_opened, &name).await?;
+                }
+                None => break,
             }
         }
+        admission.pause_key = Some(pause_key);
         admission.queued = started.elapsed();
         self.metrics.quota_queue_wait.with_label_values(&[&upstream.name]).observe(admission.queued.as_secs_f64());
         Ok(admission)
     }
 
+    /// Records a vendor pause for every replica (store) and this one (memory), never shortening one.
+    pub async fn pause(&self, upstream: &Upstream, pause_key: &str, hold: Duration, reason: &str) {
+        if hold.is_zero() {
+            return;
+        }
+        let hold_us = i64::try_from(hold.as_micros()).unwrap_or(i64::MAX / 4);
+        self.local.pause(pause_key, now_micros().saturating_add(hold_us));
+        self.metrics.vendor_pauses.with_label_values(&[&upstream.name, reason]).inc();
+        tracing::info!(upstream = &*upstream.name, reason, hold_ms = hold.as_millis() as u64, "Vendor pause recorded.");
+        if let (Some(redis), Mode::Shared) = (&self.redis, self.mode()) {
+            match tokio::time::timeout(self.store.timeout * 2, redis.pause(pause_key, hold_us)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => self.degrade(&error.to_string(), error.kind()),
+                Err(_) => self.degrade("pause write timed out", "timeout"),
+            }
+        }
+    }
+
+    /// The next backoff for a throttle with no stated end: full jitter over an exponential cap.
+    pub fn backoff(&self, upstream: &Upstream) -> Duration {
+        let streak = {
+            let mut streaks = self.throttle_streaks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let streak = streaks.entry(upstream.name.clone()).or_insert(0);
+            *streak = streak.saturating_add(1);
+            *streak
+        };
+        let (base, cap) = match &upstream.retry {
+            Some(retry) => (retry.backoff, retry.max_backoff.max(retry.backoff)),
+            None => (Duration::from_secs(1), Duration::from_secs(60)),
+        };
+        let ceiling = base.saturating_mul(1u32 << streak.min(16)).min(cap);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+
+    /// A success from the vendor ends a throttle streak.
+    pub fn vendor_ok(&self, upstream: &Upstream) {
+        let mut streaks = self.throttle_streaks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(streak) = streaks.get_mut(&upstream.name) {
+            *streak = 0;
+        }
+    }
+
+    /// The vendor said its limit for a window: follow it down, and back up to the configured one.
+    pub fn vendor_limit(&self, upstream: &Upstream, window: Option<Duration>, name: &str, limit: u64) {
+        let single = upstream.limits.quotas.len() == 1;
+        let quota = upstream.limits.quotas.iter().find(|quota| {
+            *quota.name == *name
+                || window.is_some_and(|window| window == quota.per)
+                || (single && window.is_none() && matches!(quota.window, Window::Rolling))
+        });
+        let Some(quota) = quota else { return };
+        let key = (upstream.name.clone(), quota.name.clone());
+        let mut limits = self.vendor_limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if limit > 0 && limit < quota.limit {
+            if limits.insert(key, limit) != Some(limit) {
+                tracing::info!(
+                    upstream = &*upstream.name,
+                    quota = &*quota.name,
+                    configured = quota.limit,
+                    vendor = limit,
+                    "Vendor reports a lower limit; following it."
+                );
+                self.metrics
+                    .effective_limit
+                    .with_label_values(&[&upstream.name, &quota.name])
+                    .set(i64::try_from(limit).unwrap_or(i64::MAX));
+            }
+        } else if limits.remove(&key).is_some() {
+            tracing::info!(
+                upstream = &*upstream.name,
+                quota = &*quota.name,
+                limit = quota.limit,
+                "Vendor limit back at the configured one."
+            );
+            self.metrics
+                .effective_limit
+                .with_label_values(&[&upstream.name, &quota.name])
+                .set(i64::try_from(quota.limit).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Quotas as they apply now: configured limits, lowered where the vendor said so.
+    fn effective_quotas(&self, upstream: &Upstream) -> std::borrow::Cow<'_, [Quota]> {
+        let limits = self.vendor_limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if limits.is_empty()
+            || !upstream.limits.quotas.iter().any(|q| limits.contains_key(&(upstream.name.clone(), q.name.clone())))
+        {
+            return std::borrow::Cow::Owned(upstream.limits.quotas.clone());
+        }
+        std::borrow::Cow::Owned(
+            upstream
+                .limits
+                .quotas
+                .iter()
+                .map(|quota| match limits.get(&(upstream.name.clone(), quota.name.clone())) {
+                    Some(&vendor) => {
+                        let mut lowered = quota.clone();
+                        lowered.burst = ((quota.burst as u128 * vendor as u128 / quota.limit.max(1) as u128) as u64)
+                            .clamp(1, vendor);
+                        lowered.limit = vendor;
+                        lowered
+                    }
+                    None => quota.clone(),
+                })
+                .collect(),
+        )
+    }
+
     /// The bucket key of each quota for this request, recording scope use (and evictions).
-    fn bucket_keys(&self, upstream: &Upstream, headers: &HeaderMap, peer: Option<SocketAddr>) -> Vec<String> {
+    fn bucket_keys(&self, upstream: &Upstream, headers: &HeaderMap, peer: Option<SocketAddr>) -> (Vec<String>, String) {
+        // The vendor's pause applies to the scope of the first quota (the vendor account the
+        // request is made for), or the whole upstream when quotas are unscoped.
+        let pause_scope = upstream
+            .limits
+            .quotas
+            .first()
+            .map_or_else(|| QuotaKey("_all".to_owned()), |quota| scope::quota_key(&quota.scope, headers, peer));
+        let pause_key = format!("{}:{{{}}}:pause:{}", self.store.key_prefix, upstream.name, pause_scope.0);
         let mut scopes = self.scopes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        upstream
+        let keys = upstream
             .limits
             .quotas
             .iter()
@@ -240,7 +400,8 @@ impl Limiter {
                 }
                 self.bucket_key(upstream, quota, &key)
             })
-            .collect()
+            .collect();
+        (keys, pause_key)
     }
 
     fn bucket_key(&self, upstream: &Upstream, quota: &Quota, key: &QuotaKey) -> String {
@@ -252,14 +413,23 @@ impl Limiter {
         &self,
         upstream: &Upstream,
         keys: &[String],
+        pause_key: &str,
         cost: i64,
         max_wait: Micros,
     ) -> Result<Option<Decision>, ProxyError> {
         let now = now_micros();
+        let quotas = self.effective_quotas(upstream);
+        // This replica's own record of a pause holds even if the store write failed.
+        if let Some(until) = self.local.paused_until(pause_key, now) {
+            let rules = rules(&quotas, cost, now, 1);
+            let standings = rules.iter().map(|(rule, _)| gcra::standing(rule, &gcra::State::Empty, now)).collect();
+            return Ok(Some(Decision::Paused { remaining: until - now, standings }));
+        }
         if let (Some(redis), false) = (&self.redis, self.degraded.load(Ordering::Acquire)) {
-            let rules = rules(&upstream.limits.quotas, cost, now, 1);
+            let rules = rules(&quotas, cost, now, 1);
             let started = Instant::now();
-            let result = tokio::time::timeout(self.store.timeout, redis.decide(keys, &rules, max_wait, 0)).await;
+            let result =
+                tokio::time::timeout(self.store.timeout, redis.decide(keys, pause_key, &rules, max_wait, 0)).await;
             self.metrics.store_latency.observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(Ok(decision)) => return Ok(Some(decision)),
@@ -269,13 +439,13 @@ impl Limiter {
         }
         match self.mode() {
             Mode::Memory => {
-                let rules = rules(&upstream.limits.quotas, cost, now, 1);
-                Ok(Some(self.local.decide(keys, &rules, now, max_wait)))
+                let rules = rules(&quotas, cost, now, 1);
+                Ok(Some(self.local.decide(keys, pause_key, &rules, now, max_wait)))
             }
             Mode::Shared | Mode::Degraded(OnFailure::Local) => {
-                let rules = rules(&upstream.limits.quotas, cost, now, self.replicas());
+                let rules = rules(&quotas, cost, now, self.replicas());
                 let local_keys: Vec<String> = keys.iter().map(|key| format!("local:{key}")).collect();
-                Ok(Some(self.local.decide(&local_keys, &rules, now, max_wait)))
+                Ok(Some(self.local.decide(&local_keys, pause_key, &rules, now, max_wait)))
             }
             Mode::Degraded(OnFailure::Allow) => Ok(None),
             Mode::Degraded(OnFailure::Deny) => {
@@ -443,6 +613,33 @@ impl Limiter {
                 self.local.peek(&local)
             }
             (None, _) => self.local.peek(keys),
+        }
+    }
+}
+
+/// Whether sluice acts on this upstream's responses (pauses): it has quotas or a header profile.
+pub fn watches_vendor(upstream: &Upstream) -> bool {
+    upstream.feedback.profile != crate::vendor::ProfileKind::None || !upstream.limits.quotas.is_empty()
+}
+
+/// Runs `wait` unless the breaker opens first, in which case the request is answered at once.
+async fn wait_or_open<F: std::future::Future>(
+    wait: F,
+    breaker_opened: &mut Option<tokio::sync::watch::Receiver<u64>>,
+    upstream: &Option<Arc<str>>,
+) -> Result<F::Output, ProxyError> {
+    match breaker_opened {
+        None => Ok(wait.await),
+        Some(opened) => {
+            tokio::pin!(wait);
+            tokio::select! {
+                output = &mut wait => Ok(output),
+                changed = opened.changed() => match changed {
+                    Ok(()) => Err(ProxyError::new(ErrorKind::BreakerOpen { retry_after: Duration::from_secs(1) }, upstream.clone())),
+                    // The breaker went away (a reload replaced it): finish the wait without it.
+                    Err(_) => Ok(wait.await),
+                },
+            }
         }
     }
 }

@@ -39,6 +39,18 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 return redis.call('ZCARD', KEYS[1])
 ";
 
+const PAUSE_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local until_at = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or nil)
+if until_at > now and (current == nil or until_at > current) then
+  redis.call('SET', KEYS[1], string.format('%.0f', until_at), 'PX', math.ceil((until_at - now) / 1000) + 1000)
+  return 1
+end
+return 0
+";
+
 /// Why a Redis call failed; the limiter then applies `on_failure`.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -75,6 +87,7 @@ pub struct RedisStore {
     conn: ArcSwapOption<Conn>,
     decide: redis::Script,
     heartbeat: redis::Script,
+    pause: redis::Script,
     replica_id: String,
     replicas: AtomicU64,
 }
@@ -88,6 +101,7 @@ impl RedisStore {
             conn: ArcSwapOption::empty(),
             decide: redis::Script::new(DECIDE_SCRIPT),
             heartbeat: redis::Script::new(HEARTBEAT_SCRIPT),
+            pause: redis::Script::new(PAUSE_SCRIPT),
             replica_id,
             replicas: AtomicU64::new(1),
         })
@@ -135,6 +149,7 @@ impl RedisStore {
     pub async fn decide(
         &self,
         keys: &[String],
+        pause_key: &str,
         rules: &[(Rule, i64)],
         max_wait: Micros,
         now_override: Micros,
@@ -144,6 +159,7 @@ impl RedisStore {
         for key in keys {
             invocation.key(key);
         }
+        invocation.key(pause_key);
         invocation.arg(max_wait).arg(now_override).arg(rules.len());
         for (rule, cost) in rules {
             match rule {
@@ -167,6 +183,19 @@ impl RedisStore {
             Conn::Cluster(cluster) => invocation.invoke_async(&mut cluster.clone()).await?,
         };
         parse_reply(&reply, rules.len()).ok_or(StoreError::BadReply)
+    }
+
+    /// Extends the vendor pause at `key` to `for_micros` from now in Redis time (never shortens
+    /// it: the longest word wins).
+    pub async fn pause(&self, key: &str, for_micros: Micros) -> Result<(), StoreError> {
+        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let mut invocation = self.pause.prepare_invoke();
+        invocation.key(key).arg(for_micros);
+        let _: i64 = match &*conn {
+            Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await?,
+            Conn::Cluster(cluster) => invocation.invoke_async(&mut cluster.clone()).await?,
+        };
+        Ok(())
     }
 
     /// Reads raw states for `/quotas`: TATs of rolling buckets (fixed ones report their hash).
@@ -270,6 +299,7 @@ fn parse_reply(reply: &[i64], quotas: usize) -> Option<Decision> {
     let limiting = usize::try_from(reply[2]).ok()?;
     Some(match reply[0] {
         1 => Decision::Allowed { wait: reply[1], standings },
+        2 => Decision::Paused { remaining: reply[1], standings },
         _ => Decision::Rejected { retry_after: reply[1], limiting, standings },
     })
 }

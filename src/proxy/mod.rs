@@ -41,7 +41,7 @@ pub struct ProxyService {
 
 impl ProxyService {
     pub fn new(shared: Arc<Shared>, conn: ClientConn) -> Self {
-        let stack = stack::http_stack(shared.metrics.clone(), shared.limiter.clone());
+        let stack = stack::http_stack(shared.stack_parts());
         Self { shared, conn: Arc::new(conn), stack }
     }
 }

@@ -1,7 +1,7 @@
 //! THE journey of an HTTP request through sluice, outermost layer first:
 //!
 //! ```text
-//! accept (listen) -> Observe -> Respond -> Route -> Limit -> [breaker -> batch: later] -> Forward
+//! accept (listen) -> Observe -> Respond -> Route -> Retry -> Breaker -> Limit -> Feedback -> Forward
 //! ```
 //!
 //! Each layer is a small tower service with one job; they share nothing but request extensions
@@ -23,12 +23,15 @@ use tracing::Instrument;
 use super::headers;
 use super::route::{Routed, Via};
 use crate::body::ProxyBody;
+use crate::breaker::{BreakerGate, BreakerHandle, BreakerLayer, Breakers};
 use crate::error::{ErrorKind, ProxyError};
 use crate::limit::{self, Limiter};
 use crate::respond;
+use crate::retry::{Retry, RetryBudgets, RetryLayer};
 use crate::state::Generation;
 use crate::telemetry::metrics::{method_label, status_class, NO_UPSTREAM};
 use crate::telemetry::Metrics;
+use crate::vendor::feedback::{Feedback, FeedbackLayer, PauseKey};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -37,10 +40,20 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub struct UpstreamName(pub Arc<str>);
 
 /// The whole HTTP stack for one request; cheap to clone.
-pub type HttpStack = Observe<Respond<Route<Limit<Forward>>>>;
+pub type HttpStack = Observe<Respond<Route<Retry<BreakerGate<Limit<Feedback<Forward>>>>>>>;
+
+/// What the stack's layers share across requests (and reloads).
+#[derive(Clone)]
+pub struct StackParts {
+    pub metrics: Arc<Metrics>,
+    pub limiter: Arc<Limiter>,
+    pub breakers: Arc<Breakers>,
+    pub budgets: Arc<RetryBudgets>,
+}
 
 /// Builds the journey. The order is the contract; each line says why it stands where it does.
-pub fn http_stack(metrics: Arc<Metrics>, limiter: Arc<Limiter>) -> HttpStack {
+pub fn http_stack(parts: StackParts) -> HttpStack {
+    let StackParts { metrics, limiter, breakers, budgets } = parts;
     ServiceBuilder::new()
         // Outermost: sees every final response, synthetic ones included, for metrics and logs,
         // and gives each request its id before anything else can log.
@@ -49,9 +62,16 @@ pub fn http_stack(metrics: Arc<Metrics>, limiter: Arc<Limiter>) -> HttpStack {
         .layer(RespondLayer { metrics: metrics.clone() })
         // Resolves the upstream once; later layers read `Routed`, never the raw request target.
         .layer(RouteLayer)
+        // Retries wrap everything per attempt below: each retry passes the breaker again, takes
+        // its own quota token, and waits out a vendor pause like any request.
+        .layer(RetryLayer { metrics: metrics.clone(), breakers: breakers.clone(), budgets })
+        // Before the limiter: an open circuit answers at once and spends no quota token.
+        .layer(BreakerLayer { breakers, metrics: metrics.clone() })
         // Quotas and concurrency per upstream: waits (queues) or refuses before any upstream
         // work, and reports the caller's standing in `RateLimit` and `Server-Timing`.
-        .layer(LimitLayer { limiter })
+        .layer(LimitLayer { limiter: limiter.clone() })
+        // Every attempt's response is read for the vendor's own quota signals (pauses, limits).
+        .layer(FeedbackLayer { limiter, metrics: metrics.clone() })
         // Innermost: the pooled client call, timed per attempt.
         .service(Forward { metrics })
 }
@@ -313,7 +333,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ProxyBody>) -> Self::Future {
         // The inner service is called after the wait; take the one that was made ready.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -326,7 +346,12 @@ where
             let upstream = routed.upstream.clone();
             let path = routed.uri.path().to_owned();
             let peer = request.extensions().get::<std::net::SocketAddr>().copied();
-            let admission = limiter.admit(&upstream, request.method(), &path, request.headers(), peer).await?;
+            let opened = request.extensions().get::<BreakerHandle>().map(|handle| handle.0.opened());
+            let mut admission =
+                limiter.admit(&upstream, request.method(), &path, request.headers(), peer, opened).await?;
+            if let Some(key) = admission.pause_key.take() {
+                request.extensions_mut().insert(PauseKey(key));
+            }
             let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(inner.call(request));
             let mut response = response.await?;
             if admission.limited {

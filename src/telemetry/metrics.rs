@@ -53,6 +53,26 @@ pub struct Metrics {
     pub replicas: IntGauge,
     /// Scope values evicted from a quota's bounded key table.
     pub scope_evictions: IntCounterVec,
+    /// Vendor pauses recorded, by upstream and reason (`retry_after`, `profile`, `backoff`, `remaining`).
+    pub vendor_pauses: IntCounterVec,
+    /// Limit in force where the vendor announced a lower one, by upstream and quota.
+    pub effective_limit: IntGaugeVec,
+    /// Requests left in a vendor window, as the vendor last reported, by upstream and window.
+    pub vendor_remaining: IntGaugeVec,
+    /// Vendor rate-limit headers present but unparseable, by upstream.
+    pub vendor_header_errors: IntCounterVec,
+    /// Vendor refusals for quota reasons, by upstream and class.
+    pub vendor_throttles: IntCounterVec,
+    /// Retries sent, by upstream and reason.
+    pub retries: IntCounterVec,
+    /// Retries not sent because the budget was spent, by upstream.
+    pub retry_budget_exhausted: IntCounterVec,
+    /// Breaker state by upstream: 0 closed, 1 half-open, 2 open.
+    pub breaker_state: IntGaugeVec,
+    /// Breaker transitions by upstream, from and to.
+    pub breaker_transitions: IntCounterVec,
+    /// Requests answered by an open breaker without an upstream call.
+    pub breaker_short_circuits: IntCounterVec,
 }
 
 impl Metrics {
@@ -138,6 +158,56 @@ impl Metrics {
                 &["upstream", "quota"],
             )
             .expect("static metric definition"),
+            vendor_pauses: IntCounterVec::new(
+                Opts::new("sluice_vendor_pauses_total", "Vendor pauses recorded, by upstream and reason."),
+                &["upstream", "reason"],
+            )
+            .expect("static metric definition"),
+            effective_limit: IntGaugeVec::new(
+                Opts::new("sluice_quota_effective_limit", "Quota limit in force after the vendor's announcements."),
+                &["upstream", "quota"],
+            )
+            .expect("static metric definition"),
+            vendor_remaining: IntGaugeVec::new(
+                Opts::new("sluice_vendor_remaining", "Requests left in a vendor window, as last reported."),
+                &["upstream", "window"],
+            )
+            .expect("static metric definition"),
+            vendor_header_errors: IntCounterVec::new(
+                Opts::new("sluice_vendor_header_errors_total", "Vendor rate-limit headers that could not be parsed."),
+                &["upstream"],
+            )
+            .expect("static metric definition"),
+            vendor_throttles: IntCounterVec::new(
+                Opts::new("sluice_vendor_throttles_total", "Vendor refusals for quota reasons, by class."),
+                &["upstream", "class"],
+            )
+            .expect("static metric definition"),
+            retries: IntCounterVec::new(
+                Opts::new("sluice_retries_total", "Retries sent, by upstream and reason."),
+                &["upstream", "reason"],
+            )
+            .expect("static metric definition"),
+            retry_budget_exhausted: IntCounterVec::new(
+                Opts::new("sluice_retry_budget_exhausted_total", "Retries not sent: budget spent."),
+                &["upstream"],
+            )
+            .expect("static metric definition"),
+            breaker_state: IntGaugeVec::new(
+                Opts::new("sluice_breaker_state", "Breaker state: 0 closed, 1 half-open, 2 open."),
+                &["upstream"],
+            )
+            .expect("static metric definition"),
+            breaker_transitions: IntCounterVec::new(
+                Opts::new("sluice_breaker_transitions_total", "Breaker transitions by from and to."),
+                &["upstream", "from", "to"],
+            )
+            .expect("static metric definition"),
+            breaker_short_circuits: IntCounterVec::new(
+                Opts::new("sluice_breaker_short_circuited_total", "Requests refused by an open breaker."),
+                &["upstream"],
+            )
+            .expect("static metric definition"),
             registry,
         };
         metrics.register_all();
@@ -168,6 +238,16 @@ impl Metrics {
             Box::new(self.store_degraded.clone()),
             Box::new(self.replicas.clone()),
             Box::new(self.scope_evictions.clone()),
+            Box::new(self.vendor_pauses.clone()),
+            Box::new(self.effective_limit.clone()),
+            Box::new(self.vendor_remaining.clone()),
+            Box::new(self.vendor_header_errors.clone()),
+            Box::new(self.vendor_throttles.clone()),
+            Box::new(self.retries.clone()),
+            Box::new(self.retry_budget_exhausted.clone()),
+            Box::new(self.breaker_state.clone()),
+            Box::new(self.breaker_transitions.clone()),
+            Box::new(self.breaker_short_circuits.clone()),
         ];
         for collector in collectors {
             self.registry.register(collector).expect("each metric is registered once");

@@ -43,7 +43,8 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("x-ms-ratelimit-burst-remaining-xrm-requests", "5999".parse().unwrap());
         headers.insert("x-ms-ratelimit-time-remaining-xrm-requests", "1,199".parse().unwrap());
-        let observation = parse(&Response { status: http::StatusCode::OK, headers: &headers, body: None, now: SystemTime::now() });
+        let observation =
+            parse(&Response { status: http::StatusCode::OK, headers: &headers, body: None, now: SystemTime::now() });
         assert_eq!(observation.windows[0].remaining, Some(5999));
         assert_eq!(observation.malformed, 1);
     }

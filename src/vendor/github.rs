@@ -59,10 +59,16 @@ mod tests {
 
         headers.insert("x-ratelimit-remaining", "10".parse().unwrap());
         let body = b"{\"message\":\"You have exceeded a secondary rate limit.\"}";
-        let secondary = parse(&Response { status: http::StatusCode::FORBIDDEN, headers: &headers, body: Some(body), now });
+        let secondary =
+            parse(&Response { status: http::StatusCode::FORBIDDEN, headers: &headers, body: Some(body), now });
         assert_eq!(secondary.throttle.unwrap().pause, Some(Duration::from_secs(60)));
 
-        let denied = parse(&Response { status: http::StatusCode::FORBIDDEN, headers: &headers, body: Some(b"{\"message\":\"Not allowed\"}"), now });
+        let denied = parse(&Response {
+            status: http::StatusCode::FORBIDDEN,
+            headers: &headers,
+            body: Some(b"{\"message\":\"Not allowed\"}"),
+            now,
+        });
         assert!(denied.throttle.is_none());
     }
 }

@@ -94,7 +94,10 @@ mod tests {
     #[test]
     fn ten_secondly_429_pauses_for_the_interval() {
         let observation = parse_fixture("hubspot/429.response.json");
-        assert_eq!(observation.throttle, Some(Throttle { class: ThrottleClass::Burst, pause: Some(Duration::from_secs(10)) }));
+        assert_eq!(
+            observation.throttle,
+            Some(Throttle { class: ThrottleClass::Burst, pause: Some(Duration::from_secs(10)) })
+        );
         assert_eq!(observation.windows[0].remaining, Some(0));
     }
 
@@ -102,7 +105,12 @@ mod tests {
     fn daily_429_has_no_known_end() {
         let headers = http::HeaderMap::new();
         let body = br#"{"status":"error","message":"You have reached your daily limit.","errorType":"RATE_LIMIT","policyName":"DAILY"}"#;
-        let response = Response { status: http::StatusCode::TOO_MANY_REQUESTS, headers: &headers, body: Some(body), now: SystemTime::now() };
+        let response = Response {
+            status: http::StatusCode::TOO_MANY_REQUESTS,
+            headers: &headers,
+            body: Some(body),
+            now: SystemTime::now(),
+        };
         assert_eq!(parse(&response).throttle, Some(Throttle { class: ThrottleClass::Daily, pause: None }));
     }
 

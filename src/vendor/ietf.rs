@@ -24,7 +24,9 @@ pub fn parse(response: &Response<'_>) -> Observation {
 
     if let Some(text) = &limit_text {
         if let Ok(list) = Parser::new(text).parse::<List>() {
-            let named = list.iter().any(|entry| matches!(entry, ListEntry::Item(item) if matches!(item.bare_item, BareItem::String(_))));
+            let named = list
+                .iter()
+                .any(|entry| matches!(entry, ListEntry::Item(item) if matches!(item.bare_item, BareItem::String(_))));
             if named {
                 observation.windows = named_windows(&list, policy_text.as_deref(), &mut observation.malformed);
             }
@@ -112,7 +114,9 @@ fn named_windows(limits: &List, policy_text: Option<&str>, malformed: &mut u32) 
                 window.remaining = remaining;
                 window.reset_in = reset_in;
             }
-            None => windows.push(VendorWindow { name: name.to_owned(), remaining, reset_in, ..VendorWindow::default() }),
+            None => {
+                windows.push(VendorWindow { name: name.to_owned(), remaining, reset_in, ..VendorWindow::default() })
+            }
         }
     }
     windows.retain(|window| window.remaining.is_some() || window.limit.is_some());
@@ -146,33 +150,46 @@ mod tests {
         for (name, value) in pairs {
             headers.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
         }
-        parse(&Response { status: http::StatusCode::from_u16(status).unwrap(), headers: &headers, body: None, now: SystemTime::now() })
+        parse(&Response {
+            status: http::StatusCode::from_u16(status).unwrap(),
+            headers: &headers,
+            body: None,
+            now: SystemTime::now(),
+        })
     }
 
     #[test]
     fn draft_10_named_lists() {
-        let observation = observe(200, &[
-            ("ratelimit-policy", r#""burst";q=100;w=60,"daily";q=1000;w=86400"#),
-            ("ratelimit", r#""burst";r=50;t=30"#),
-            ("ratelimit", r#""daily";r=900;t=3600"#),
-        ]);
+        let observation = observe(
+            200,
+            &[
+                ("ratelimit-policy", r#""burst";q=100;w=60,"daily";q=1000;w=86400"#),
+                ("ratelimit", r#""burst";r=50;t=30"#),
+                ("ratelimit", r#""daily";r=900;t=3600"#),
+            ],
+        );
         assert_eq!(observation.malformed, 0);
         assert_eq!(observation.windows.len(), 2);
-        assert_eq!(observation.windows[0], VendorWindow {
-            name: "burst".into(),
-            limit: Some(100),
-            remaining: Some(50),
-            reset_in: Some(Duration::from_secs(30)),
-            window: Some(Duration::from_secs(60)),
-        });
+        assert_eq!(
+            observation.windows[0],
+            VendorWindow {
+                name: "burst".into(),
+                limit: Some(100),
+                remaining: Some(50),
+                reset_in: Some(Duration::from_secs(30)),
+                window: Some(Duration::from_secs(60)),
+            }
+        );
     }
 
     #[test]
     fn draft_07_dictionary_and_06_triple() {
-        let observation = observe(200, &[("ratelimit", "limit=100, remaining=0, reset=5"), ("ratelimit-policy", "100;w=10")]);
+        let observation =
+            observe(200, &[("ratelimit", "limit=100, remaining=0, reset=5"), ("ratelimit-policy", "100;w=10")]);
         assert_eq!(observation.windows[0].remaining, Some(0));
         assert_eq!(observation.windows[0].window, Some(Duration::from_secs(10)));
-        let observation = observe(429, &[("ratelimit-limit", "10"), ("ratelimit-remaining", "0"), ("ratelimit-reset", "7")]);
+        let observation =
+            observe(429, &[("ratelimit-limit", "10"), ("ratelimit-remaining", "0"), ("ratelimit-reset", "7")]);
         assert_eq!(observation.throttle.unwrap().pause, Some(Duration::from_secs(7)));
     }
 

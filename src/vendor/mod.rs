@@ -7,6 +7,7 @@
 //! Parsing never fails: an unparseable header is counted in `malformed` and ignored.
 
 pub mod dynamics;
+pub mod feedback;
 pub mod github;
 pub mod hubspot;
 pub mod ietf;
@@ -273,8 +274,12 @@ mod tests {
     #[test]
     fn generic_throttle_on_429_and_503() {
         let map = headers(&[("retry-after", "3")]);
-        let response = Response { status: StatusCode::SERVICE_UNAVAILABLE, headers: &map, body: None, now: SystemTime::now() };
+        let response =
+            Response { status: StatusCode::SERVICE_UNAVAILABLE, headers: &map, body: None, now: SystemTime::now() };
         let observation = observe(ProfileKind::None, ResetUnit::Seconds, &response);
-        assert_eq!(observation.throttle, Some(Throttle { class: ThrottleClass::Unknown, pause: Some(Duration::from_secs(3)) }));
+        assert_eq!(
+            observation.throttle,
+            Some(Throttle { class: ThrottleClass::Unknown, pause: Some(Duration::from_secs(3)) })
+        );
     }
 }

@@ -61,7 +61,8 @@ mod tests {
 
     #[test]
     fn usage_header_from_fixture() {
-        let (status, headers, body) = fixtures::response("salesforce/collections-create.response.success.json").unwrap();
+        let (status, headers, body) =
+            fixtures::response("salesforce/collections-create.response.success.json").unwrap();
         let observation = parse(&Response { status, headers: &headers, body: Some(&body), now: SystemTime::now() });
         assert_eq!(observation.windows[0].name, "api-usage");
         assert_eq!(observation.windows[0].limit, Some(100_000));
@@ -79,9 +80,17 @@ mod tests {
     #[test]
     fn other_403_is_not_a_throttle_and_odd_usage_parses() {
         let mut headers = http::HeaderMap::new();
-        headers.insert("sforce-limit-info", "api-usage=18/5000; per-app-api-usage=17/250(appName=x); junk".parse().unwrap());
+        headers.insert(
+            "sforce-limit-info",
+            "api-usage=18/5000; per-app-api-usage=17/250(appName=x); junk".parse().unwrap(),
+        );
         let body = br#"[{"message":"no access","errorCode":"INSUFFICIENT_ACCESS"}]"#;
-        let observation = parse(&Response { status: http::StatusCode::FORBIDDEN, headers: &headers, body: Some(body), now: SystemTime::now() });
+        let observation = parse(&Response {
+            status: http::StatusCode::FORBIDDEN,
+            headers: &headers,
+            body: Some(body),
+            now: SystemTime::now(),
+        });
         assert!(observation.throttle.is_none());
         assert_eq!(observation.windows.len(), 2);
         assert_eq!(observation.windows[1].remaining, Some(233));
@@ -92,7 +101,12 @@ mod tests {
     fn concurrent_limit_is_concurrency() {
         let headers = http::HeaderMap::new();
         let body = br#"[{"message":"ConcurrentRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#;
-        let observation = parse(&Response { status: http::StatusCode::FORBIDDEN, headers: &headers, body: Some(body), now: SystemTime::now() });
+        let observation = parse(&Response {
+            status: http::StatusCode::FORBIDDEN,
+            headers: &headers,
+            body: Some(body),
+            now: SystemTime::now(),
+        });
         assert_eq!(observation.throttle.unwrap().class, ThrottleClass::Concurrency);
     }
 }

@@ -16,7 +16,13 @@ pub fn parse(response: &Response<'_>, unit: ResetUnit) -> Observation {
         ResetUnit::Epoch => until_epoch(value, response.now),
     });
     if limit.is_some() || remaining.is_some() {
-        observation.windows.push(VendorWindow { name: "default".into(), limit, remaining, reset_in: reset, window: None });
+        observation.windows.push(VendorWindow {
+            name: "default".into(),
+            limit,
+            remaining,
+            reset_in: reset,
+            window: None,
+        });
     }
     if response.status == http::StatusCode::TOO_MANY_REQUESTS {
         let pause = (remaining == Some(0)).then_some(reset).flatten();

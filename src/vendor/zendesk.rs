@@ -71,11 +71,13 @@ mod tests {
         headers.insert("x-rate-limit", "700".parse().unwrap());
         headers.insert("x-rate-limit-remaining", "699".parse().unwrap());
         headers.insert("zendesk-ratelimit-tickets-index", "total=100; remaining=99; resets=41".parse().unwrap());
-        let observation = parse(&Response { status: http::StatusCode::OK, headers: &headers, body: None, now: SystemTime::now() });
+        let observation =
+            parse(&Response { status: http::StatusCode::OK, headers: &headers, body: None, now: SystemTime::now() });
         assert_eq!(observation.windows.len(), 2);
         assert_eq!(observation.windows[1].reset_in, Some(Duration::from_secs(41)));
         headers.insert("zendesk-ratelimit-tickets-index", "garbled".parse().unwrap());
-        let observation = parse(&Response { status: http::StatusCode::OK, headers: &headers, body: None, now: SystemTime::now() });
+        let observation =
+            parse(&Response { status: http::StatusCode::OK, headers: &headers, body: None, now: SystemTime::now() });
         assert_eq!(observation.malformed, 1);
     }
 }

@@ -1,0 +1,322 @@
+//! Safe retries: only requests that can be repeated (idempotent methods, or an `Idempotency-Key`),
+//! only for failures a second try can fix (connect errors, 429, 502, 503, 504), with exponential
+//! backoff and full jitter, honouring `Retry-After`, never past the request's deadline, never into
+//! an open breaker, and never more than the retry budget allows, so retries can't multiply an
+//! outage. Each attempt goes back through the breaker and the limiter: a retry takes a quota token
+//! like any request, and one after a 429 waits out the vendor's pause.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::body::{self, ProxyBody};
+use crate::breaker::{Breakers, Phase};
+use crate::config::RetryFile;
+use crate::error::{ErrorKind, ProxyError};
+use crate::proxy::route::Routed;
+use crate::telemetry::Metrics;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The budget's sliding window, in one-second buckets.
+const BUDGET_WINDOW_SECS: usize = 10;
+
+/// Request header with which a caller caps the whole time sluice may spend on its request.
+pub const DEADLINE_HEADER: &str = "sluice-deadline";
+
+#[derive(Clone)]
+pub struct RetryLayer {
+    pub metrics: Arc<Metrics>,
+    pub breakers: Arc<Breakers>,
+    pub budgets: Arc<RetryBudgets>,
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry { inner, layer: self.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    layer: RetryLayer,
+}
+
+impl<S> Service<Request<ProxyBody>> for Retry<S>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let policy = request.extensions().get::<Routed>().and_then(|routed| {
+                routed.upstream.retry.filter(|retry| retry.attempts > 1).map(|retry| (routed.upstream.clone(), retry))
+            });
+            let Some((upstream, policy)) = policy else {
+                let response: BoxFuture<_> = Box::pin(inner.oneshot(request));
+                return response.await;
+            };
+            let budget = layer.budgets.for_upstream(&upstream.name);
+            budget.set_ratio(policy.budget);
+            budget.record_request();
+            if !repeatable(request.method(), request.headers()) || !fits(&request, policy.max_body_bytes) {
+                let response: BoxFuture<_> = Box::pin(inner.oneshot(request));
+                return response.await;
+            }
+            let started = Instant::now();
+            let mut deadline = started + upstream.request_timeout;
+            if let Some(asked) = client_deadline(request.headers()) {
+                deadline = deadline.min(started + asked);
+            }
+            let (parts, body) = request.into_parts();
+            let bytes: Bytes = match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) => {
+                    let kind = if error.is::<http_body_util::LengthLimitError>() {
+                        ErrorKind::BodyTooLarge { limit: policy.max_body_bytes }
+                    } else {
+                        ErrorKind::Malformed { detail: format!("request body: {error}") }
+                    };
+                    return Err(ProxyError::new(kind, Some(upstream.name.clone())));
+                }
+            };
+            let mut attempt = 1;
+            loop {
+                let request = Request::from_parts(parts.clone(), body::full(bytes.clone()));
+                let response: BoxFuture<_> = Box::pin(inner.clone().oneshot(request));
+                let result = response.await;
+                let Some(reason) = retry_reason(&result) else { return result };
+                if attempt >= policy.attempts {
+                    return result;
+                }
+                if layer.breakers.phase(&upstream.name) == Some(Phase::Open) {
+                    return result;
+                }
+                let mut delay = backoff(&policy, attempt);
+                if let Ok(response) = &result {
+                    let mut ignored = 0;
+                    if let Some(asked) =
+                        crate::vendor::retry_after(response.headers(), std::time::SystemTime::now(), &mut ignored)
+                    {
+                        delay = delay.max(asked);
+                    }
+                }
+                if Instant::now() + delay >= deadline {
+                    return result;
+                }
+                if !budget.try_spend() {
+                    layer.metrics.retry_budget_exhausted.with_label_values(&[&upstream.name]).inc();
+                    tracing::info!(upstream = &*upstream.name, reason, "Retry budget spent; not retrying.");
+                    return result;
+                }
+                layer.metrics.retries.with_label_values(&[&upstream.name, reason]).inc();
+                tracing::warn!(
+                    upstream = &*upstream.name,
+                    attempt,
+                    reason,
+                    delay_ms = delay.as_millis() as u64,
+                    "Retrying."
+                );
+                drop(result);
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+        })
+    }
+}
+
+/// Idempotent by method (RFC 9110 §9.2.2), or made so by the caller's `Idempotency-Key`.
+fn repeatable(method: &Method, headers: &http::HeaderMap) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+        || headers.contains_key("idempotency-key")
+}
+
+/// Whether the body is known to fit the replay buffer.
+fn fits(request: &Request<ProxyBody>, max: u64) -> bool {
+    let hint = request.body().size_hint();
+    hint.upper().is_some_and(|upper| upper <= max)
+        || request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|length| length <= max)
+}
+
+fn client_deadline(headers: &http::HeaderMap) -> Option<Duration> {
+    let text = headers.get(DEADLINE_HEADER)?.to_str().ok()?.trim();
+    text.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(86_400.0)))
+        .or_else(|| humantime::parse_duration(text).ok())
+}
+
+fn retry_reason(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<&'static str> {
+    match result {
+        Ok(response) => match response.status() {
+            StatusCode::TOO_MANY_REQUESTS => Some("status_429"),
+            StatusCode::BAD_GATEWAY => Some("status_502"),
+            StatusCode::SERVICE_UNAVAILABLE => Some("status_503"),
+            StatusCode::GATEWAY_TIMEOUT => Some("status_504"),
+            _ => None,
+        },
+        Err(error) => match error.kind {
+            ErrorKind::Unreachable { .. } | ErrorKind::ConnectTimeout { .. } => Some("connect_error"),
+            _ => None,
+        },
+    }
+}
+
+/// Full jitter: uniform in [0, min(max_backoff, backoff * 2^(attempt-1))].
+fn backoff(policy: &RetryFile, attempt: u32) -> Duration {
+    let ceiling = policy.backoff.saturating_mul(1u32 << (attempt - 1).min(16)).min(policy.max_backoff);
+    ceiling.mul_f64(rand::random::<f64>())
+}
+
+/// Retry budgets by upstream.
+#[derive(Default)]
+pub struct RetryBudgets {
+    by_upstream: Mutex<HashMap<Arc<str>, Arc<RetryBudget>>>,
+}
+
+impl RetryBudgets {
+    pub fn for_upstream(&self, upstream: &Arc<str>) -> Arc<RetryBudget> {
+        let mut map = self.by_upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.entry(upstream.clone()).or_insert_with(|| Arc::new(RetryBudget::default())).clone()
+    }
+}
+
+/// Requests and retries over the last ten seconds: retries may be at most `budget` x requests
+/// (and at least one, so a quiet upstream can still retry once).
+#[derive(Default)]
+pub struct RetryBudget {
+    window: Mutex<Window>,
+    ratio_millis: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct Window {
+    /// (second, requests, retries), newest last.
+    buckets: VecDeque<(u64, u64, u64)>,
+}
+
+impl RetryBudget {
+    fn now_second() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    }
+
+    fn with_current<T>(&self, f: impl FnOnce(&mut Window, u64) -> T) -> T {
+        let second = Self::now_second();
+        let mut window = self.window.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while window.buckets.front().is_some_and(|(s, _, _)| *s + (BUDGET_WINDOW_SECS as u64) <= second) {
+            window.buckets.pop_front();
+        }
+        if window.buckets.back().is_none_or(|(s, _, _)| *s != second) {
+            window.buckets.push_back((second, 0, 0));
+        }
+        f(&mut window, second)
+    }
+
+    pub fn set_ratio(&self, ratio: f64) {
+        self.ratio_millis.store((ratio * 1000.0) as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn record_request(&self) {
+        self.with_current(|window, _| {
+            if let Some(bucket) = window.buckets.back_mut() {
+                bucket.1 += 1;
+            }
+        });
+    }
+
+    /// Takes one retry from the budget, if there is one.
+    pub fn try_spend(&self) -> bool {
+        let ratio = self.ratio_millis.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0;
+        self.with_current(|window, _| {
+            let (requests, retries) = window.buckets.iter().fold((0, 0), |(q, r), (_, bq, br)| (q + bq, r + br));
+            let allowed = ((ratio * requests as f64).floor() as u64).max(1);
+            if retries < allowed {
+                if let Some(bucket) = window.buckets.back_mut() {
+                    bucket.2 += 1;
+                }
+                true
+            } else {
+                false
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_caps_retries_at_ratio_of_requests() {
+        let budget = RetryBudget::default();
+        budget.set_ratio(0.2);
+        for _ in 0..50 {
+            budget.record_request();
+        }
+        let spent = (0..100).filter(|_| budget.try_spend()).count();
+        assert_eq!(spent, 10);
+    }
+
+    #[test]
+    fn quiet_upstream_may_retry_once() {
+        let budget = RetryBudget::default();
+        budget.set_ratio(0.2);
+        budget.record_request();
+        assert!(budget.try_spend());
+        assert!(!budget.try_spend());
+    }
+
+    #[test]
+    fn only_repeatable_requests() {
+        let headers = http::HeaderMap::new();
+        assert!(repeatable(&Method::GET, &headers));
+        assert!(repeatable(&Method::PUT, &headers));
+        assert!(!repeatable(&Method::POST, &headers));
+        let mut keyed = http::HeaderMap::new();
+        keyed.insert("idempotency-key", "abc".parse().unwrap());
+        assert!(repeatable(&Method::POST, &keyed));
+    }
+
+    #[test]
+    fn backoff_is_capped_full_jitter() {
+        let policy = RetryFile {
+            attempts: 5,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(300),
+            budget: 0.2,
+            max_body_bytes: 1024,
+        };
+        for attempt in 1..6 {
+            assert!(backoff(&policy, attempt) <= Duration::from_millis(300));
+        }
+    }
+}

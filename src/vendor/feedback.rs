@@ -1,0 +1,150 @@
+//! The Feedback layer: reads every upstream attempt's response with the upstream's header
+//! profile and acts on it, so all replicas slow down before the vendor starts refusing and hold
+//! off while it does.
+//!
+//! - the vendor's remaining quota is exported (`sluice_vendor_remaining`);
+//! - a limit lower than configured becomes the effective limit (and lifts when the vendor says so);
+//! - remaining at or under `pause_at_remaining` with a known reset pauses the scope until then;
+//! - a throttle (429/503, or the profile's own signal such as Salesforce's 403) pauses the scope
+//!   for Retry-After, else the profile's window, else exponential backoff with full jitter.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use tower::{Layer, Service};
+
+use super::{observe, ThrottleClass};
+use crate::body::{self, ProxyBody};
+use crate::error::ProxyError;
+use crate::limit::{watches_vendor, Limiter};
+use crate::proxy::route::Routed;
+use crate::telemetry::Metrics;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Largest refused-response body read to classify a throttle; bigger ones are not read.
+const MAX_ERROR_BODY: u64 = 64 * 1024;
+
+/// How long a daily-class throttle holds before one request probes whether quota is back.
+const DAILY_PROBE_EVERY: Duration = Duration::from_secs(60);
+
+/// Where the limiter keeps the pause of this request's upstream and scope.
+#[derive(Debug, Clone)]
+pub struct PauseKey(pub String);
+
+#[derive(Clone)]
+pub struct FeedbackLayer {
+    pub limiter: Arc<Limiter>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl<S> Layer<S> for FeedbackLayer {
+    type Service = Feedback<S>;
+    fn layer(&self, inner: S) -> Feedback<S> {
+        Feedback { inner, layer: self.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Feedback<S> {
+    inner: S,
+    layer: FeedbackLayer,
+}
+
+impl<S> Service<Request<ProxyBody>> for Feedback<S>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+        let upstream = request.extensions().get::<Routed>().map(|routed| routed.upstream.clone());
+        let pause_key = request.extensions().get::<PauseKey>().cloned();
+        let response: BoxFuture<_> = Box::pin(self.inner.call(request));
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let response = response.await?;
+            let Some(upstream) = upstream.filter(|upstream| watches_vendor(upstream)) else { return Ok(response) };
+            let feedback = upstream.feedback;
+            let status = response.status();
+            let (parts, body) = response.into_parts();
+            let small = body.size_hint().upper().is_some_and(|upper| upper <= MAX_ERROR_BODY);
+            let (body, bytes): (ProxyBody, Option<Bytes>) = if feedback.profile.wants_error_body(status) && small {
+                match body.collect().await {
+                    Ok(collected) => {
+                        let bytes = collected.to_bytes();
+                        (body::full(bytes.clone()), Some(bytes))
+                    }
+                    Err(error) => {
+                        return Err(ProxyError::new(
+                            crate::error::ErrorKind::UpstreamProtocol { detail: format!("response body: {error}") },
+                            Some(upstream.name.clone()),
+                        ))
+                    }
+                }
+            } else {
+                (body, None)
+            };
+            let seen =
+                super::Response { status, headers: &parts.headers, body: bytes.as_deref(), now: SystemTime::now() };
+            let observation = observe(feedback.profile, feedback.reset, &seen);
+
+            let metrics = &layer.metrics;
+            if observation.malformed > 0 {
+                metrics
+                    .vendor_header_errors
+                    .with_label_values(&[&upstream.name])
+                    .inc_by(u64::from(observation.malformed));
+            }
+            for window in &observation.windows {
+                if let Some(remaining) = window.remaining {
+                    metrics
+                        .vendor_remaining
+                        .with_label_values(&[&*upstream.name, window.name.as_str()])
+                        .set(i64::try_from(remaining).unwrap_or(i64::MAX));
+                }
+                if let Some(limit) = window.limit {
+                    layer.limiter.vendor_limit(&upstream, window.window, &window.name, limit);
+                }
+            }
+            if let Some(PauseKey(key)) = &pause_key {
+                if let Some(throttle) = observation.throttle {
+                    metrics.vendor_throttles.with_label_values(&[&upstream.name, throttle.class.as_str()]).inc();
+                    let has_retry_after = parts.headers.contains_key(http::header::RETRY_AFTER);
+                    let (hold, reason) = match (throttle.pause, throttle.class) {
+                        (Some(pause), _) => (pause, if has_retry_after { "retry_after" } else { "profile" }),
+                        (None, ThrottleClass::Daily) => (DAILY_PROBE_EVERY, "daily"),
+                        (None, _) => (layer.limiter.backoff(&upstream), "backoff"),
+                    };
+                    layer.limiter.pause(&upstream, key, hold, reason).await;
+                } else if status.is_success() || status.is_redirection() {
+                    layer.limiter.vendor_ok(&upstream);
+                    let exhausted = observation
+                        .windows
+                        .iter()
+                        .filter(|window| window.remaining.is_some_and(|r| r <= feedback.pause_at_remaining))
+                        .filter_map(|window| window.reset_in)
+                        .max();
+                    if let Some(reset_in) = exhausted {
+                        layer.limiter.pause(&upstream, key, reset_in, "remaining").await;
+                    }
+                }
+            }
+            Ok(Response::from_parts(parts, body))
+        })
+    }
+}
