@@ -113,10 +113,15 @@ async fn route(request: Request<Incoming>, shared: &Shared, reloader: &Reloader)
             let generation = shared.current();
             json_response(StatusCode::OK, &shared.limiter.snapshot(&generation.config.upstreams).await)
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/config" | "/reload" | "/quotas" | "/breakers") => json_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &json!({"error": "method_not_allowed", "detail": format!("{} is not allowed here", request.method())}),
-        ),
+        (_, path @ ("/metrics" | "/healthz" | "/readyz" | "/config" | "/reload" | "/quotas" | "/breakers")) => {
+            let allow = if path == "/reload" { "POST" } else { "GET" };
+            let mut response = json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "method_not_allowed", "detail": format!("{} is not allowed here; use {allow}", request.method())}),
+            );
+            response.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static(allow));
+            response
+        }
         _ => json_response(
             StatusCode::NOT_FOUND,
             &json!({"error": "not_found", "detail": "endpoints: /metrics /healthz /readyz /config /reload /quotas /breakers"}),
@@ -126,7 +131,7 @@ async fn route(request: Request<Incoming>, shared: &Shared, reloader: &Reloader)
 
 /// Replaces secret-looking values: keys naming a secret, and passwords inside URLs.
 pub fn redact(value: &mut Value) {
-    const SECRET_KEYS: &[&str] = &["password", "secret", "token", "value", "api_key", "authorization"];
+    const SECRET_KEYS: &[&str] = &["password", "secret", "token", "api_key", "authorization"];
     match value {
         Value::Object(map) => {
             for (key, item) in map.iter_mut() {

@@ -44,7 +44,7 @@ pub async fn start(path: &Path) -> Result<Running, StartError> {
     let proxy = bind("proxy", config.listen.proxy).await?;
     let admin = bind("admin", config.listen.admin).await?;
     let metrics = Arc::new(Metrics::new());
-    let generation = Generation::build(config, None)?;
+    let generation = Generation::build(config, None).map_err(|error| error.located(path, &text))?;
     metrics.reloads.with_label_values(&["success"]).inc();
     metrics.reload_last_success.set(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64()),
@@ -143,7 +143,10 @@ async fn wait_for_stop_signal() {
 /// `sluice check`: everything `run` would verify, without binding or writing anything.
 pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
     crate::tls::install_crypto_provider();
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     let config = Config::load(path)?;
+    let located = |error: ConfigError| error.located(path, &text);
     let mut notes = Vec::new();
     if let Some(intercept) = &config.intercept {
         if !intercept.ca_cert.exists() && !intercept.ca_key.exists() {
@@ -153,12 +156,12 @@ pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
                 intercept.ca_key.display()
             ));
         } else {
-            crate::tls::ca::CertAuthority::load_or_generate(intercept)?;
+            crate::tls::ca::CertAuthority::load_or_generate(intercept).map_err(located)?;
         }
     }
     for (index, upstream) in config.upstreams.iter().enumerate() {
         if let Some(path) = &upstream.extra_ca {
-            crate::tls::client::read_certs(path, &format!("upstreams[{index}].tls.extra_ca"))?;
+            crate::tls::client::read_certs(path, &format!("upstreams[{index}].tls.extra_ca")).map_err(located)?;
         }
     }
     notes.push(format!(

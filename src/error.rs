@@ -14,7 +14,8 @@ use http::StatusCode;
 #[derive(Debug, thiserror::Error)]
 #[error("{kind}")]
 pub struct ProxyError {
-    pub kind: ErrorKind,
+    /// Boxed: the error travels up every layer's `Result`, which stays small this way.
+    pub kind: Box<ErrorKind>,
     pub upstream: Option<Arc<str>>,
 }
 
@@ -39,7 +40,7 @@ pub enum ErrorKind {
     ResponseTimeout { after: Duration },
     #[error("upstream broke the exchange: {detail}")]
     UpstreamProtocol { detail: String },
-    #[error("quota `{quota}` exhausted; retry in {}", humantime::format_duration(Duration::from_secs(retry_after.as_secs().max(1))))]
+    #[error("quota `{quota}` exhausted; retry in {}", humantime::format_duration(whole_seconds(*retry_after)))]
     RateLimited {
         quota: String,
         retry_after: Duration,
@@ -50,7 +51,7 @@ pub enum ErrorKind {
     ConcurrencyLimited { max: usize, waited: Duration },
     #[error("the quota store is unavailable and on_failure is deny")]
     StoreUnavailable,
-    #[error("circuit open: the upstream is failing; retry in {}", humantime::format_duration(Duration::from_secs(retry_after.as_secs().max(1))))]
+    #[error("circuit open: the upstream is failing; retry in {}", humantime::format_duration(whole_seconds(*retry_after)))]
     BreakerOpen { retry_after: Duration },
     #[error("sluice is shutting down")]
     ShuttingDown,
@@ -60,12 +61,12 @@ pub enum ErrorKind {
 
 impl ProxyError {
     pub fn new(kind: ErrorKind, upstream: Option<Arc<str>>) -> Self {
-        Self { kind, upstream }
+        Self { kind: Box::new(kind), upstream }
     }
 
     /// When the caller may try again, for `Retry-After`.
     pub fn retry_after(&self) -> Option<Duration> {
-        match self.kind {
+        match *self.kind {
             ErrorKind::RateLimited { retry_after, .. } | ErrorKind::BreakerOpen { retry_after } => Some(retry_after),
             ErrorKind::ConcurrencyLimited { .. } | ErrorKind::StoreUnavailable => Some(Duration::from_secs(1)),
             _ => None,
@@ -73,7 +74,7 @@ impl ProxyError {
     }
 
     pub fn status(&self) -> StatusCode {
-        match self.kind {
+        match *self.kind {
             ErrorKind::EgressDenied { .. } => StatusCode::FORBIDDEN,
             ErrorKind::NoRoute { .. } => StatusCode::NOT_FOUND,
             ErrorKind::Malformed { .. } => StatusCode::BAD_REQUEST,
@@ -92,7 +93,7 @@ impl ProxyError {
 
     /// The `error` field of the JSON body and the metric label: short, stable, bounded.
     pub fn code(&self) -> &'static str {
-        match self.kind {
+        match *self.kind {
             ErrorKind::EgressDenied { .. } => "egress_denied",
             ErrorKind::NoRoute { .. } => "no_route",
             ErrorKind::Malformed { .. } => "malformed_request",
@@ -112,7 +113,7 @@ impl ProxyError {
 
     /// The RFC 9209 `error` parameter of `Proxy-Status`.
     pub fn proxy_status_type(&self) -> &'static str {
-        match self.kind {
+        match *self.kind {
             ErrorKind::EgressDenied { .. } => "http_request_denied",
             ErrorKind::NoRoute { .. } => "destination_not_found",
             ErrorKind::Malformed { .. } | ErrorKind::BodyTooLarge { .. } => "http_request_error",
@@ -130,6 +131,11 @@ impl ProxyError {
             }
         }
     }
+}
+
+/// A wait rounded up to whole seconds (at least one), as `Retry-After` states it.
+pub fn whole_seconds(wait: Duration) -> Duration {
+    Duration::from_secs(u64::try_from(wait.as_micros().div_ceil(1_000_000).max(1)).unwrap_or(u64::MAX))
 }
 
 /// Walks an error's `source()` chain.

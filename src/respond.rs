@@ -30,7 +30,7 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
     if let Some(wait) = error.retry_after() {
         headers.insert(RETRY_AFTER, crate::limit::headers::retry_after(wait));
     }
-    if let ErrorKind::RateLimited { rate_limit, policy, .. } = &error.kind {
+    if let ErrorKind::RateLimited { rate_limit, policy, .. } = &*error.kind {
         if let Some(value) = rate_limit {
             headers.insert("ratelimit", value.clone());
         }

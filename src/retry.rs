@@ -184,7 +184,7 @@ fn retry_reason(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<&'st
             StatusCode::GATEWAY_TIMEOUT => Some("status_504"),
             _ => None,
         },
-        Err(error) => match error.kind {
+        Err(error) => match *error.kind {
             ErrorKind::Unreachable { .. } | ErrorKind::ConnectTimeout { .. } => Some("connect_error"),
             _ => None,
         },

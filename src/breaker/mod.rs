@@ -1,5 +1,5 @@
-//! 4. BREAKER: when the vendor is failing, answer fast and honestly instead of piling up
-//! connections and retries against it.
+//! Step 4 of the journey, BREAKER: when the vendor is failing, answer fast and honestly instead
+//! of piling up connections and retries against it.
 //!
 //! One breaker per upstream (per replica), kept across reloads while its settings are unchanged.
 //! The gate stands *before* the limiter, so a refused request spends no quota token; requests
@@ -237,7 +237,7 @@ where
             let outcome = match &result {
                 Ok(response) if breaker.is_failure_status(response.status().as_u16()) => Some(Outcome::Failure),
                 Ok(_) => Some(Outcome::Success),
-                Err(error) => match error.kind {
+                Err(error) => match *error.kind {
                     ErrorKind::Unreachable { .. }
                     | ErrorKind::ConnectTimeout { .. }
                     | ErrorKind::ResponseTimeout { .. }

@@ -334,7 +334,7 @@ pub struct RouteFile {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsFile {
-    /// TCP connect plus TLS handshake to the upstream.
+    /// TCP connect to the upstream (the TLS handshake counts against `request`).
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect: Duration,
     /// From sending the request to receiving the response head.

@@ -60,7 +60,11 @@ pub fn line_of(text: &str, path: &str) -> Option<usize> {
     for segment in segments(path) {
         match segment {
             Segment::Key(key) => {
-                let at = (start..end).find(|&n| is_content(lines[n]) && holds_key(lines[n], key).is_some())?;
+                // A key that is not written (a required one left out) is reported at its parent.
+                let Some(at) = (start..end).find(|&n| is_content(lines[n]) && holds_key(lines[n], key).is_some())
+                else {
+                    break;
+                };
                 found = Some(at);
                 if holds_key(lines[at], key) == Some(false) {
                     // Inside a flow mapping: everything below is on this line.
@@ -80,9 +84,10 @@ pub fn line_of(text: &str, path: &str) -> Option<usize> {
             }
             Segment::Index(index) => {
                 let dashes: Vec<usize> = (start..end).filter(|&n| lines[n].trim_start().starts_with("- ")).collect();
-                let item_indent = dashes.iter().map(|&n| indent(lines[n])).min()?;
+                // No block items: a flow sequence (`hosts: [a, b]`), whose items are on the key's line.
+                let Some(item_indent) = dashes.iter().map(|&n| indent(lines[n])).min() else { break };
                 let items: Vec<usize> = dashes.into_iter().filter(|&n| indent(lines[n]) == item_indent).collect();
-                let at = *items.get(index)?;
+                let Some(&at) = items.get(index) else { break };
                 found = Some(at);
                 let next = items.get(index + 1).copied().unwrap_or(end);
                 (start, end) = (at, next);
@@ -120,7 +125,9 @@ upstreams:
         assert_eq!(line_of(TEXT, "upstreams[0].timeouts.request"), Some(6));
         assert_eq!(line_of(TEXT, "upstreams[1].target"), Some(8));
         assert_eq!(line_of(TEXT, "upstreams[1].timeouts.request"), Some(11));
-        assert_eq!(line_of(TEXT, "upstreams[2]"), None);
+        assert_eq!(line_of(TEXT, "upstreams[2]"), Some(3), "an absent item: its list's line");
+        assert_eq!(line_of(TEXT, "upstreams[0].hosts[1]"), Some(5), "an item of a flow list");
+        assert_eq!(line_of(TEXT, "upstreams[1].hosts"), Some(7), "an absent key: its parent's line");
         assert_eq!(line_of(TEXT, "nope"), None);
     }
 }

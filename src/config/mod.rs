@@ -80,6 +80,20 @@ impl ConfigError {
         }
     }
 
+    /// Names the file, and the line of each problem's key in `text`: for refusals found after
+    /// parsing (a CA file that doesn't load, say), which know only the key.
+    pub fn located(self, file: &Path, text: &str) -> Self {
+        match self {
+            ConfigError::Invalid { mut problems, .. } => {
+                for problem in &mut problems {
+                    problem.line = problem.line.or_else(|| locate::line_of(text, &problem.key));
+                }
+                ConfigError::Invalid { path: Some(file.to_path_buf()), problems }
+            }
+            other => other,
+        }
+    }
+
     /// A refusal found after parsing (a CA file that doesn't load, say), for one key.
     pub fn at_key(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Invalid { path: None, problems: vec![Problem::new(key, message)] }

@@ -95,12 +95,13 @@ impl Reloader {
         if trigger == Trigger::FileChange && text_hash == *last_applied {
             return Ok(Outcome::Unchanged { generation: current.id });
         }
-        let config = Config::from_yaml(&text).map_err(|error| match error {
+        let mut config = Config::from_yaml(&text).map_err(|error| match error {
             ConfigError::Invalid { problems, .. } => ConfigError::Invalid { path: Some(self.path.clone()), problems },
             other => other,
         })?;
-        let generation = Generation::build(config, Some(&current))?;
-        warn_restart_needed(&current.config, &generation.config);
+        warn_restart_needed(&current.config, &config);
+        keep_restart_only_settings(&current.config, &mut config);
+        let generation = Generation::build(config, Some(&current)).map_err(|error| error.located(&self.path, &text))?;
         audit_diff(&current.config, &generation.config, trigger);
         let id = generation.id;
         self.shared.publish(generation);
@@ -111,8 +112,10 @@ impl Reloader {
     /// Reloads on SIGHUP and on changes in the config file's directory, until shutdown.
     pub fn spawn_watchers(self: &Arc<Self>) {
         let reloader = self.clone();
+        // Registered before sluice reports ready, so an early SIGHUP reloads instead of killing.
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         tokio::spawn(async move {
-            let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            let Ok(mut hangups) = hangups else {
                 tracing::warn!("Cannot listen for SIGHUP; reload by file change or POST /reload.");
                 return;
             };
@@ -129,7 +132,10 @@ impl Reloader {
         let (events_tx, mut events) = mpsc::channel::<()>(1);
         let watched_dir = watch_dir(&self.path);
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            // Reading the file (ours included) is an access event: only changes count, or every
+            // reload would trigger the next one.
+            let changed = event.is_ok_and(|event| !matches!(event.kind, notify::EventKind::Access(_)));
+            if changed {
                 // A full channel already holds a pending reload: coalesce.
                 let _ = events_tx.try_send(());
             }
@@ -195,6 +201,19 @@ fn warn_restart_needed(old: &Config, new: &Config) {
     if old.limits.max_connections != new.limits.max_connections {
         tracing::warn!("limits.max_connections changed; it takes effect only after a restart.");
     }
+}
+
+/// Settings fixed at start stay as they run, so `GET /config` shows what is in effect (and the
+/// restart warning repeats on every reload until the process is restarted).
+fn keep_restart_only_settings(running: &Config, new: &mut Config) {
+    new.listen = running.listen.clone();
+    new.file.listen = running.file.listen.clone();
+    new.store = running.store.clone();
+    new.file.store = running.file.store.clone();
+    new.worker_threads = running.worker_threads;
+    new.file.runtime = running.file.runtime.clone();
+    new.limits.max_connections = running.limits.max_connections;
+    new.file.limits.max_connections = running.file.limits.max_connections;
 }
 
 /// One structured audit line: which upstreams a reload added, removed or changed.

@@ -95,6 +95,15 @@ if paused_until and paused_until > now then
   return standings(now, { 2, paused_until - now, 0 })
 end
 
+-- Just after a pause (its key outlives it by a second), the buckets restart empty at its end:
+-- held requests go at the bucket's rate, not as one burst into a vendor that just said no.
+if paused_until then
+  for i = 1, n do
+    local r = rules[i]
+    if r.kind == 0 then r.tat = math.max(r.tat or 0, paused_until + r.tolerance) end
+  end
+end
+
 local send_at = now
 local limiting = 0
 for _ = 1, 4 do

@@ -117,8 +117,7 @@ pub fn earliest(rule: &Rule, state: &State, cost: i64, at: Micros) -> Option<Mic
                 return None;
             }
             let first = window_index(&bounds, at);
-            for index in first..3 {
-                let start = bounds[index];
+            for &start in &bounds[first..3] {
                 let when = at.max(start);
                 if count_in(state, start) + cost <= limit {
                     return Some(when);

@@ -24,6 +24,9 @@ struct Buckets {
     since_sweep: usize,
 }
 
+/// How long a pause's record outlives it (the Redis key's extra TTL in `PAUSE_SCRIPT`).
+const PAUSE_AFTERGLOW: Micros = 1_000_000;
+
 /// Sweep finished buckets after this many decisions, keeping the map at the size of live ones.
 const SWEEP_EVERY: usize = 4096;
 
@@ -45,7 +48,21 @@ impl MemoryStore {
                     rules.iter().zip(&states).map(|((rule, _), state)| gcra::standing(rule, state, now)).collect();
                 return Decision::Paused { remaining: until - now, standings };
             }
-            buckets.pauses.remove(pause_key);
+            if until + PAUSE_AFTERGLOW > now {
+                // As in decide.lua: buckets restart empty at the pause's end, so held requests
+                // are released at the bucket's rate.
+                for ((rule, _), state) in rules.iter().zip(states.iter_mut()) {
+                    if let Rule::Rolling { tolerance, .. } = rule {
+                        let tat = match state {
+                            State::Tat(tat) => *tat,
+                            _ => 0,
+                        };
+                        *state = State::Tat(tat.max(until + tolerance));
+                    }
+                }
+            } else {
+                buckets.pauses.remove(pause_key);
+            }
         }
         let decision = gcra::decide(rules, &mut states, now, max_wait);
         if matches!(decision, Decision::Allowed { .. }) {
@@ -57,7 +74,7 @@ impl MemoryStore {
         if buckets.since_sweep >= SWEEP_EVERY {
             buckets.since_sweep = 0;
             buckets.states.retain(|_, state| is_live(state, now));
-            buckets.pauses.retain(|_, until| *until > now);
+            buckets.pauses.retain(|_, until| *until + PAUSE_AFTERGLOW > now);
         }
         decision
     }

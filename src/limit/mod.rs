@@ -1,5 +1,5 @@
-//! 3. LIMIT: the vendor sees no more than its quota, however many replicas run, and as close to
-//! the full quota as demand allows.
+//! Step 3 of the journey, LIMIT: the vendor sees no more than its quota, however many replicas
+//! run, and as close to the full quota as demand allows.
 //!
 //! A request first takes a concurrency slot (when `max_concurrency` is set), then one decision
 //! over all its upstream's quotas (see `gcra` for the maths): allowed now, allowed after a wait
@@ -79,6 +79,12 @@ impl Mode {
     }
 }
 
+/// (upstream, quota) names.
+type QuotaId = (Arc<str>, Arc<str>);
+
+/// A concurrency cap and the semaphore that enforces it.
+type Slots = (usize, Arc<Semaphore>);
+
 pub struct Limiter {
     /// Itself, for background tasks that must not keep it alive.
     me: std::sync::Weak<Limiter>,
@@ -87,10 +93,10 @@ pub struct Limiter {
     degraded: AtomicBool,
     probing: AtomicBool,
     local: MemoryStore,
-    scopes: Mutex<HashMap<(Arc<str>, Arc<str>), ScopeTable>>,
-    slots: Mutex<HashMap<Arc<str>, (usize, Arc<Semaphore>)>>,
+    scopes: Mutex<HashMap<QuotaId, ScopeTable>>,
+    slots: Mutex<HashMap<Arc<str>, Slots>>,
     /// Limits the vendor announced below the configured ones, by (upstream, quota).
-    vendor_limits: Mutex<HashMap<(Arc<str>, Arc<str>), u64>>,
+    vendor_limits: Mutex<HashMap<QuotaId, u64>>,
     /// Throttles in a row per upstream, for exponential backoff when the vendor gives no time.
     throttle_streaks: Mutex<HashMap<Arc<str>, u32>>,
     metrics: Arc<Metrics>,
@@ -213,12 +219,19 @@ impl Limiter {
                     for quota in &limits.quotas {
                         self.metrics.quota_decisions.with_label_values(&[&upstream.name, &quota.name, result]).inc();
                     }
-                    if wait > 0 {
-                        let sleep = tokio::time::sleep(Duration::from_micros(u64::try_from(wait).unwrap_or(0)));
-                        wait_or_open(sleep, &mut breaker_opened, &name).await?;
-                    }
                     admission.rate_limit = headers::rate_limit(&limits.quotas, &standings);
-                    break;
+                    if wait <= 0 {
+                        break;
+                    }
+                    let sleep = tokio::time::sleep(Duration::from_micros(u64::try_from(wait).unwrap_or(0)));
+                    wait_or_open(sleep, &mut breaker_opened, &name).await?;
+                    // The vendor may have asked everyone to hold off while this request slept.
+                    match self.pause_remaining(&pause_key).await {
+                        Some(remaining) => {
+                            self.hold_for_pause(upstream, remaining, &[], deadline, &mut breaker_opened).await?
+                        }
+                        None => break,
+                    }
                 }
                 Some(Decision::Rejected { retry_after, limiting, standings }) => {
                     let quota = &limits.quotas[limiting.min(limits.quotas.len().saturating_sub(1))];
@@ -235,25 +248,7 @@ impl Limiter {
                     ));
                 }
                 Some(Decision::Paused { remaining, standings }) => {
-                    // Released after the pause with positive-only jitter, then paced by the
-                    // bucket: never early, never everyone at the reset instant.
-                    let remaining = Duration::from_micros(u64::try_from(remaining).unwrap_or(0));
-                    let spread = (remaining / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                    let hold = remaining + spread.mul_f64(rand::random::<f64>());
-                    if Instant::now() + hold > deadline {
-                        self.metrics.quota_decisions.with_label_values(&[&upstream.name, "vendor", "rejected"]).inc();
-                        return Err(ProxyError::new(
-                            ErrorKind::RateLimited {
-                                quota: "vendor".to_owned(),
-                                retry_after: remaining,
-                                rate_limit: headers::rate_limit(&limits.quotas, &standings),
-                                policy: headers::rate_limit_policy(&limits.quotas),
-                            },
-                            name,
-                        ));
-                    }
-                    self.metrics.quota_decisions.with_label_values(&[&upstream.name, "vendor", "queued"]).inc();
-                    wait_or_open(tokio::time::sleep(hold), &mut breaker_opened, &name).await?;
+                    self.hold_for_pause(upstream, remaining, &standings, deadline, &mut breaker_opened).await?;
                 }
                 None => break,
             }
@@ -262,6 +257,59 @@ impl Limiter {
         admission.queued = started.elapsed();
         self.metrics.quota_queue_wait.with_label_values(&[&upstream.name]).observe(admission.queued.as_secs_f64());
         Ok(admission)
+    }
+
+    /// Holds a request through a vendor pause (then it is decided again), or refuses it when the
+    /// pause outlasts its allowed wait. Released with positive-only jitter: never early, and not
+    /// everyone at the reset instant; the bucket then paces them (see `decide.lua`).
+    async fn hold_for_pause(
+        &self,
+        upstream: &Upstream,
+        remaining: Micros,
+        standings: &[gcra::Standing],
+        deadline: Instant,
+        breaker_opened: &mut Option<tokio::sync::watch::Receiver<u64>>,
+    ) -> Result<(), ProxyError> {
+        let limits = &upstream.limits;
+        let name = Some(upstream.name.clone());
+        let remaining = Duration::from_micros(u64::try_from(remaining).unwrap_or(0));
+        let spread = (remaining / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let hold = remaining + spread.mul_f64(rand::random::<f64>());
+        if Instant::now() + hold > deadline {
+            self.metrics.quota_decisions.with_label_values(&[&upstream.name, "vendor", "rejected"]).inc();
+            return Err(ProxyError::new(
+                ErrorKind::RateLimited {
+                    quota: "vendor".to_owned(),
+                    retry_after: remaining,
+                    rate_limit: if standings.is_empty() {
+                        None
+                    } else {
+                        headers::rate_limit(&limits.quotas, standings)
+                    },
+                    policy: headers::rate_limit_policy(&limits.quotas),
+                },
+                name,
+            ));
+        }
+        self.metrics.quota_decisions.with_label_values(&[&upstream.name, "vendor", "queued"]).inc();
+        wait_or_open(tokio::time::sleep(hold), breaker_opened, &name).await?;
+        Ok(())
+    }
+
+    /// Time left on the pause at `key`: this replica's own record, else the shared one.
+    async fn pause_remaining(&self, key: &str) -> Option<Micros> {
+        let now = now_micros();
+        if let Some(until) = self.local.paused_until(key, now) {
+            return Some(until - now);
+        }
+        match (&self.redis, self.mode()) {
+            (Some(redis), Mode::Shared) => tokio::time::timeout(self.store.timeout, redis.pause_remaining(key))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten(),
+            _ => None,
+        }
     }
 
     /// Records a vendor pause for every replica (store) and this one (memory), never shortening one.

@@ -198,6 +198,19 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Time left on the vendor pause at `key`, if one is in force (Redis time).
+    pub async fn pause_remaining(&self, key: &str) -> Result<Option<Micros>, StoreError> {
+        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(key).cmd("TIME");
+        let (until, (seconds, micros)): (Option<i64>, (i64, i64)) = match &*conn {
+            Conn::Single(manager) => pipe.query_async(&mut manager.clone()).await?,
+            Conn::Cluster(cluster) => pipe.query_async(&mut cluster.clone()).await?,
+        };
+        let now = seconds * 1_000_000 + micros;
+        Ok(until.filter(|until| *until > now).map(|until| until - now))
+    }
+
     /// Reads raw states for `/quotas`: TATs of rolling buckets (fixed ones report their hash).
     pub async fn peek_tats(&self, keys: &[String]) -> Result<Vec<Option<i64>>, StoreError> {
         let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;

@@ -75,7 +75,11 @@ async fn open(
             shared.metrics.leaf_certs_minted.with_label_values(&["ok"]).inc();
         }
         let handshake_timeout = generation.config.limits.header_read_timeout;
-        let inner = ClientConn { peer: conn.peer, via: Via { tunnel_host: Some(Arc::from(host.as_str())) } };
+        let inner = ClientConn {
+            peer: conn.peer,
+            via: Via { tunnel_host: Some(Arc::from(host.as_str())), tunnel_port: port },
+            slot: conn.slot.clone(),
+        };
         let task_shared = shared.clone();
         shared.tasks.spawn(async move {
             let Ok(upgraded) = hyper::upgrade::on(request).await else { return };
@@ -99,7 +103,10 @@ async fn open(
     let stream = dial(&upstream, &dial_host, dial_port).await?;
     let idle = generation.config.limits.tunnel_idle_timeout;
     let task_shared = shared.clone();
+    // The tunnel outlives the HTTP connection it came from; it keeps that connection's slot.
+    let slot = conn.slot.clone();
     shared.tasks.spawn(async move {
+        let _slot = slot;
         let Ok(upgraded) = hyper::upgrade::on(request).await else { return };
         let gauge = task_shared.metrics.tunnels_open.with_label_values(&["blind"]);
         gauge.inc();

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::proxy::route::Via;
-use crate::proxy::{ClientConn, ProxyService};
+use crate::proxy::{ClientConn, ConnectionSlot, ProxyService};
 use crate::state::Shared;
 
 /// Accept errors (EMFILE and the like) are retried after this pause instead of spinning.
@@ -46,11 +46,9 @@ pub async fn serve_proxy(listener: TcpListener, shared: Arc<Shared>) {
         };
         let _ = stream.set_nodelay(true);
         let conn_shared = shared.clone();
+        let slot = Arc::new(ConnectionSlot::new(permit, shared.metrics.connections_open.clone()));
         shared.tasks.spawn(async move {
-            conn_shared.metrics.connections_open.inc();
-            serve_http(stream, ClientConn { peer, via: Via::default() }, conn_shared.clone()).await;
-            conn_shared.metrics.connections_open.dec();
-            drop(permit);
+            serve_http(stream, ClientConn { peer, via: Via::default(), slot: Some(slot) }, conn_shared).await;
         });
     }
 }
@@ -83,14 +81,31 @@ where
 {
     let peer: SocketAddr = conn.peer;
     let builder = server_builder(&shared);
+    let first_request_within = shared.current().config.limits.header_read_timeout;
     let service = ProxyService::new(shared.clone(), conn);
+    let started = service.started();
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = shared.shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    // hyper's header_read_timeout starts only once hyper-util's auto builder has told HTTP/1
+    // from HTTP/2, which it reads with no deadline; this one covers a client that sends
+    // nothing, or part of the h2 preface, or an h2 preface and no request.
+    let first_request_deadline = tokio::time::sleep(first_request_within);
+    tokio::pin!(first_request_deadline);
+    let mut deadline_passed = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            () = &mut first_request_deadline, if !deadline_passed => {
+                deadline_passed = true;
+                if !started.load(std::sync::atomic::Ordering::Relaxed) {
+                    tracing::debug!(%peer, "No request within header_read_timeout; closing.");
+                    return;
+                }
+            }
+            () = shared.shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                break connection.await;
+            }
         }
     };
     if let Err(error) = result {

@@ -109,6 +109,24 @@ fn read_pem(path: Option<&std::path::Path>) -> Option<Arc<[u8]>> {
     path.and_then(|path| std::fs::read(path).ok()).map(Arc::from)
 }
 
+/// Whether `cause` is a rustls failure, bare or wrapped in `io::Error`s (tokio-rustls and
+/// hyper-rustls each wrap it once, and `io::Error::source` skips the error it wraps, so the
+/// `source()` chain never shows it).
+fn is_tls_error(cause: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(cause);
+    for _ in 0..8 {
+        let Some(error) = current else { return false };
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        current = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+    }
+    false
+}
+
 /// Sorts a client error into the kind of failure a caller can act on.
 fn classify(error: &hyper_util::client::legacy::Error, upstream: &Upstream, max_body_bytes: u64) -> ProxyError {
     let name = Some(upstream.name.clone());
@@ -123,7 +141,7 @@ fn classify(error: &hyper_util::client::legacy::Error, upstream: &Upstream, max_
         if timed_out {
             return ProxyError::new(ErrorKind::ConnectTimeout { after: upstream.connect_timeout }, name);
         }
-        if causes(error).any(|cause| cause.is::<rustls::Error>()) {
+        if causes(error).any(is_tls_error) {
             return ProxyError::new(ErrorKind::Tls { detail }, name);
         }
         return ProxyError::new(ErrorKind::Unreachable { detail }, name);

@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::{Method, Request, Response};
@@ -29,6 +30,33 @@ pub struct ClientConn {
     pub peer: SocketAddr,
     /// Set when the connection is the decrypted inside of an intercepted CONNECT.
     pub via: Via,
+    /// The connection's place under `limits.max_connections`; tunnels hold it until they close.
+    pub slot: Option<Arc<ConnectionSlot>>,
+}
+
+/// One of `limits.max_connections`, counted in `sluice_connections_open` while held.
+pub struct ConnectionSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl ConnectionSlot {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit, gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self { _permit: permit, gauge }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl std::fmt::Debug for ConnectionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionSlot")
+    }
 }
 
 /// The per-connection hyper service.
@@ -37,12 +65,19 @@ pub struct ProxyService {
     shared: Arc<Shared>,
     conn: Arc<ClientConn>,
     stack: HttpStack,
+    /// Set when the first request head on this connection has been read.
+    started: Arc<AtomicBool>,
 }
 
 impl ProxyService {
     pub fn new(shared: Arc<Shared>, conn: ClientConn) -> Self {
         let stack = stack::http_stack(shared.stack_parts());
-        Self { shared, conn: Arc::new(conn), stack }
+        Self { shared, conn: Arc::new(conn), stack, started: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// Whether any request head has been read on this connection yet.
+    pub fn started(&self) -> Arc<AtomicBool> {
+        self.started.clone()
     }
 }
 
@@ -52,6 +87,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
+        self.started.store(true, Ordering::Relaxed);
         let generation = self.shared.current();
         if request.method() == Method::CONNECT && self.conn.via.tunnel_host.is_none() {
             let shared = self.shared.clone();

@@ -34,6 +34,8 @@ pub struct Routed {
 #[derive(Debug, Clone, Default)]
 pub struct Via {
     pub tunnel_host: Option<Arc<str>>,
+    /// The port the CONNECT named (used when the upstream has no `target`).
+    pub tunnel_port: u16,
 }
 
 impl RouteTable {
@@ -52,7 +54,7 @@ impl RouteTable {
                 table.prefixes.push((prefix.clone(), upstream.clone()));
             }
         }
-        table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        table.prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         table
     }
 
@@ -84,7 +86,8 @@ impl RouteTable {
 
         if let Some(host) = &via.tunnel_host {
             let upstream = self.by_host(host).ok_or_else(|| denied(host))?;
-            let target = destination(upstream, Scheme::Https, host, 443)?;
+            let port = if via.tunnel_port == 0 { 443 } else { via.tunnel_port };
+            let target = destination(upstream, Scheme::Https, host, port)?;
             return Ok(Routed { uri: join(&target, path_and_query)?, upstream: upstream.clone() });
         }
 
@@ -92,13 +95,19 @@ impl RouteTable {
             let host = authority.host().trim_start_matches('[').trim_end_matches(']');
             if let Some(upstream) = self.by_host(host) {
                 let scheme = if uri.scheme() == Some(&UriScheme::HTTPS) { Scheme::Https } else { Scheme::Http };
-                let port = authority.port_u16().unwrap_or(if scheme == Scheme::Https { 443 } else { 80 });
+                let default_port = if scheme == Scheme::Https { 443 } else { 80 };
+                let port = authority.port_u16().unwrap_or(default_port);
+                // Without a target the client picks the port: only the scheme's own or allowed ones.
+                if upstream.target.is_none() && port != default_port && !upstream.allows_port(port) {
+                    return Err(denied(&format!("{host}:{port}")));
+                }
                 let target = destination(upstream, scheme, host, port)?;
                 return Ok(Routed { uri: join(&target, path_and_query)?, upstream: upstream.clone() });
             }
             // HTTP/1 absolute-form names the destination explicitly: an unknown one is egress.
-            // HTTP/2 always carries an authority, so reverse-mode h2c falls through to prefixes.
-            if request.version() != Version::HTTP_2 || self.by_prefix(uri.path()).is_none() {
+            // HTTP/2 always carries an authority (sluice's own, in reverse mode), so h2 falls
+            // through to prefixes, and a path under none of them is a 404 like over HTTP/1.
+            if request.version() != Version::HTTP_2 {
                 return Err(denied(host));
             }
         }
@@ -205,7 +214,7 @@ upstreams:
 
     #[test]
     fn tunnel_host_routes() {
-        let via = Via { tunnel_host: Some("api.hubapi.com".into()) };
+        let via = Via { tunnel_host: Some("api.hubapi.com".into()), tunnel_port: 443 };
         let routed = table().route(&get("/crm"), &via).unwrap();
         assert_eq!(routed.uri, "http://127.0.0.1:9/crm");
     }

@@ -159,7 +159,10 @@ where
                     vendor_request_id = headers::vendor_request_id(response.headers()),
                     "Request completed."
                 );
-                response.headers_mut().insert(headers::REQUEST_ID.clone(), request_id);
+                // The vendor's own id, when it sent one under the same name, is kept for the caller.
+                if !response.headers().contains_key(&headers::REQUEST_ID) {
+                    response.headers_mut().insert(headers::REQUEST_ID.clone(), request_id);
+                }
                 Ok(response)
             }
             .instrument(span),

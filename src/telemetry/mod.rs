@@ -11,9 +11,12 @@ use tracing_subscriber::EnvFilter;
 /// lets tests start several proxies in one process.
 pub fn init_logging() {
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
+    let format = std::env::var("SLUICE_LOG_FORMAT").unwrap_or_default().to_ascii_lowercase();
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
-    let _ =
-        if json { builder.json().flatten_event(true).with_current_span(true).try_init() } else { builder.try_init() };
+    let _ = match format.as_str() {
+        "json" => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        "pretty" => builder.pretty().try_init(),
+        _ => builder.try_init(),
+    };
 }

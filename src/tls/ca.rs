@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 
 use crate::config::{ConfigError, InterceptFile};
 
-/// A leaf is replaced when it has less than this much life left.
+/// A leaf is replaced when it has less than this much life left (or a quarter of its TTL).
 const RENEW_BEFORE: Duration = Duration::from_secs(3600);
 
 /// Why a leaf certificate could not be made.
@@ -127,7 +127,7 @@ impl CertAuthority {
             }
         }
         let config = Arc::new(self.mint(host)?);
-        let renew_at = now + self.leaf_ttl.saturating_sub(RENEW_BEFORE);
+        let renew_at = now + self.leaf_ttl.saturating_sub(RENEW_BEFORE.min(self.leaf_ttl / 4));
         let mut cache = self.cache_lock();
         if !cache.by_host.contains_key(host) {
             while cache.by_host.len() >= cache.capacity {

@@ -4,6 +4,7 @@
 //!   (RFC 9651 Lists of named Items, joined by name);
 //! - `-07`: one Dictionary `RateLimit: limit=100, remaining=50, reset=5` (Close uses it);
 //! - `-06` and earlier: `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (seconds).
+//!
 //! Malformed fields are ignored, as the draft requires.
 
 use std::time::Duration;

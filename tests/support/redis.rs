@@ -1,4 +1,5 @@
 //! A real `redis-server` on a free loopback port, killed (and reaped) on drop.
+#![allow(clippy::disallowed_types)] // Blocking start-up code: std time is the right clock here.
 
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
