@@ -20,7 +20,7 @@ pub struct ProxyError {
 }
 
 /// What went wrong; each variant maps to one status and one RFC 9209 error type.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ErrorKind {
     #[error("egress to {host} is not allowed")]
     EgressDenied { host: String },

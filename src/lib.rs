@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod batch;
 pub mod body;
 pub mod breaker;
 pub mod config;

@@ -89,6 +89,8 @@ pub struct Shared {
     /// Circuit breakers by upstream; kept across reloads while their settings are unchanged.
     pub breakers: Arc<crate::breaker::Breakers>,
     pub retry_budgets: Arc<crate::retry::RetryBudgets>,
+    /// Batches being filled, shared by all connections.
+    pub batcher: Arc<crate::batch::Batcher>,
     /// Cancelled when shutdown starts: listeners stop accepting, connections drain.
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
@@ -103,12 +105,14 @@ impl Shared {
         limiter: Arc<Limiter>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let batcher = crate::batch::Batcher::new(metrics.clone());
         Arc::new(Self {
             current: ArcSwap::from_pointee(generation),
             metrics,
             limiter,
             breakers: Arc::default(),
             retry_budgets: Arc::default(),
+            batcher,
             shutdown,
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),
@@ -122,6 +126,7 @@ impl Shared {
             limiter: self.limiter.clone(),
             breakers: self.breakers.clone(),
             budgets: self.retry_budgets.clone(),
+            batcher: self.batcher.clone(),
         }
     }
 

@@ -202,6 +202,35 @@ pub struct UpstreamFile {
     /// Circuit breaker. Absent: no breaker.
     #[serde(default)]
     pub breaker: Option<BreakerFile>,
+    /// Rules folding single-record calls into the vendor's bulk endpoints.
+    #[serde(default)]
+    pub batch: Vec<BatchFile>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchFile {
+    /// The single call: `POST /crm/v3/objects/{object}` (`{id}` names the record id segment).
+    #[serde(rename = "match")]
+    pub matches: String,
+    /// The bulk call, with the same captures: `POST /crm/v3/objects/{object}/batch/create`.
+    pub bulk: String,
+    pub format: BatchFormat,
+    /// Flush when a batch holds this many calls.
+    #[serde(default = "default_max_items")]
+    pub max_items: usize,
+    /// Flush this long after a batch's first call, full or not.
+    #[serde(default = "default_max_delay", with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatchFormat {
+    /// HubSpot CRM v3 `batch/create|read|update|archive`.
+    Hubspot,
+    /// Salesforce sObject Collections create/update (`allOrNone: false`).
+    SalesforceCollections,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -375,6 +404,12 @@ fn default_max_keys() -> usize {
 }
 fn default_cost() -> u64 {
     1
+}
+fn default_max_items() -> usize {
+    100
+}
+fn default_max_delay() -> Duration {
+    Duration::from_millis(25)
 }
 fn default_attempts() -> u32 {
     3

@@ -19,6 +19,10 @@ pub use file::{
     BreakerFile, FileConfig, InterceptFile, LimitsFile, ListenFile, OnFailure, OverLimit, RetryFile, StoreKind,
 };
 pub use policy::{Limits as UpstreamLimits, Quota, ScopeKey, Store, Window};
+/// The file model's types, for modules that share them with validated config.
+pub mod file_types {
+    pub use super::file::BatchFormat;
+}
 pub use validate::{HostPattern, Scheme, Target, Upstream};
 
 /// A validated configuration: what the proxy runs on.

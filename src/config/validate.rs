@@ -30,6 +30,7 @@ pub struct Upstream {
     pub feedback: super::policy::Feedback,
     pub retry: Option<super::file::RetryFile>,
     pub breaker: Option<super::file::BreakerFile>,
+    pub batch: Vec<super::policy::BatchRule>,
 }
 
 impl Upstream {
@@ -288,6 +289,7 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
     if let Some(retry) = &raw.retry {
         super::policy::validate_retry(retry, &format!("{key}.retry"), problems);
     }
+    let batch = super::policy::validate_batch(&raw.batch, &format!("{key}.batch"), problems);
     if let Some(breaker) = &raw.breaker {
         super::policy::validate_breaker(breaker, &format!("{key}.breaker"), problems);
     }
@@ -312,6 +314,7 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
         feedback: super::policy::feedback_of(&raw.limit_headers),
         retry: raw.retry,
         breaker: raw.breaker.clone(),
+        batch,
     })
 }
 

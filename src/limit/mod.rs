@@ -146,6 +146,10 @@ impl Limiter {
         }
     }
 
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     pub fn replicas(&self) -> u64 {
         self.redis.as_ref().map_or(1, |redis| redis.replicas())
     }

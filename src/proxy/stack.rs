@@ -1,7 +1,7 @@
 //! THE journey of an HTTP request through sluice, outermost layer first:
 //!
 //! ```text
-//! accept (listen) -> Observe -> Respond -> Route -> Retry -> Breaker -> Limit -> Feedback -> Forward
+//! accept (listen) -> Observe -> Respond -> Route -> Batch -> Retry -> Breaker -> Limit -> Feedback -> Forward
 //! ```
 //!
 //! Each layer is a small tower service with one job; they share nothing but request extensions
@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use super::headers;
 use super::route::{Routed, Via};
+use crate::batch::{Batch, BatchLayer, Batcher};
 use crate::body::ProxyBody;
 use crate::breaker::{BreakerGate, BreakerHandle, BreakerLayer, Breakers};
 use crate::error::{ErrorKind, ProxyError};
@@ -40,7 +41,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub struct UpstreamName(pub Arc<str>);
 
 /// The whole HTTP stack for one request; cheap to clone.
-pub type HttpStack = Observe<Respond<Route<Retry<BreakerGate<Limit<Feedback<Forward>>>>>>>;
+pub type HttpStack = Observe<Respond<Route<Batch<Retry<BreakerGate<Limit<Feedback<Forward>>>>>>>>;
 
 /// What the stack's layers share across requests (and reloads).
 #[derive(Clone)]
@@ -49,11 +50,12 @@ pub struct StackParts {
     pub limiter: Arc<Limiter>,
     pub breakers: Arc<Breakers>,
     pub budgets: Arc<RetryBudgets>,
+    pub batcher: Arc<Batcher>,
 }
 
 /// Builds the journey. The order is the contract; each line says why it stands where it does.
 pub fn http_stack(parts: StackParts) -> HttpStack {
-    let StackParts { metrics, limiter, breakers, budgets } = parts;
+    let StackParts { metrics, limiter, breakers, budgets, batcher } = parts;
     ServiceBuilder::new()
         // Outermost: sees every final response, synthetic ones included, for metrics and logs,
         // and gives each request its id before anything else can log.
@@ -62,6 +64,9 @@ pub fn http_stack(parts: StackParts) -> HttpStack {
         .layer(RespondLayer { metrics: metrics.clone() })
         // Resolves the upstream once; later layers read `Routed`, never the raw request target.
         .layer(RouteLayer)
+        // Single calls matching a batch rule wait here to share one bulk call; the bulk call goes
+        // down the rest of the stack like any request (retry, breaker, quota, feedback).
+        .layer(BatchLayer { batcher })
         // Retries wrap everything per attempt below: each retry passes the breaker again, takes
         // its own quota token, and waits out a vendor pause like any request.
         .layer(RetryLayer { metrics: metrics.clone(), breakers: breakers.clone(), budgets })

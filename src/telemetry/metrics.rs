@@ -73,6 +73,14 @@ pub struct Metrics {
     pub breaker_transitions: IntCounterVec,
     /// Requests answered by an open breaker without an upstream call.
     pub breaker_short_circuits: IntCounterVec,
+    /// Calls per bulk call, by upstream.
+    pub batch_size: HistogramVec,
+    /// Bulk calls by upstream and reason (`size`, `delay`).
+    pub batch_flushes: IntCounterVec,
+    /// Upstream calls saved by batching (items - 1 per bulk call), by upstream.
+    pub batch_calls_saved: IntCounterVec,
+    /// Batched calls whose own answer was an error, by upstream.
+    pub batch_item_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -208,6 +216,27 @@ impl Metrics {
                 &["upstream"],
             )
             .expect("static metric definition"),
+            batch_size: HistogramVec::new(
+                HistogramOpts::new("sluice_batch_size", "Calls per bulk call.")
+                    .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0]),
+                &["upstream"],
+            )
+            .expect("static metric definition"),
+            batch_flushes: IntCounterVec::new(
+                Opts::new("sluice_batch_flushes_total", "Bulk calls by reason (size, delay)."),
+                &["upstream", "reason"],
+            )
+            .expect("static metric definition"),
+            batch_calls_saved: IntCounterVec::new(
+                Opts::new("sluice_batch_calls_saved_total", "Upstream calls saved by batching."),
+                &["upstream"],
+            )
+            .expect("static metric definition"),
+            batch_item_errors: IntCounterVec::new(
+                Opts::new("sluice_batch_item_errors_total", "Batched calls answered with an error."),
+                &["upstream"],
+            )
+            .expect("static metric definition"),
             registry,
         };
         metrics.register_all();
@@ -248,6 +277,10 @@ impl Metrics {
             Box::new(self.breaker_state.clone()),
             Box::new(self.breaker_transitions.clone()),
             Box::new(self.breaker_short_circuits.clone()),
+            Box::new(self.batch_size.clone()),
+            Box::new(self.batch_flushes.clone()),
+            Box::new(self.batch_calls_saved.clone()),
+            Box::new(self.batch_item_errors.clone()),
         ];
         for collector in collectors {
             self.registry.register(collector).expect("each metric is registered once");
