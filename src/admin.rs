@@ -35,8 +35,10 @@ pub async fn serve_admin(
     reloader: Arc<Reloader>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    // Off loopback, the endpoints that reveal or change config need the admin token.
+    let exposed = listener.local_addr().is_ok_and(|addr| !addr.ip().is_loopback());
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -54,7 +56,12 @@ pub async fn serve_admin(
             let service = service_fn(move |request| {
                 let shared = shared.clone();
                 let reloader = reloader.clone();
-                async move { Ok::<_, Infallible>(route(request, &shared, &reloader).await) }
+                async move {
+                    if let Some(refused) = guard(&request, &shared, exposed, peer) {
+                        return Ok::<_, Infallible>(refused);
+                    }
+                    Ok::<_, Infallible>(route(request, &shared, &reloader).await)
+                }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
@@ -66,6 +73,61 @@ pub async fn serve_admin(
             }
         });
     }
+}
+
+/// Token check for `POST /reload` and `GET /config` on a non-loopback admin listener, and the
+/// audit line for every admin action. `None`: go ahead.
+fn guard(
+    request: &Request<Incoming>,
+    shared: &Shared,
+    exposed: bool,
+    peer: std::net::SocketAddr,
+) -> Option<Response<ProxyBody>> {
+    let path = request.uri().path();
+    let sensitive = matches!((request.method(), path), (&Method::POST, "/reload") | (&Method::GET, "/config"));
+    if !sensitive {
+        return None;
+    }
+    let action = if path == "/reload" { "reload" } else { "read_config" };
+    if exposed {
+        let settings = &shared.current().config.file.admin;
+        let expected = match (&settings.token_file, &settings.token_env) {
+            (Some(path), _) => std::fs::read_to_string(path).ok().map(|text| text.trim().to_owned()),
+            (None, Some(name)) => std::env::var(name).ok().map(|text| text.trim().to_owned()),
+            (None, None) => None,
+        }
+        .filter(|token| !token.is_empty());
+        let Some(expected) = expected else {
+            tracing::warn!(target: "sluice::audit", event = "admin_action", action, %peer, allowed = false, "Admin action refused: no admin token configured.");
+            return Some(json_response(
+                StatusCode::FORBIDDEN,
+                &json!({"error": "admin_token_required", "detail": "the admin listener is not on loopback: configure admin.token_file or admin.token_env"}),
+            ));
+        };
+        let presented = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim);
+        let matches = presented.is_some_and(|token| {
+            token.len() == expected.len()
+                && token.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        });
+        if !matches {
+            tracing::warn!(target: "sluice::audit", event = "admin_action", action, %peer, allowed = false, "Admin action refused: bad or missing token.");
+            let mut response = json_response(
+                StatusCode::UNAUTHORIZED,
+                &json!({"error": "unauthorized", "detail": "send Authorization: Bearer <admin token>"}),
+            );
+            response
+                .headers_mut()
+                .insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"sluice-admin\""));
+            return Some(response);
+        }
+    }
+    tracing::info!(target: "sluice::audit", event = "admin_action", action, %peer, allowed = true, "Admin action.");
+    None
 }
 
 async fn route(request: Request<Incoming>, shared: &Shared, reloader: &Reloader) -> Response<ProxyBody> {

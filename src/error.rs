@@ -55,6 +55,12 @@ pub enum ErrorKind {
     BreakerOpen { retry_after: Duration },
     #[error("sluice is shutting down")]
     ShuttingDown,
+    #[error("proxy authentication required")]
+    ProxyAuthRequired,
+    #[error("client not allowed: {detail}")]
+    ClientNotAllowed { detail: String },
+    #[error("too many tunnels open ({max})")]
+    TooManyTunnels { max: usize },
     #[error("internal error: {detail}")]
     Internal { detail: String },
 }
@@ -75,7 +81,9 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match *self.kind {
-            ErrorKind::EgressDenied { .. } => StatusCode::FORBIDDEN,
+            ErrorKind::EgressDenied { .. } | ErrorKind::ClientNotAllowed { .. } => StatusCode::FORBIDDEN,
+            ErrorKind::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ErrorKind::TooManyTunnels { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::NoRoute { .. } => StatusCode::NOT_FOUND,
             ErrorKind::Malformed { .. } => StatusCode::BAD_REQUEST,
             ErrorKind::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -95,6 +103,9 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match *self.kind {
             ErrorKind::EgressDenied { .. } => "egress_denied",
+            ErrorKind::ProxyAuthRequired => "proxy_auth_required",
+            ErrorKind::ClientNotAllowed { .. } => "client_not_allowed",
+            ErrorKind::TooManyTunnels { .. } => "too_many_tunnels",
             ErrorKind::NoRoute { .. } => "no_route",
             ErrorKind::Malformed { .. } => "malformed_request",
             ErrorKind::BodyTooLarge { .. } => "body_too_large",
@@ -114,7 +125,10 @@ impl ProxyError {
     /// The RFC 9209 `error` parameter of `Proxy-Status`.
     pub fn proxy_status_type(&self) -> &'static str {
         match *self.kind {
-            ErrorKind::EgressDenied { .. } => "http_request_denied",
+            ErrorKind::EgressDenied { .. } | ErrorKind::ClientNotAllowed { .. } | ErrorKind::ProxyAuthRequired => {
+                "http_request_denied"
+            }
+            ErrorKind::TooManyTunnels { .. } => "proxy_internal_error",
             ErrorKind::NoRoute { .. } => "destination_not_found",
             ErrorKind::Malformed { .. } | ErrorKind::BodyTooLarge { .. } => "http_request_error",
             ErrorKind::Unreachable { ref detail } if detail.contains("dns") => "dns_error",

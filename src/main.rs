@@ -25,6 +25,8 @@ enum Command {
         #[arg(short, long, env = "SLUICE_CONFIG")]
         config: PathBuf,
     },
+    /// Serve the Kubernetes admission webhook that injects the sluice sidecar into pods.
+    Inject(sluice::webhook::InjectArgs),
     /// Manage the interception CA.
     Ca {
         #[command(subcommand)]
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Ca { command: CaCommand::Init { out, force } } => ca_init(&out, force),
+        Command::Inject(args) => sluice::webhook::main(args),
     }
 }
 

@@ -30,6 +30,10 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
     if let Some(wait) = error.retry_after() {
         headers.insert(RETRY_AFTER, crate::limit::headers::retry_after(wait));
     }
+    if matches!(*error.kind, ErrorKind::ProxyAuthRequired) {
+        headers.append("proxy-authenticate", HeaderValue::from_static("Basic realm=\"sluice\", charset=\"UTF-8\""));
+        headers.append("proxy-authenticate", HeaderValue::from_static("Bearer realm=\"sluice\""));
+    }
     if let ErrorKind::RateLimited { rate_limit, policy, .. } = &*error.kind {
         if let Some(value) = rate_limit {
             headers.insert("ratelimit", value.clone());

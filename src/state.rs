@@ -30,6 +30,10 @@ pub struct Generation {
     /// One pooled client per upstream, by upstream name.
     pub clients: HashMap<Arc<str>, UpstreamClient>,
     pub ca: Option<Arc<CertAuthority>>,
+    /// Proxy clients allowed to use sluice (`clients:`), or loopback-only sidecar mode.
+    pub proxy_clients: crate::security::clients::Clients,
+    /// Injected credentials by upstream name.
+    pub credentials: HashMap<Arc<str>, Arc<crate::security::credentials::Credential>>,
 }
 
 impl Generation {
@@ -58,7 +62,27 @@ impl Generation {
             };
             clients.insert(upstream.name.clone(), client);
         }
+        let proxy_clients =
+            crate::security::clients::Clients::new(&config.file.clients, config.listen.allow_remote_clients)?;
+        let mut credentials = HashMap::new();
+        for (index, upstream) in config.upstreams.iter().enumerate() {
+            let Some(settings) = &upstream.credentials else { continue };
+            let reused = previous
+                .and_then(|old| old.credentials.get(&upstream.name))
+                .filter(|credential| credential.settings == *settings && settings.value_env.is_none());
+            let credential = match reused {
+                Some(credential) => credential.clone(),
+                None => Arc::new(crate::security::credentials::Credential::load(
+                    upstream.name.clone(),
+                    settings,
+                    &format!("upstreams[{index}].credentials"),
+                )?),
+            };
+            credentials.insert(upstream.name.clone(), credential);
+        }
         Ok(Self {
+            proxy_clients,
+            credentials,
             id: previous.map_or(1, |old| old.id + 1),
             routes: RouteTable::new(&config.upstreams),
             config: Arc::new(config),
@@ -91,6 +115,10 @@ pub struct Shared {
     pub retry_budgets: Arc<crate::retry::RetryBudgets>,
     /// Batches being filled, shared by all connections.
     pub batcher: Arc<crate::batch::Batcher>,
+    /// `limits.max_tunnels`, held by each open tunnel.
+    pub tunnel_slots: Arc<tokio::sync::Semaphore>,
+    /// Open connections per client address, for `limits.max_connections_per_client`.
+    pub per_client: Arc<crate::proxy::ClientCounts>,
     /// Cancelled when shutdown starts: listeners stop accepting, connections drain.
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
@@ -106,6 +134,7 @@ impl Shared {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let batcher = crate::batch::Batcher::new(metrics.clone());
+        let tunnel_slots = Arc::new(tokio::sync::Semaphore::new(generation.config.limits.max_tunnels));
         Arc::new(Self {
             current: ArcSwap::from_pointee(generation),
             metrics,
@@ -113,6 +142,8 @@ impl Shared {
             breakers: Arc::default(),
             retry_budgets: Arc::default(),
             batcher,
+            tunnel_slots,
+            per_client: Arc::default(),
             shutdown,
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),

@@ -333,7 +333,9 @@ impl Batcher {
                 .iter()
                 .map(|quota| {
                     let peer = parts.extensions.get::<std::net::SocketAddr>().copied();
-                    crate::limit::scope::quota_key(&quota.scope, &parts.headers, peer).0
+                    let client =
+                        parts.extensions.get::<crate::security::clients::ClientIdentity>().map(|id| id.name.clone());
+                    crate::limit::scope::quota_key_for(&quota.scope, &parts.headers, peer, client.as_deref()).0
                 })
                 .collect(),
             credentials: credentials_of(&parts.headers),

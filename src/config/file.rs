@@ -30,6 +30,12 @@ pub struct FileConfig {
     pub limits: LimitsFile,
     #[serde(default)]
     pub upstreams: Vec<UpstreamFile>,
+    /// Proxy clients for shared (non-sidecar) deployments; when set, every request must say
+    /// who it is with `Proxy-Authorization`.
+    #[serde(default)]
+    pub clients: Vec<ClientFile>,
+    #[serde(default)]
+    pub admin: AdminFile,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -39,6 +45,39 @@ pub struct ListenFile {
     pub proxy: SocketAddr,
     /// Metrics, health and the admin API.
     pub admin: SocketAddr,
+    /// Without `clients:`, only loopback peers may use the proxy unless this is true.
+    #[serde(default)]
+    pub allow_remote_clients: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Bearer token for `POST /reload` and `GET /config` when the admin listener is not on
+    /// loopback (read from this file; re-read on every check, so rotation needs no restart).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// ... or from this environment variable.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    /// The client's name: its `proxy_user` quota scope, in logs and metrics.
+    pub name: String,
+    /// `Proxy-Authorization: Basic` user name (default: the client's name).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// SHA-256 (hex) of the Basic password or the Bearer token.
+    #[serde(default)]
+    pub secret_sha256: Option<String>,
+    /// File holding the Basic password or Bearer token (re-read when it changes).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Upstreams this client may use (by name); empty: none.
+    pub upstreams: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -136,6 +175,12 @@ pub struct LimitsFile {
     /// Most client connections (including tunnels) open at once; further ones wait in the backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Most CONNECT tunnels open at once; more get 503.
+    #[serde(default = "default_max_tunnels")]
+    pub max_tunnels: usize,
+    /// Most connections (tunnels included) one client address may hold open; more are refused.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
     /// An idle tunnel (no bytes either way) is closed after this long.
     #[serde(default = "default_tunnel_idle_timeout", with = "humantime_serde")]
     pub tunnel_idle_timeout: Duration,
@@ -148,6 +193,8 @@ impl Default for LimitsFile {
             max_body_bytes: default_max_body_bytes(),
             header_read_timeout: default_header_read_timeout(),
             max_connections: default_max_connections(),
+            max_tunnels: default_max_tunnels(),
+            max_connections_per_client: default_max_connections_per_client(),
             tunnel_idle_timeout: default_tunnel_idle_timeout(),
         }
     }
@@ -205,6 +252,9 @@ pub struct UpstreamFile {
     /// Rules folding single-record calls into the vendor's bulk endpoints.
     #[serde(default)]
     pub batch: Vec<BatchFile>,
+    /// A credential sluice adds to every request to this upstream.
+    #[serde(default)]
+    pub credentials: Option<CredentialsFile>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -383,6 +433,40 @@ pub struct UpstreamTlsFile {
     /// Extra PEM CA certificates trusted for this upstream, besides the webpki roots.
     #[serde(default)]
     pub extra_ca: Option<PathBuf>,
+    /// Client certificate (PEM chain) for mutual TLS with the vendor.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsFile {
+    /// The header sluice sets on every upstream request.
+    #[serde(default = "default_credential_header")]
+    pub header: String,
+    /// Put before the secret (`"Bearer "`).
+    #[serde(default)]
+    pub prefix: String,
+    /// File holding the secret (a Kubernetes Secret mount); re-read when it changes.
+    #[serde(default)]
+    pub value_file: Option<PathBuf>,
+    /// Environment variable holding the secret.
+    #[serde(default)]
+    pub value_env: Option<String>,
+    /// `replace` what the client sent, or set it only `if_absent`.
+    #[serde(default)]
+    pub mode: CredentialMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialMode {
+    #[default]
+    Replace,
+    IfAbsent,
 }
 
 // === defaults ===
@@ -404,6 +488,15 @@ fn default_max_keys() -> usize {
 }
 fn default_cost() -> u64 {
     1
+}
+fn default_credential_header() -> String {
+    "authorization".to_owned()
+}
+fn default_max_tunnels() -> usize {
+    4096
+}
+fn default_max_connections_per_client() -> usize {
+    1024
 }
 fn default_max_items() -> usize {
     100

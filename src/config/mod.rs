@@ -21,7 +21,7 @@ pub use file::{
 pub use policy::{Limits as UpstreamLimits, Quota, ScopeKey, Store, Window};
 /// The file model's types, for modules that share them with validated config.
 pub mod file_types {
-    pub use super::file::BatchFormat;
+    pub use super::file::{BatchFormat, ClientFile, CredentialMode, CredentialsFile};
 }
 pub use validate::{HostPattern, Scheme, Target, Upstream};
 

@@ -60,6 +60,8 @@ pub enum ScopeKey {
     Header(HeaderName),
     ClientIp,
     ProxyUser,
+    /// A hash of the credential in this header, as sent upstream (after injection).
+    Credential(HeaderName),
 }
 
 /// A route's token cost.
@@ -292,11 +294,12 @@ fn parse_scope(text: &str) -> Result<ScopeKey, String> {
     match text.trim() {
         "client_ip" => Ok(ScopeKey::ClientIp),
         "proxy_user" => Ok(ScopeKey::ProxyUser),
+        "credential" => Ok(ScopeKey::Credential(http::header::AUTHORIZATION)),
         other => match other.strip_prefix("header:") {
             Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
                 .map(ScopeKey::Header)
                 .map_err(|_| format!("`{name}` is not a header name")),
-            None => Err(format!("`{other}` is not a scope (header:NAME, client_ip, proxy_user)")),
+            None => Err(format!("`{other}` is not a scope (header:NAME, client_ip, proxy_user, credential)")),
         },
     }
 }

@@ -24,6 +24,8 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub extra_ca: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS with the vendor.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Quotas, queueing and route costs.
     pub limits: super::policy::Limits,
     /// How to read the vendor's rate-limit headers.
@@ -31,6 +33,7 @@ pub struct Upstream {
     pub retry: Option<super::file::RetryFile>,
     pub breaker: Option<super::file::BreakerFile>,
     pub batch: Vec<super::policy::BatchRule>,
+    pub credentials: Option<super::file::CredentialsFile>,
 }
 
 impl Upstream {
@@ -186,6 +189,24 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    for (index, client) in file.clients.iter().enumerate() {
+        let key = format!("clients[{index}]");
+        if client.name.is_empty() || file.clients[..index].iter().any(|other| other.name == client.name) {
+            problems.push(Problem::new(format!("{key}.name"), "must be non-empty and unique"));
+        }
+        if client.secret_sha256.is_some() == client.secret_file.is_some() {
+            problems.push(Problem::new(key.clone(), "needs exactly one of secret_sha256 and secret_file"));
+        }
+        for (at, name) in client.upstreams.iter().enumerate() {
+            if name != "*" && !upstreams.iter().any(|upstream| *upstream.name == **name) {
+                problems.push(Problem::new(format!("{key}.upstreams[{at}]"), format!("no upstream is named `{name}`")));
+            }
+        }
+    }
+    if file.admin.token_file.is_some() && file.admin.token_env.is_some() {
+        problems.push(Problem::new("admin", "set token_file or token_env, not both"));
+    }
+
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -289,7 +310,34 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
     if let Some(retry) = &raw.retry {
         super::policy::validate_retry(retry, &format!("{key}.retry"), problems);
     }
+    if raw.tls.client_cert.is_some() != raw.tls.client_key.is_some() {
+        problems.push(Problem::new(format!("{key}.tls"), "client_cert and client_key go together"));
+    }
     let batch = super::policy::validate_batch(&raw.batch, &format!("{key}.batch"), problems);
+    let credential_header = match &raw.credentials {
+        Some(credentials) => {
+            if credentials.value_file.is_some() == credentials.value_env.is_some() {
+                problems
+                    .push(Problem::new(format!("{key}.credentials"), "needs exactly one of value_file and value_env"));
+            }
+            match http::header::HeaderName::from_bytes(credentials.header.trim().as_bytes()) {
+                Ok(name) => name,
+                Err(_) => {
+                    problems.push(Problem::new(format!("{key}.credentials.header"), "not a header name"));
+                    http::header::AUTHORIZATION
+                }
+            }
+        }
+        None => http::header::AUTHORIZATION,
+    };
+    // `key: [credential]` means the header this upstream's credential travels in.
+    for quota in &mut quotas {
+        for scope in &mut quota.scope {
+            if let super::policy::ScopeKey::Credential(name) = scope {
+                *name = credential_header.clone();
+            }
+        }
+    }
     if let Some(breaker) = &raw.breaker {
         super::policy::validate_breaker(breaker, &format!("{key}.breaker"), problems);
     }
@@ -310,11 +358,13 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
         connect_timeout: raw.timeouts.connect,
         request_timeout: raw.timeouts.request,
         extra_ca: raw.tls.extra_ca.clone(),
+        client_cert: raw.tls.client_cert.clone().zip(raw.tls.client_key.clone()),
         limits: super::policy::limits_of(quotas, raw.over_limit, raw.max_queue_wait, raw.max_concurrency, routes),
         feedback: super::policy::feedback_of(&raw.limit_headers),
         retry: raw.retry,
         breaker: raw.breaker.clone(),
         batch,
+        credentials: raw.credentials.clone(),
     })
 }
 

@@ -42,6 +42,15 @@ use scope::{QuotaKey, ScopeTable};
 /// Request header with which a caller shortens (never lengthens) its own queue wait.
 pub const MAX_WAIT_HEADER: &str = "sluice-max-wait";
 
+/// Who is asking, as far as quota scopes care.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub headers: &'a HeaderMap,
+    pub peer: Option<SocketAddr>,
+    /// The authenticated proxy client, when `clients:` are configured.
+    pub client: Option<&'a str>,
+}
+
 /// What a request got from the limiter: held until its response head is back.
 #[derive(Debug, Default)]
 pub struct Admission {
@@ -165,10 +174,10 @@ impl Limiter {
         upstream: &Upstream,
         method: &Method,
         path: &str,
-        headers: &HeaderMap,
-        peer: Option<SocketAddr>,
+        caller: Caller<'_>,
         mut breaker_opened: Option<tokio::sync::watch::Receiver<u64>>,
     ) -> Result<Admission, ProxyError> {
+        let headers = caller.headers;
         let limits = &upstream.limits;
         if !watches_vendor(upstream) && limits.quotas.is_empty() && limits.max_concurrency.is_none() {
             return Ok(Admission::default());
@@ -212,7 +221,7 @@ impl Limiter {
         }
 
         let cost = i64::try_from(limits.cost(method, path)).unwrap_or(i64::MAX);
-        let (keys, pause_key) = self.bucket_keys(upstream, headers, peer);
+        let (keys, pause_key) = self.bucket_keys(upstream, &caller);
         // A pause can be re-armed while we sleep through it; three rounds is plenty, and bounded.
         for _ in 0..3 {
             let remaining_wait = deadline.saturating_duration_since(Instant::now());
@@ -425,14 +434,14 @@ impl Limiter {
     }
 
     /// The bucket key of each quota for this request, recording scope use (and evictions).
-    fn bucket_keys(&self, upstream: &Upstream, headers: &HeaderMap, peer: Option<SocketAddr>) -> (Vec<String>, String) {
+    fn bucket_keys(&self, upstream: &Upstream, caller: &Caller<'_>) -> (Vec<String>, String) {
+        let (headers, peer, client) = (caller.headers, caller.peer, caller.client);
         // The vendor's pause applies to the scope of the first quota (the vendor account the
         // request is made for), or the whole upstream when quotas are unscoped.
-        let pause_scope = upstream
-            .limits
-            .quotas
-            .first()
-            .map_or_else(|| QuotaKey("_all".to_owned()), |quota| scope::quota_key(&quota.scope, headers, peer));
+        let pause_scope = upstream.limits.quotas.first().map_or_else(
+            || QuotaKey("_all".to_owned()),
+            |quota| scope::quota_key_for(&quota.scope, headers, peer, client),
+        );
         let pause_key = format!("{}:{{{}}}:pause:{}", self.store.key_prefix, upstream.name, pause_scope.0);
         let mut scopes = self.scopes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let keys = upstream
@@ -440,7 +449,7 @@ impl Limiter {
             .quotas
             .iter()
             .map(|quota| {
-                let key = scope::quota_key(&quota.scope, headers, peer);
+                let key = scope::quota_key_for(&quota.scope, headers, peer, client);
                 let table = scopes
                     .entry((upstream.name.clone(), quota.name.clone()))
                     .or_insert_with(|| ScopeTable::new(quota.max_keys));

@@ -23,6 +23,16 @@ pub struct QuotaKey(pub String);
 pub const DEFAULT_BUCKET: &str = "_default";
 
 pub fn quota_key(scope: &[ScopeKey], headers: &HeaderMap, peer: Option<SocketAddr>) -> QuotaKey {
+    quota_key_for(scope, headers, peer, None)
+}
+
+/// [`quota_key`], with the authenticated client's name for `proxy_user` when there is one.
+pub fn quota_key_for(
+    scope: &[ScopeKey],
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+    client: Option<&str>,
+) -> QuotaKey {
     if scope.is_empty() {
         return QuotaKey("_all".to_owned());
     }
@@ -34,7 +44,11 @@ pub fn quota_key(scope: &[ScopeKey], headers: &HeaderMap, peer: Option<SocketAdd
                     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).map(str::to_owned)
                 }
                 ScopeKey::ClientIp => peer.map(|peer| peer.ip().to_string()),
-                ScopeKey::ProxyUser => proxy_user(headers),
+                ScopeKey::ProxyUser => client.map(str::to_owned).or_else(|| proxy_user(headers)),
+                // Never the secret itself: a stable hash of it.
+                ScopeKey::Credential(name) => {
+                    headers.get(name).map(|v| format!("c-{}", short_hash(&String::from_utf8_lossy(v.as_bytes()))))
+                }
             };
             match value.filter(|value| !value.is_empty()) {
                 Some(value) => safe_component(&value),

@@ -54,6 +54,7 @@ async fn open(
     conn: &ClientConn,
 ) -> Result<(Response<ProxyBody>, Arc<str>), ProxyError> {
     let (host, port) = parse_authority(request.uri())?;
+    let identity = generation.proxy_clients.identify(request.headers(), conn.peer)?;
     let upstream = generation
         .routes
         .by_host(&host)
@@ -63,6 +64,17 @@ async fn open(
     if !upstream.allows_port(port) {
         return Err(ProxyError::new(ErrorKind::EgressDenied { host: format!("{host}:{port}") }, Some(name)));
     }
+    if let Some(identity) = &identity {
+        if !identity.may_use(&name) {
+            let detail = format!("client `{}` may not use this upstream", identity.name);
+            return Err(ProxyError::new(ErrorKind::ClientNotAllowed { detail }, Some(name)));
+        }
+    }
+    // A tunnel holds its slot until it closes; past the cap, new tunnels are refused at once.
+    let tunnel_slot = shared.tunnel_slots.clone().try_acquire_owned().map_err(|_| {
+        shared.metrics.connections_refused.with_label_values(&["max_tunnels"]).inc();
+        ProxyError::new(ErrorKind::TooManyTunnels { max: generation.config.limits.max_tunnels }, Some(name.clone()))
+    })?;
     if upstream.intercept {
         let ca = generation.ca.clone().ok_or_else(|| {
             ProxyError::new(ErrorKind::Internal { detail: "interception CA not loaded".into() }, Some(name.clone()))
@@ -79,9 +91,11 @@ async fn open(
             peer: conn.peer,
             via: Via { tunnel_host: Some(Arc::from(host.as_str())), tunnel_port: port },
             slot: conn.slot.clone(),
+            identity,
         };
         let task_shared = shared.clone();
         shared.tasks.spawn(async move {
+            let _tunnel_slot = tunnel_slot;
             let Ok(upgraded) = hyper::upgrade::on(request).await else { return };
             let gauge = task_shared.metrics.tunnels_open.with_label_values(&["intercept"]);
             gauge.inc();
@@ -96,17 +110,19 @@ async fn open(
         return Ok((established(), name));
     }
 
-    let (dial_host, dial_port) = match &upstream.target {
-        Some(target) => (target.host.clone(), target.port),
-        None => (host.clone(), port),
+    // A target is the operator's word and is trusted; a host the client named is resolved and
+    // checked by the egress guard, and the connect goes to the checked addresses.
+    let stream = match &upstream.target {
+        Some(target) => dial(&upstream, &target.host, target.port, false).await?,
+        None => dial(&upstream, &host, port, true).await?,
     };
-    let stream = dial(&upstream, &dial_host, dial_port).await?;
     let idle = generation.config.limits.tunnel_idle_timeout;
     let task_shared = shared.clone();
     // The tunnel outlives the HTTP connection it came from; it keeps that connection's slot.
     let slot = conn.slot.clone();
     shared.tasks.spawn(async move {
         let _slot = slot;
+        let _tunnel_slot = tunnel_slot;
         let Ok(upgraded) = hyper::upgrade::on(request).await else { return };
         let gauge = task_shared.metrics.tunnels_open.with_label_values(&["blind"]);
         gauge.inc();
@@ -144,9 +160,20 @@ pub fn parse_authority(uri: &Uri) -> Result<(String, u16), ProxyError> {
     Ok((host, port))
 }
 
-async fn dial(upstream: &Upstream, host: &str, port: u16) -> Result<TcpStream, ProxyError> {
+async fn dial(upstream: &Upstream, host: &str, port: u16, guarded: bool) -> Result<TcpStream, ProxyError> {
     let name = Some(upstream.name.clone());
-    match tokio::time::timeout(upstream.connect_timeout, TcpStream::connect((host, port))).await {
+    let connect = async {
+        if guarded {
+            let addresses = crate::security::egress::resolve_allowed(host, port).await?;
+            TcpStream::connect(&addresses[..]).await
+        } else {
+            TcpStream::connect((host, port)).await
+        }
+    };
+    match tokio::time::timeout(upstream.connect_timeout, connect).await {
+        Ok(Err(error)) if crate::security::egress::blocked_in(&error).is_some() => {
+            Err(ProxyError::new(ErrorKind::EgressDenied { host: format!("{host} (private address)") }, name))
+        }
         Err(_) => Err(ProxyError::new(ErrorKind::ConnectTimeout { after: upstream.connect_timeout }, name)),
         Ok(Err(error)) => {
             let detail = if error.kind() == std::io::ErrorKind::ConnectionRefused {

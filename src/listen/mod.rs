@@ -45,10 +45,21 @@ pub async fn serve_proxy(listener: TcpListener, shared: Arc<Shared>) {
             () = shared.shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
+        let per_client_cap = shared.current().config.limits.max_connections_per_client;
+        if !shared.per_client.try_take(peer.ip(), per_client_cap) {
+            shared.metrics.connections_refused.with_label_values(&["per_client"]).inc();
+            tracing::info!(%peer, cap = per_client_cap, "Connection refused: client at its connection cap.");
+            drop(stream);
+            continue;
+        }
         let conn_shared = shared.clone();
-        let slot = Arc::new(ConnectionSlot::new(permit, shared.metrics.connections_open.clone()));
+        let slot = Arc::new(
+            ConnectionSlot::new(permit, shared.metrics.connections_open.clone())
+                .for_client(shared.per_client.clone(), peer.ip()),
+        );
         shared.tasks.spawn(async move {
-            serve_http(stream, ClientConn { peer, via: Via::default(), slot: Some(slot) }, conn_shared).await;
+            serve_http(stream, ClientConn { peer, via: Via::default(), slot: Some(slot), identity: None }, conn_shared)
+                .await;
         });
     }
 }

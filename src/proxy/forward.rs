@@ -22,6 +22,7 @@ use super::route::Routed;
 use crate::body::ProxyBody;
 use crate::config::{ConfigError, Upstream};
 use crate::error::{causes, describe, ErrorKind, ProxyError};
+use crate::security::egress::{blocked_in, EgressResolver};
 
 /// Idle pooled connections are closed after this long (vendors close theirs around 60-120 s).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -29,17 +30,21 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// A pooled HTTP/1.1 + HTTP/2 client for one upstream.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    client: Client<HttpsConnector<HttpConnector<EgressResolver>>, ProxyBody>,
     /// The settings this client was built with, to decide reuse across reloads.
     connect_timeout: Duration,
     extra_ca: Option<PathBuf>,
     extra_ca_pem: Option<Arc<[u8]>>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+    guarded: bool,
 }
 
 impl UpstreamClient {
     pub fn new(upstream: &Upstream, key: &str) -> Result<Self, ConfigError> {
-        let tls = crate::tls::client::client_config(upstream.extra_ca.as_deref(), key)?;
-        let mut http = HttpConnector::new();
+        let tls = crate::tls::client::client_config(upstream.extra_ca.as_deref(), upstream.client_cert.as_ref(), key)?;
+        // Hosts a client names (no `target`) go through the egress guard; a target is trusted.
+        let resolver = EgressResolver { guarded: upstream.target.is_none() };
+        let mut http = HttpConnector::new_with_resolver(resolver);
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(upstream.connect_timeout));
@@ -60,6 +65,8 @@ impl UpstreamClient {
             connect_timeout: upstream.connect_timeout,
             extra_ca: upstream.extra_ca.clone(),
             extra_ca_pem: read_pem(upstream.extra_ca.as_deref()),
+            client_cert: upstream.client_cert.clone(),
+            guarded: upstream.target.is_none(),
         })
     }
 
@@ -68,6 +75,8 @@ impl UpstreamClient {
         self.connect_timeout == upstream.connect_timeout
             && self.extra_ca == upstream.extra_ca
             && self.extra_ca_pem == read_pem(upstream.extra_ca.as_deref())
+            && self.client_cert == upstream.client_cert
+            && self.guarded == upstream.target.is_none()
     }
 
     /// Sends `request` (already routed) and returns the vendor's response, hygiene applied.
@@ -133,6 +142,12 @@ fn classify(error: &hyper_util::client::legacy::Error, upstream: &Upstream, max_
     let detail = describe(error);
     if causes(error).any(|cause| cause.is::<http_body_util::LengthLimitError>()) {
         return ProxyError::new(ErrorKind::BodyTooLarge { limit: max_body_bytes }, name);
+    }
+    if let Some(blocked) = blocked_in(error) {
+        return ProxyError::new(
+            ErrorKind::EgressDenied { host: format!("{} (resolves to {})", blocked.host, blocked.address) },
+            name,
+        );
     }
     if error.is_connect() {
         let timed_out = causes(error).any(|cause| {

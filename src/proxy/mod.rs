@@ -32,24 +32,65 @@ pub struct ClientConn {
     pub via: Via,
     /// The connection's place under `limits.max_connections`; tunnels hold it until they close.
     pub slot: Option<Arc<ConnectionSlot>>,
+    /// Inside an intercepted tunnel: the client the CONNECT authenticated.
+    pub identity: Option<crate::security::clients::ClientIdentity>,
 }
 
 /// One of `limits.max_connections`, counted in `sluice_connections_open` while held.
 pub struct ConnectionSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
     gauge: prometheus::IntGauge,
+    client: Option<(Arc<ClientCounts>, std::net::IpAddr)>,
 }
 
 impl ConnectionSlot {
     pub fn new(permit: tokio::sync::OwnedSemaphorePermit, gauge: prometheus::IntGauge) -> Self {
         gauge.inc();
-        Self { _permit: permit, gauge }
+        Self { _permit: permit, gauge, client: None }
+    }
+
+    /// Also counts against the client's own cap (see [`ClientCounts::try_take`]).
+    pub fn for_client(mut self, counts: Arc<ClientCounts>, ip: std::net::IpAddr) -> Self {
+        self.client = Some((counts, ip));
+        self
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.gauge.dec();
+        if let Some((counts, ip)) = &self.client {
+            counts.release(*ip);
+        }
+    }
+}
+
+/// Open connections per client address.
+#[derive(Debug, Default)]
+pub struct ClientCounts {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl ClientCounts {
+    /// Counts one more connection from `ip`, unless it already holds `max`.
+    pub fn try_take(&self, ip: std::net::IpAddr, max: usize) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= max {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn release(&self, ip: std::net::IpAddr) {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = open.get_mut(&ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&ip);
+            }
+        }
     }
 }
 
@@ -98,6 +139,9 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         let (mut parts, body) = request.into_parts();
         parts.extensions.insert(self.conn.via.clone());
         parts.extensions.insert(self.conn.peer);
+        if let Some(identity) = &self.conn.identity {
+            parts.extensions.insert(identity.clone());
+        }
         parts.extensions.insert(generation);
         let body = Limited::new(body, limit).boxed();
         let stack = self.stack.clone();

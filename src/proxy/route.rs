@@ -137,6 +137,13 @@ fn destination(upstream: &Upstream, scheme: Scheme, host: &str, port: u16) -> Re
     if let Some(target) = &upstream.target {
         return Ok(target.clone());
     }
+    // The egress guard checks resolved names; an address literal never reaches the resolver.
+    if host.parse::<std::net::IpAddr>().is_ok_and(crate::security::egress::is_blocked) {
+        return Err(ProxyError::new(
+            ErrorKind::EgressDenied { host: format!("{host} (private address)") },
+            Some(upstream.name.clone()),
+        ));
+    }
     Target::for_host(scheme, &host.to_ascii_lowercase(), port).ok_or_else(|| {
         ProxyError::new(ErrorKind::Malformed { detail: format!("bad host {host}") }, Some(upstream.name.clone()))
     })

@@ -29,6 +29,7 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::limit::{self, Limiter};
 use crate::respond;
 use crate::retry::{Retry, RetryBudgets, RetryLayer};
+use crate::security::clients::ClientIdentity;
 use crate::state::Generation;
 use crate::telemetry::metrics::{method_label, status_class, NO_UPSTREAM};
 use crate::telemetry::Metrics;
@@ -270,8 +271,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<ProxyBody>) -> Self::Future {
-        let routed = route(&request);
-        match routed {
+        match route(&mut request) {
             Ok(routed) => {
                 request.extensions_mut().insert(routed);
                 Box::pin(self.inner.call(request))
@@ -281,10 +281,37 @@ where
     }
 }
 
-fn route(request: &Request<ProxyBody>) -> Result<Routed, ProxyError> {
-    let generation = request.extensions().get::<Arc<Generation>>().ok_or_else(|| internal("no generation"))?;
+/// Who is asking, where to, and whether they may: identity, route, framing and size checks, and
+/// the upstream's injected credential (so batching and quota scopes see what the vendor sees).
+fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
+    let generation = request.extensions().get::<Arc<Generation>>().cloned().ok_or_else(|| internal("no generation"))?;
+    // A message with both framings is a smuggling attempt (RFC 9112 §6.3): refuse it outright.
+    if request.headers().contains_key(http::header::TRANSFER_ENCODING) && request.headers().contains_key(CONTENT_LENGTH)
+    {
+        return Err(ProxyError::new(
+            ErrorKind::Malformed { detail: "both Content-Length and Transfer-Encoding".into() },
+            None,
+        ));
+    }
+    if request.extensions().get::<ClientIdentity>().is_none() {
+        let peer = request.extensions().get::<std::net::SocketAddr>().copied().unwrap_or(([127, 0, 0, 1], 0).into());
+        if let Some(identity) = generation.proxy_clients.identify(request.headers(), peer)? {
+            request.extensions_mut().insert(identity);
+        }
+    }
     let via = request.extensions().get::<Via>().cloned().unwrap_or_default();
     let routed = generation.routes.route(request, &via)?;
+    if let Some(identity) = request.extensions().get::<ClientIdentity>() {
+        if !identity.may_use(&routed.upstream.name) {
+            return Err(ProxyError::new(
+                ErrorKind::ClientNotAllowed { detail: format!("client `{}` may not use this upstream", identity.name) },
+                Some(routed.upstream.name.clone()),
+            ));
+        }
+    }
+    if let Some(credential) = generation.credentials.get(&routed.upstream.name) {
+        credential.apply(request.headers_mut());
+    }
     let limit = generation.config.limits.max_body_bytes;
     let declared = request.headers().get(CONTENT_LENGTH).and_then(|value: &HeaderValue| value.to_str().ok());
     if let Some(declared) = declared {
@@ -355,8 +382,9 @@ where
             let path = routed.uri.path().to_owned();
             let peer = request.extensions().get::<std::net::SocketAddr>().copied();
             let opened = request.extensions().get::<BreakerHandle>().map(|handle| handle.0.opened());
-            let mut admission =
-                limiter.admit(&upstream, request.method(), &path, request.headers(), peer, opened).await?;
+            let client = request.extensions().get::<ClientIdentity>().map(|identity| identity.name.clone());
+            let caller = limit::Caller { headers: request.headers(), peer, client: client.as_deref() };
+            let mut admission = limiter.admit(&upstream, request.method(), &path, caller, opened).await?;
             if let Some(key) = admission.pause_key.take() {
                 request.extensions_mut().insert(PauseKey(key));
             }

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub tunnels_open: IntGaugeVec,
     /// Client connections open now on the proxy listener.
     pub connections_open: IntGauge,
+    /// Connections or tunnels refused by a cap, by reason (`per_client`, `max_tunnels`).
+    pub connections_refused: IntCounterVec,
     /// Responses sluice made itself, by error (`egress_denied`, `upstream_timeout`, ...).
     pub proxy_errors: IntCounterVec,
     /// Leaf certificates minted for interception.
@@ -126,6 +128,11 @@ impl Metrics {
             .expect("static metric definition"),
             connections_open: IntGauge::new("sluice_connections_open", "Client connections open now.")
                 .expect("static metric definition"),
+            connections_refused: IntCounterVec::new(
+                Opts::new("sluice_connections_refused_total", "Connections or tunnels refused by a cap, by reason."),
+                &["reason"],
+            )
+            .expect("static metric definition"),
             proxy_errors: IntCounterVec::new(
                 Opts::new("sluice_proxy_errors_total", "Responses sluice made itself, by upstream and error."),
                 &["upstream", "error"],
@@ -258,6 +265,7 @@ impl Metrics {
             Box::new(self.reload_last_success.clone()),
             Box::new(self.tunnels_open.clone()),
             Box::new(self.connections_open.clone()),
+            Box::new(self.connections_refused.clone()),
             Box::new(self.proxy_errors.clone()),
             Box::new(self.leaf_certs_minted.clone()),
             Box::new(self.quota_decisions.clone()),

@@ -87,6 +87,7 @@ impl CertAuthority {
         let cert_pem = std::fs::read_to_string(cert_path).map_err(|error| {
             ConfigError::at_key("intercept.ca_cert", format!("cannot read {}: {error}", cert_path.display()))
         })?;
+        refuse_exposed_key(key_path)?;
         let key_pem = std::fs::read_to_string(key_path).map_err(|error| {
             ConfigError::at_key("intercept.ca_key", format!("cannot read {}: {error}", key_path.display()))
         })?;
@@ -168,6 +169,26 @@ impl CertAuthority {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
+}
+
+/// The CA key signs certificates every client trusts: a world-readable key file is refused.
+fn refuse_exposed_key(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|error| ConfigError::at_key("intercept.ca_key", format!("cannot read {}: {error}", path.display())))?
+        .permissions()
+        .mode();
+    if mode & 0o004 != 0 {
+        return Err(ConfigError::at_key(
+            "intercept.ca_key",
+            format!(
+                "{} is readable by every user (mode {:o}); make it 0600 (or 0640/0440)",
+                path.display(),
+                mode & 0o777
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A new CA certificate and key, PEM: what `sluice ca init` writes.

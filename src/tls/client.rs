@@ -10,7 +10,11 @@ use rustls_pki_types::{pem::PemObject, CertificateDer};
 
 use crate::config::ConfigError;
 
-pub fn client_config(extra_ca: Option<&Path>, key: &str) -> Result<Arc<ClientConfig>, ConfigError> {
+pub fn client_config(
+    extra_ca: Option<&Path>,
+    client_cert: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+    key: &str,
+) -> Result<Arc<ClientConfig>, ConfigError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
@@ -18,9 +22,20 @@ pub fn client_config(extra_ca: Option<&Path>, key: &str) -> Result<Arc<ClientCon
             roots.add(cert).map_err(|error| ConfigError::at_key(key, format!("{}: {error}", path.display())))?;
         }
     }
-    let config = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let builder = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_root_certificates(roots);
+    let config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert_path, key_path)) => {
+            let chain = read_certs(cert_path, key)?;
+            let private = rustls_pki_types::PrivateKeyDer::from_pem_file(key_path).map_err(|error| {
+                ConfigError::at_key(key, format!("cannot read client key {}: {error}", key_path.display()))
+            })?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|error| ConfigError::at_key(key, format!("client certificate: {error}")))?
+        }
+    };
     Ok(Arc::new(config))
 }
 

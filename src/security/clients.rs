@@ -1,0 +1,208 @@
+//! Proxy client identity for shared deployments: `Proxy-Authorization` (Basic or Bearer) is
+//! matched against the configured clients, whose secrets are stored as SHA-256 hashes or read
+//! from files. A known client may use only its listed upstreams; its name is its `proxy_user`
+//! quota scope. Without `clients:`, sluice is a sidecar and serves loopback peers only (unless
+//! `listen.allow_remote_clients`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http::header::PROXY_AUTHORIZATION;
+use http::HeaderMap;
+
+use crate::config::file_types::ClientFile;
+use crate::config::ConfigError;
+use crate::error::{ErrorKind, ProxyError};
+
+/// Who a request came from, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub name: Arc<str>,
+    upstreams: Arc<[String]>,
+}
+
+impl ClientIdentity {
+    pub fn may_use(&self, upstream: &str) -> bool {
+        self.upstreams.iter().any(|allowed| allowed == upstream || allowed == "*")
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Client {
+    name: Arc<str>,
+    user: String,
+    secret: Secret,
+    upstreams: Arc<[String]>,
+}
+
+#[derive(Debug, Clone)]
+enum Secret {
+    Sha256([u8; 32]),
+    File(PathBuf),
+}
+
+impl Secret {
+    fn matches(&self, presented: &str) -> bool {
+        let digest = ring::digest::digest(&ring::digest::SHA256, presented.as_bytes());
+        match self {
+            Secret::Sha256(expected) => constant_time_eq(digest.as_ref(), expected),
+            Secret::File(path) => std::fs::read_to_string(path).is_ok_and(|text| {
+                let stored = ring::digest::digest(&ring::digest::SHA256, text.trim().as_bytes());
+                constant_time_eq(digest.as_ref(), stored.as_ref())
+            }),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The configured clients, or none (sidecar mode).
+#[derive(Debug, Clone, Default)]
+pub struct Clients {
+    clients: Vec<Client>,
+    allow_remote: bool,
+}
+
+impl Clients {
+    pub fn new(raw: &[ClientFile], allow_remote: bool) -> Result<Self, ConfigError> {
+        let mut clients = Vec::with_capacity(raw.len());
+        for (at, client) in raw.iter().enumerate() {
+            let key = format!("clients[{at}]");
+            let secret = match (&client.secret_sha256, &client.secret_file) {
+                (Some(hex), None) => Secret::Sha256(parse_sha256(hex).ok_or_else(|| {
+                    ConfigError::at_key(format!("{key}.secret_sha256"), "must be 64 hex digits (SHA-256)")
+                })?),
+                (None, Some(path)) => {
+                    std::fs::metadata(path).map_err(|error| {
+                        ConfigError::at_key(
+                            format!("{key}.secret_file"),
+                            format!("cannot read {}: {error}", path.display()),
+                        )
+                    })?;
+                    Secret::File(path.clone())
+                }
+                _ => return Err(ConfigError::at_key(key, "needs exactly one of secret_sha256 and secret_file")),
+            };
+            clients.push(Client {
+                name: Arc::from(client.name.as_str()),
+                user: client.user.clone().unwrap_or_else(|| client.name.clone()),
+                secret,
+                upstreams: client.upstreams.clone().into(),
+            });
+        }
+        Ok(Self { clients, allow_remote })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    /// Who sent `headers` from `peer`; `Ok(None)` in sidecar mode (no clients configured).
+    pub fn identify(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<Option<ClientIdentity>, ProxyError> {
+        if self.clients.is_empty() {
+            if self.allow_remote || peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback() {
+                return Ok(None);
+            }
+            return Err(ProxyError::new(
+                ErrorKind::ClientNotAllowed { detail: format!("{} is not a loopback client", peer.ip()) },
+                None,
+            ));
+        }
+        let required = || ProxyError::new(ErrorKind::ProxyAuthRequired, None);
+        let value = headers.get(PROXY_AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(required)?;
+        let (scheme, credentials) = value.trim().split_once(' ').ok_or_else(required)?;
+        let client = if scheme.eq_ignore_ascii_case("basic") {
+            let decoded = decode_base64(credentials.trim()).ok_or_else(required)?;
+            let text = String::from_utf8(decoded).map_err(|_| required())?;
+            let (user, password) = text.split_once(':').ok_or_else(required)?;
+            self.clients.iter().find(|client| client.user == user && client.secret.matches(password))
+        } else if scheme.eq_ignore_ascii_case("bearer") {
+            let token = credentials.trim();
+            self.clients.iter().find(|client| client.secret.matches(token))
+        } else {
+            None
+        };
+        let client = client.ok_or_else(required)?;
+        Ok(Some(ClientIdentity { name: client.name.clone(), upstreams: client.upstreams.clone() }))
+    }
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (at, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(at * 2..at * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for byte in text.bytes().filter(|b| *b != b'=') {
+        let value = ALPHABET.iter().position(|c| *c == byte)? as u32;
+        buffer = (buffer << 6) | value;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+            buffer &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn sha(text: &str) -> String {
+        ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[test]
+    fn basic_and_bearer() {
+        let raw = vec![ClientFile {
+            name: "billing".into(),
+            user: None,
+            secret_sha256: Some(sha("s3cret")),
+            secret_file: None,
+            upstreams: vec!["hubspot".into()],
+        }];
+        let clients = Clients::new(&raw, false).unwrap();
+        let peer: SocketAddr = "10.0.0.5:4000".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        assert_eq!(clients.identify(&headers, peer).unwrap_err().code(), "proxy_auth_required");
+        headers.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("Basic YmlsbGluZzpzM2NyZXQ="));
+        let identity = clients.identify(&headers, peer).unwrap().unwrap();
+        assert!(identity.may_use("hubspot") && !identity.may_use("salesforce"));
+        headers.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"));
+        assert!(clients.identify(&headers, peer).unwrap().is_some());
+        headers.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("Bearer wrong"));
+        assert!(clients.identify(&headers, peer).is_err());
+    }
+
+    #[test]
+    fn sidecar_mode_is_loopback_only() {
+        let clients = Clients::new(&[], false).unwrap();
+        assert!(clients.identify(&HeaderMap::new(), "127.0.0.1:1".parse().unwrap()).unwrap().is_none());
+        assert_eq!(
+            clients.identify(&HeaderMap::new(), "10.0.0.1:1".parse().unwrap()).unwrap_err().code(),
+            "client_not_allowed"
+        );
+        let open = Clients::new(&[], true).unwrap();
+        assert!(open.identify(&HeaderMap::new(), "10.0.0.1:1".parse().unwrap()).is_ok());
+    }
+}
