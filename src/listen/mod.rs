@@ -6,6 +6,7 @@
 //! gracefully (HTTP/1 finishes its response, HTTP/2 sends GOAWAY) when shutdown starts.
 
 pub mod connect;
+pub mod guard_io;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -95,6 +96,7 @@ where
     let first_request_within = shared.current().config.limits.header_read_timeout;
     let service = ProxyService::new(shared.clone(), conn);
     let started = service.started();
+    let io = guard_io::GuardIo::new(io, service.tunnelled());
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     // hyper's header_read_timeout starts only once hyper-util's auto builder has told HTTP/1

@@ -108,12 +108,25 @@ pub struct ProxyService {
     stack: HttpStack,
     /// Set when the first request head on this connection has been read.
     started: Arc<AtomicBool>,
+    /// Set once a CONNECT on this connection is answered: from then on it carries a tunnel.
+    tunnelled: Arc<AtomicBool>,
 }
 
 impl ProxyService {
     pub fn new(shared: Arc<Shared>, conn: ClientConn) -> Self {
         let stack = stack::http_stack(shared.stack_parts());
-        Self { shared, conn: Arc::new(conn), stack, started: Arc::new(AtomicBool::new(false)) }
+        Self {
+            shared,
+            conn: Arc::new(conn),
+            stack,
+            started: Arc::new(AtomicBool::new(false)),
+            tunnelled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether the connection has become a tunnel (see `listen::guard_io`).
+    pub fn tunnelled(&self) -> Arc<AtomicBool> {
+        self.tunnelled.clone()
     }
 
     /// Whether any request head has been read on this connection yet.
@@ -133,7 +146,14 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         if request.method() == Method::CONNECT && self.conn.via.tunnel_host.is_none() {
             let shared = self.shared.clone();
             let conn = self.conn.clone();
-            return Box::pin(async move { Ok(connect::handle(request, generation, shared, conn).await) });
+            let tunnelled = self.tunnelled.clone();
+            return Box::pin(async move {
+                let response = connect::handle(request, generation, shared, conn).await;
+                if response.status().is_success() {
+                    tunnelled.store(true, Ordering::Relaxed);
+                }
+                Ok(response)
+            });
         }
         let limit = usize::try_from(generation.config.limits.max_body_bytes).unwrap_or(usize::MAX);
         let (mut parts, body) = request.into_parts();

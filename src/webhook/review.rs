@@ -162,7 +162,7 @@ mod tests {
     fn a_pod_gets_a_patch_and_the_uid_back() {
         let (review, outcome) = review(&review_json(pod(), "CREATE"), &Settings::default()).unwrap();
         assert_eq!(outcome, Outcome::Injected);
-        let response = review.response.unwrap();
+        let response = review.response.clone().unwrap();
         assert!(response.allowed);
         assert_eq!(response.uid, "705ab4f5-6393-11e8-b7cc-42010a800002");
         assert!(response.patch.is_some());
