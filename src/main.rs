@@ -26,7 +26,7 @@ enum Command {
         config: PathBuf,
     },
     /// Serve the Kubernetes admission webhook that injects the sluice sidecar into pods.
-    Inject(sluice::webhook::InjectArgs),
+    Inject(Box<sluice::webhook::InjectArgs>),
     /// Manage the interception CA.
     Ca {
         #[command(subcommand)]
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Ca { command: CaCommand::Init { out, force } } => ca_init(&out, force),
-        Command::Inject(args) => sluice::webhook::main(args),
+        Command::Inject(args) => sluice::webhook::main(*args),
     }
 }
 

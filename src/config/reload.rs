@@ -228,6 +228,7 @@ fn audit_diff(old: &Config, new: &Config, trigger: Trigger) {
         .filter(|upstream| old.upstream(&upstream.name).is_some_and(|before| before != *upstream))
         .map(|upstream| upstream.name.to_string())
         .collect();
+    let quotas_changed = quota_changes(old, new);
     tracing::info!(
         target: "sluice::audit",
         event = "config_reload",
@@ -235,6 +236,33 @@ fn audit_diff(old: &Config, new: &Config, trigger: Trigger) {
         upstreams_added = ?added,
         upstreams_removed = ?removed,
         upstreams_changed = ?changed,
+        quotas_changed = ?quotas_changed,
         "Config change applied."
     );
+}
+
+/// `hubspot/burst: 190/10s -> 150/10s`, `hubspot/daily: added`, ... for the audit line.
+fn quota_changes(old: &Config, new: &Config) -> Vec<String> {
+    let describe = |quota: &super::Quota| format!("{}/{}", quota.limit, humantime::format_duration(quota.per));
+    let mut changes = Vec::new();
+    for upstream in &new.upstreams {
+        let before = old.upstream(&upstream.name).map(|u| u.limits.quotas.as_slice()).unwrap_or(&[]);
+        for quota in &upstream.limits.quotas {
+            match before.iter().find(|q| q.name == quota.name) {
+                None => changes.push(format!("{}/{}: added {}", upstream.name, quota.name, describe(quota))),
+                Some(previous) if previous != quota => changes.push(format!(
+                    "{}/{}: {} -> {}",
+                    upstream.name,
+                    quota.name,
+                    describe(previous),
+                    describe(quota)
+                )),
+                Some(_) => {}
+            }
+        }
+        for quota in before.iter().filter(|q| !upstream.limits.quotas.iter().any(|n| n.name == q.name)) {
+            changes.push(format!("{}/{}: removed", upstream.name, quota.name));
+        }
+    }
+    changes
 }
