@@ -72,24 +72,32 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
-            let policy = request.extensions().get::<Routed>().and_then(|routed| {
-                routed.upstream.retry.filter(|retry| retry.attempts > 1).map(|retry| (routed.upstream.clone(), retry))
-            });
-            let Some((upstream, policy)) = policy else {
+            let upstream = request.extensions().get::<Routed>().map(|routed| routed.upstream.clone());
+            let Some(upstream) = upstream else {
                 let response: BoxFuture<_> = Box::pin(inner.oneshot(request));
                 return response.await;
+            };
+            let started = Instant::now();
+            let asked = client_deadline(request.headers());
+            let policy = upstream.retry.filter(|retry| retry.attempts > 1);
+            let Some(policy) = policy else {
+                // No retries; the caller's own deadline still caps the exchange.
+                let response: BoxFuture<_> = Box::pin(inner.oneshot(request));
+                return match asked {
+                    None => response.await,
+                    Some(asked) => within(started, started + asked, response, &upstream).await,
+                };
             };
             let budget = layer.budgets.for_upstream(&upstream.name);
             budget.set_ratio(policy.budget);
             budget.record_request();
+            let mut deadline = started + upstream.request_timeout;
+            if let Some(asked) = asked {
+                deadline = deadline.min(started + asked);
+            }
             if !repeatable(request.method(), request.headers()) || !fits(&request, policy.max_body_bytes) {
                 let response: BoxFuture<_> = Box::pin(inner.oneshot(request));
-                return response.await;
-            }
-            let started = Instant::now();
-            let mut deadline = started + upstream.request_timeout;
-            if let Some(asked) = client_deadline(request.headers()) {
-                deadline = deadline.min(started + asked);
+                return within(started, deadline, response, &upstream).await;
             }
             let (parts, body) = request.into_parts();
             let bytes: Bytes = match body.collect().await {
@@ -105,9 +113,18 @@ where
             };
             let mut attempt = 1;
             loop {
-                let request = Request::from_parts(parts.clone(), body::full(bytes.clone()));
+                let mut request = Request::from_parts(parts.clone(), body::full(bytes.clone()));
+                // Every attempt, queueing in the limiter included, ends by the deadline: a vendor
+                // pause longer than what is left is answered with its Retry-After, not waited out.
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Ok(value) = http::HeaderValue::from_str(&format!("{:.3}", left.as_secs_f64())) {
+                    let shorter = client_wait(request.headers()).is_none_or(|asked| asked > left);
+                    if shorter {
+                        request.headers_mut().insert(crate::limit::MAX_WAIT_HEADER, value);
+                    }
+                }
                 let response: BoxFuture<_> = Box::pin(inner.clone().oneshot(request));
-                let result = response.await;
+                let result = within(started, deadline, response, &upstream).await;
                 let Some(reason) = retry_reason(&result) else { return result };
                 if attempt >= policy.attempts {
                     return result;
@@ -164,6 +181,32 @@ fn fits(request: &Request<ProxyBody>, max: u64) -> bool {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .is_some_and(|length| length <= max)
+}
+
+/// Runs `response`, answering 504 if `deadline` passes first.
+async fn within(
+    started: Instant,
+    deadline: Instant,
+    response: BoxFuture<Result<Response<ProxyBody>, ProxyError>>,
+    upstream: &crate::config::Upstream,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    match tokio::time::timeout_at(deadline, response).await {
+        Ok(result) => result,
+        Err(_) => Err(ProxyError::new(
+            ErrorKind::ResponseTimeout { after: deadline.saturating_duration_since(started) },
+            Some(upstream.name.clone()),
+        )),
+    }
+}
+
+/// The caller's `Sluice-Max-Wait`, if it sent one.
+fn client_wait(headers: &http::HeaderMap) -> Option<Duration> {
+    let text = headers.get(crate::limit::MAX_WAIT_HEADER)?.to_str().ok()?.trim();
+    text.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .or_else(|| humantime::parse_duration(text).ok())
 }
 
 fn client_deadline(headers: &http::HeaderMap) -> Option<Duration> {

@@ -43,6 +43,9 @@
 /// Microseconds since the Unix epoch (Redis `TIME` for shared decisions, the local clock otherwise).
 pub type Micros = i64;
 
+/// `retry_after` of a request that can never conform (2^50 us, about 35 years); `NEVER` in decide.lua.
+pub const NEVER: Micros = 1 << 50;
+
 /// One quota as the algorithm sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
@@ -188,7 +191,7 @@ pub fn decide(rules: &[(Rule, i64)], states: &mut [State], now: Micros, max_wait
                     limiting = index;
                 }
                 Some(_) => {}
-                None => return reject(rules, states, now, i64::MAX / 4, index),
+                None => return reject(rules, states, now, NEVER, index),
             }
         }
         if latest == send_at {

@@ -102,6 +102,14 @@ impl MemoryStore {
         self.lock().states.remove(key);
     }
 
+    /// Forgets a bucket if it is full again (its state no longer affects any decision).
+    pub fn forget_if_idle(&self, key: &str, now: Micros) {
+        let mut buckets = self.lock();
+        if buckets.states.get(key).is_some_and(|state| !is_live(state, now)) {
+            buckets.states.remove(key);
+        }
+    }
+
     /// Forgets every bucket whose key starts with `prefix` (local shares after Redis recovers).
     pub fn forget_prefix(&self, prefix: &str) {
         self.lock().states.retain(|key, _| !key.starts_with(prefix));

@@ -223,7 +223,9 @@ impl Limiter {
         let cost = i64::try_from(limits.cost(method, path)).unwrap_or(i64::MAX);
         let (keys, pause_key) = self.bucket_keys(upstream, &caller);
         // A pause can be re-armed while we sleep through it; three rounds is plenty, and bounded.
-        for _ in 0..3 {
+        // Each hold is bounded by the deadline, so this loop is too; the count is a backstop.
+        let mut admitted = false;
+        for _ in 0..32 {
             let remaining_wait = deadline.saturating_duration_since(Instant::now());
             let max_wait_us = i64::try_from(remaining_wait.as_micros()).unwrap_or(i64::MAX);
             match self.decide(upstream, &keys, &pause_key, cost, max_wait_us).await? {
@@ -234,6 +236,7 @@ impl Limiter {
                     }
                     admission.rate_limit = headers::rate_limit(&limits.quotas, &standings);
                     if wait <= 0 {
+                        admitted = true;
                         break;
                     }
                     let sleep = tokio::time::sleep(Duration::from_micros(u64::try_from(wait).unwrap_or(0)));
@@ -243,7 +246,10 @@ impl Limiter {
                         Some(remaining) => {
                             self.hold_for_pause(upstream, remaining, &[], deadline, &mut breaker_opened).await?
                         }
-                        None => break,
+                        None => {
+                            admitted = true;
+                            break;
+                        }
                     }
                 }
                 Some(Decision::Rejected { retry_after, limiting, standings }) => {
@@ -263,8 +269,24 @@ impl Limiter {
                 Some(Decision::Paused { remaining, standings }) => {
                     self.hold_for_pause(upstream, remaining, &standings, deadline, &mut breaker_opened).await?;
                 }
-                None => break,
+                None => {
+                    admitted = true;
+                    break;
+                }
             }
+        }
+        if !admitted {
+            // The vendor kept re-arming its pause: answer honestly rather than send into it.
+            let left = self.pause_remaining(&pause_key).await.unwrap_or(0);
+            return Err(ProxyError::new(
+                ErrorKind::RateLimited {
+                    quota: "vendor".to_owned(),
+                    retry_after: Duration::from_micros(u64::try_from(left.max(0)).unwrap_or(0)),
+                    rate_limit: None,
+                    policy: headers::rate_limit_policy(&limits.quotas),
+                },
+                name,
+            ));
         }
         admission.pause_key = Some(pause_key);
         admission.queued = started.elapsed();
@@ -442,7 +464,8 @@ impl Limiter {
             || QuotaKey("_all".to_owned()),
             |quota| scope::quota_key_for(&quota.scope, headers, peer, client),
         );
-        let pause_key = format!("{}:{{{}}}:pause:{}", self.store.key_prefix, upstream.name, pause_scope.0);
+        // `!` is never in a quota name, so no quota's bucket can be read as a pause.
+        let pause_key = format!("{}:{{{}}}:!pause:{}", self.store.key_prefix, upstream.name, pause_scope.0);
         let mut scopes = self.scopes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let keys = upstream
             .limits
@@ -456,8 +479,11 @@ impl Limiter {
                 table.set_capacity(quota.max_keys);
                 if let Some(evicted) = table.touch(&key) {
                     self.metrics.scope_evictions.with_label_values(&[&upstream.name, &quota.name]).inc();
-                    self.local.forget(&self.bucket_key(upstream, quota, &evicted));
-                    self.local.forget(&format!("local:{}", self.bucket_key(upstream, quota, &evicted)));
+                    // Only an idle (full) bucket may go: forgetting a live one would hand that scope
+                    // a full bucket again (Redis keeps it until it expires). Live ones go in the sweep.
+                    let now = now_micros();
+                    self.local.forget_if_idle(&self.bucket_key(upstream, quota, &evicted), now);
+                    self.local.forget_if_idle(&format!("local:{}", self.bucket_key(upstream, quota, &evicted)), now);
                 }
                 self.bucket_key(upstream, quota, &key)
             })
@@ -466,7 +492,13 @@ impl Limiter {
     }
 
     fn bucket_key(&self, upstream: &Upstream, quota: &Quota, key: &QuotaKey) -> String {
-        format!("{}:{{{}}}:{}:{}", self.store.key_prefix, upstream.name, quota.name, key.0)
+        // The window kind is part of the key (a string in Redis for rolling, a hash for fixed), so a
+        // reload that changes it starts a fresh bucket instead of failing with WRONGTYPE.
+        let kind = match quota.window {
+            Window::Rolling => "",
+            Window::Fixed { .. } => "@fixed",
+        };
+        format!("{}:{{{}}}:{}{kind}:{}", self.store.key_prefix, upstream.name, quota.name, key.0)
     }
 
     /// One decision in the current mode; `None` means "let it through unlimited" (`allow`).
@@ -587,10 +619,29 @@ impl Limiter {
 
     fn slots(&self, upstream: &Arc<str>, max: usize) -> Arc<Semaphore> {
         let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match slots.get(upstream) {
-            Some((size, semaphore)) if *size == max => semaphore.clone(),
-            _ => {
-                // A changed limit gets a fresh semaphore; requests holding the old one finish.
+        match slots.get_mut(upstream) {
+            Some((size, semaphore)) => {
+                // One semaphore per upstream, resized: holders of the old size count against the new.
+                if max > *size {
+                    semaphore.add_permits(max - *size);
+                } else if max < *size {
+                    let shrink = *size - max;
+                    let rest = shrink - semaphore.forget_permits(shrink);
+                    if rest > 0 {
+                        let semaphore = semaphore.clone();
+                        tokio::spawn(async move {
+                            if let Ok(permits) =
+                                semaphore.acquire_many_owned(u32::try_from(rest).unwrap_or(u32::MAX)).await
+                            {
+                                permits.forget();
+                            }
+                        });
+                    }
+                }
+                *size = max;
+                semaphore.clone()
+            }
+            None => {
                 let semaphore = Arc::new(Semaphore::new(max));
                 slots.insert(upstream.clone(), (max, semaphore.clone()));
                 semaphore
@@ -662,10 +713,8 @@ impl Limiter {
     async fn states_for(&self, keys: &[String]) -> Vec<gcra::State> {
         match (&self.redis, self.mode()) {
             (Some(redis), Mode::Shared) => {
-                match tokio::time::timeout(self.store.timeout * 4, redis.peek_tats(keys)).await {
-                    Ok(Ok(tats)) => {
-                        tats.into_iter().map(|tat| tat.map_or(gcra::State::Empty, gcra::State::Tat)).collect()
-                    }
+                match tokio::time::timeout(self.store.timeout * 4, redis.peek_states(keys)).await {
+                    Ok(Ok(states)) => states,
                     _ => vec![gcra::State::Empty; keys.len()],
                 }
             }
@@ -717,10 +766,12 @@ pub fn rules(quotas: &[Quota], cost: i64, now: Micros, divisor: u64) -> Vec<(Rul
         .iter()
         .map(|quota| {
             let per = i64::try_from(quota.per.as_micros()).unwrap_or(i64::MAX);
-            let limit = (quota.limit / divisor).max(1);
+            // A local share still holds one request of this route (validation keeps cost <= burst).
+            let cost = u64::try_from(cost).unwrap_or(1).max(1);
+            let limit = (quota.limit / divisor).max(cost.min(quota.limit)).max(1);
             let rule = match &quota.window {
                 Window::Rolling => {
-                    let burst = (quota.burst / divisor).clamp(1, limit);
+                    let burst = (quota.burst / divisor).max(cost.min(quota.burst)).clamp(1, limit);
                     let margin = i64::try_from(quota.margin.as_micros()).unwrap_or(0);
                     Rule::rolling(limit, per, burst, margin)
                 }
@@ -729,7 +780,7 @@ pub fn rules(quotas: &[Quota], cost: i64, now: Micros, divisor: u64) -> Vec<(Rul
                     bounds: window::bounds(per, resets_at.as_ref(), now),
                 },
             };
-            (rule, cost)
+            (rule, i64::try_from(cost).unwrap_or(i64::MAX))
         })
         .collect()
 }

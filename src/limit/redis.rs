@@ -229,6 +229,43 @@ impl RedisStore {
         Ok(values)
     }
 
+    /// Reads raw states for `/quotas`: a rolling bucket's TAT (a string), a fixed bucket's two
+    /// most recent window counts (a hash).
+    pub async fn peek_states(&self, keys: &[String]) -> Result<Vec<super::gcra::State>, StoreError> {
+        use super::gcra::State;
+        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        async fn query<T: redis::FromRedisValue>(conn: &Conn, command: &redis::Cmd) -> redis::RedisResult<T> {
+            match conn {
+                Conn::Single(manager) => command.query_async(&mut manager.clone()).await,
+                Conn::Cluster(cluster) => command.query_async(&mut cluster.clone()).await,
+            }
+        }
+        let mut states = Vec::with_capacity(keys.len());
+        for key in keys {
+            let kind: String = query(&conn, redis::cmd("TYPE").arg(key)).await?;
+            let state = match kind.as_str() {
+                "string" => {
+                    let text: Option<String> = query(&conn, redis::cmd("GET").arg(key)).await?;
+                    text.and_then(|text| text.parse().ok()).map_or(State::Empty, State::Tat)
+                }
+                "hash" => {
+                    let fields: Vec<(String, i64)> = query(&conn, redis::cmd("HGETALL").arg(key)).await?;
+                    let mut counts: Vec<(Micros, i64)> =
+                        fields.into_iter().filter_map(|(start, count)| Some((start.parse().ok()?, count))).collect();
+                    counts.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+                    match counts.as_slice() {
+                        [] => State::Empty,
+                        [first] => State::Counts { first: *first, second: (0, 0) },
+                        [first, second, ..] => State::Counts { first: *first, second: *second },
+                    }
+                }
+                _ => State::Empty,
+            };
+            states.push(state);
+        }
+        Ok(states)
+    }
+
     /// Redis `TIME` in microseconds (for `/quotas`, so reported times match the script's).
     pub async fn time(&self) -> Result<Micros, StoreError> {
         let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;

@@ -48,6 +48,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
+    let own: Vec<HeaderName> = headers.keys().filter(|name| name.as_str().starts_with("sluice-")).cloned().collect();
+    for name in own {
+        headers.remove(name);
+    }
 }
 
 /// Appends this hop to `Via`.

@@ -390,6 +390,9 @@ where
             }
             let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(inner.call(request));
             let mut response = response.await?;
+            if let Some(permit) = admission.permit.take() {
+                response = response.map(|body| crate::body::holding(body, permit));
+            }
             if admission.limited {
                 let headers = response.headers_mut();
                 headers.append("server-timing", limit::headers::server_timing(admission.queued));

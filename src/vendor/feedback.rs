@@ -39,6 +39,29 @@ const DAILY_PROBE_EVERY: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct PauseKey(pub String);
 
+/// Reads up to `cap` bytes of `body`. A body that ends within the cap comes back whole as bytes
+/// (and as a fresh body); a longer one is passed on as it came: what was read is put back in
+/// front of the rest, and there are no bytes to classify.
+async fn read_prefix(mut body: ProxyBody, cap: u64) -> Result<(ProxyBody, Option<Bytes>), crate::body::BoxError> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        total += data.len() as u64;
+        chunks.push(data);
+        if total > cap {
+            let replay = futures_util::stream::iter(
+                chunks.into_iter().map(|chunk| Ok::<_, crate::body::BoxError>(http_body::Frame::data(chunk))),
+            );
+            let rest = http_body_util::BodyStream::new(body);
+            let chained = http_body_util::StreamBody::new(futures_util::StreamExt::chain(replay, rest));
+            return Ok((chained.boxed(), None));
+        }
+    }
+    let bytes: Bytes = chunks.concat().into();
+    Ok((body::full(bytes.clone()), Some(bytes)))
+}
+
 #[derive(Clone)]
 pub struct FeedbackLayer {
     pub limiter: Arc<Limiter>,
@@ -82,23 +105,17 @@ where
             let feedback = upstream.feedback;
             let status = response.status();
             let (parts, body) = response.into_parts();
-            let small = body.size_hint().upper().is_some_and(|upper| upper <= MAX_ERROR_BODY);
-            let (body, bytes): (ProxyBody, Option<Bytes>) = if feedback.profile.wants_error_body(status) && small {
-                match body.collect().await {
-                    Ok(collected) => {
-                        let bytes = collected.to_bytes();
-                        (body::full(bytes.clone()), Some(bytes))
-                    }
-                    Err(error) => {
-                        return Err(ProxyError::new(
+            let (body, bytes): (ProxyBody, Option<Bytes>) =
+                if feedback.profile.wants_error_body(status) && body.size_hint().lower() <= MAX_ERROR_BODY {
+                    read_prefix(body, MAX_ERROR_BODY).await.map_err(|error| {
+                        ProxyError::new(
                             crate::error::ErrorKind::UpstreamProtocol { detail: format!("response body: {error}") },
                             Some(upstream.name.clone()),
-                        ))
-                    }
-                }
-            } else {
-                (body, None)
-            };
+                        )
+                    })?
+                } else {
+                    (body, None)
+                };
             let seen =
                 super::Response { status, headers: &parts.headers, body: bytes.as_deref(), now: SystemTime::now() };
             let observation = observe(feedback.profile, feedback.reset, &seen);
@@ -137,7 +154,10 @@ where
                         .windows
                         .iter()
                         .filter(|window| window.remaining.is_some_and(|r| r <= feedback.pause_at_remaining))
-                        .filter_map(|window| window.reset_in)
+                        // A rolling window with no reset (HubSpot) frees up within its length.
+                        .filter_map(|window| {
+                            window.reset_in.or_else(|| window.window.map(|w| w.min(DAILY_PROBE_EVERY)))
+                        })
                         .max();
                     if let Some(reset_in) = exhausted {
                         layer.limiter.pause(&upstream, key, reset_in, "remaining").await;

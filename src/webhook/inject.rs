@@ -8,7 +8,7 @@
 //! - it is already injected: annotation `sluice.io/injected`, or a container named `sluice`
 //!   (so a second call, e.g. through `reinvocationPolicy: IfNeeded`, changes nothing);
 //! - it runs with `hostNetwork: true`, where the sidecar's 127.0.0.1 listeners would be the node's;
-//! - its `sluice.io/config` annotation does not name a valid ConfigMap.
+//! - its `sluice.io/config` annotation is not a valid object name.
 //!
 //! # What the patch adds
 //! - the `sluice` container: a native sidecar (the first init container, `restartPolicy: Always`)
@@ -44,7 +44,8 @@ use serde_json::Value;
 
 /// Label and annotation: `enabled` opts a pod in (label), `disabled` opts it out.
 pub const INJECT_KEY: &str = "sluice.io/inject";
-/// Annotation naming the ConfigMap (in the pod's namespace) to run the sidecar with.
+/// Annotation naming the config object (ConfigMap, or Secret with `--config-kind secret`) in the
+/// pod's namespace to run the sidecar with.
 pub const CONFIG_ANNOTATION: &str = "sluice.io/config";
 /// Annotation and label the injector sets; their presence means "already injected".
 pub const INJECTED_KEY: &str = "sluice.io/injected";
@@ -95,6 +96,16 @@ pub enum CaBundle {
     Secret,
 }
 
+/// What kind of object holds sluice's config in the pod's namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConfigKind {
+    /// A ConfigMap: what SREs edit to tune quotas.
+    #[value(name = "configmap")]
+    ConfigMap,
+    /// A Secret, for configs that carry credentials (a Redis URL with a password).
+    Secret,
+}
+
 /// Resource requests and limits of the sidecar, as Kubernetes quantities; `None` leaves one unset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resources {
@@ -110,9 +121,10 @@ pub struct Settings {
     pub image: String,
     pub image_pull_policy: String,
     pub sidecar_mode: SidecarMode,
-    /// Default ConfigMap (in the pod's namespace); `sluice.io/config` overrides it per pod.
-    pub config_map: String,
-    /// The key of the ConfigMap that holds sluice's YAML.
+    /// Default config object (in the pod's namespace); `sluice.io/config` overrides it per pod.
+    pub config_name: String,
+    pub config_kind: ConfigKind,
+    /// The key of the config object that holds sluice's YAML.
     pub config_key: String,
     /// Secret (in the pod's namespace) with `ca.crt`, `ca.key` and, in `secret` mode, `ca-bundle.pem`.
     pub ca_secret: String,
@@ -146,7 +158,8 @@ impl Default for Settings {
             image: concat!("sluice:", env!("CARGO_PKG_VERSION")).to_owned(),
             image_pull_policy: "IfNotPresent".to_owned(),
             sidecar_mode: SidecarMode::Native,
-            config_map: "sluice".to_owned(),
+            config_name: "sluice-config".to_owned(),
+            config_kind: ConfigKind::ConfigMap,
             config_key: "sluice.yaml".to_owned(),
             ca_secret: "sluice-ca".to_owned(),
             ca_bundle: CaBundle::Init,
@@ -188,7 +201,7 @@ pub enum Skip {
     AlreadyInjected,
     #[error("hostNetwork pods share the node's loopback; not injected")]
     HostNetwork,
-    #[error("sluice.io/config {0:?} is not a valid ConfigMap name; not injected")]
+    #[error("sluice.io/config {0:?} is not a valid object name; not injected")]
     InvalidConfigName(String),
 }
 
@@ -217,10 +230,10 @@ pub fn inject(pod: &Pod, settings: &Settings) -> Result<Decision, InjectError> {
     if spec.and_then(|spec| spec.host_network).unwrap_or(false) {
         return Ok(Decision::Skip(Skip::HostNetwork));
     }
-    let config_map = match annotations.and_then(|map| map.get(CONFIG_ANNOTATION)) {
+    let config_name = match annotations.and_then(|map| map.get(CONFIG_ANNOTATION)) {
         Some(name) if !is_dns_subdomain(name) => return Ok(Decision::Skip(Skip::InvalidConfigName(name.clone()))),
         Some(name) => name.clone(),
-        None => settings.config_map.clone(),
+        None => settings.config_name.clone(),
     };
 
     let mut builder = PatchBuilder::default();
@@ -254,7 +267,7 @@ pub fn inject(pod: &Pod, settings: &Settings) -> Result<Decision, InjectError> {
     }
 
     let has_volumes = spec.and_then(|spec| spec.volumes.as_ref()).is_some();
-    for volume in volumes(settings, &config_map) {
+    for volume in volumes(settings, &config_name) {
         builder.append(&["spec", "volumes"], !has_volumes, to_value(&volume)?);
     }
 
@@ -387,7 +400,7 @@ fn resources(wanted: &Resources) -> ResourceRequirements {
     }
 }
 
-fn volumes(settings: &Settings, config_map: &str) -> Vec<Volume> {
+fn volumes(settings: &Settings, config_name: &str) -> Vec<Volume> {
     let secret = |items: Option<Vec<KeyToPath>>, mode: i32| SecretVolumeSource {
         secret_name: Some(settings.ca_secret.clone()),
         items,
@@ -396,15 +409,26 @@ fn volumes(settings: &Settings, config_map: &str) -> Vec<Volume> {
     };
     let item = |key: &str| KeyToPath { key: key.to_owned(), path: key.to_owned(), mode: None };
     let mut volumes = vec![
-        Volume {
-            name: CONFIG_VOLUME.to_owned(),
-            // A whole-directory mount (no subPath): the `..data` swap of an update reaches sluice.
-            config_map: Some(ConfigMapVolumeSource {
-                name: config_map.to_owned(),
-                default_mode: Some(TRUST_MODE),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
+        // A whole-directory mount (no subPath): the `..data` swap of an update reaches sluice.
+        match settings.config_kind {
+            ConfigKind::ConfigMap => Volume {
+                name: CONFIG_VOLUME.to_owned(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: config_name.to_owned(),
+                    default_mode: Some(TRUST_MODE),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            ConfigKind::Secret => Volume {
+                name: CONFIG_VOLUME.to_owned(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(config_name.to_owned()),
+                    default_mode: Some(CA_MODE),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
         },
         Volume { name: CA_VOLUME.to_owned(), secret: Some(secret(None, CA_MODE)), ..Volume::default() },
     ];
@@ -594,7 +618,7 @@ fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, InjectError> {
     Ok(serde_json::to_value(value)?)
 }
 
-/// RFC 1123 subdomain, the rule for ConfigMap names.
+/// RFC 1123 subdomain, the rule for ConfigMap and Secret names.
 fn is_dns_subdomain(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253

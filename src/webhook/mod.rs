@@ -14,7 +14,7 @@
 //! ```text
 //! sluice inject --cert /tls/tls.crt --key /tls/tls.key --listen 0.0.0.0:8443 \
 //!     --image ghcr.io/sluice-proxy/sluice:0.1.0 --sidecar-mode native \
-//!     --config-map sluice --ca-secret sluice-ca --ca-bundle init --no-proxy 169.254.169.254
+//!     --config-name sluice-config --ca-secret sluice-ca --ca-bundle init --no-proxy 169.254.169.254
 //! ```
 //!
 //! Every flag also reads an environment variable, `SLUICE_INJECT_<FLAG>` (e.g.
@@ -29,6 +29,7 @@ use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,7 +53,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::{self, ProxyBody};
 use crate::respond::json_response;
-pub use inject::{CaBundle, Resources, Settings, SidecarMode};
+pub use inject::{CaBundle, ConfigKind, Resources, Settings, SidecarMode};
 
 /// The largest review accepted. Pods are capped by etcd at about 1.5 MiB; this leaves room.
 const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
@@ -87,10 +88,14 @@ pub struct InjectArgs {
     /// regular container, for older clusters.
     #[arg(long, env = "SLUICE_INJECT_SIDECAR_MODE", value_enum, default_value = "native")]
     pub sidecar_mode: SidecarMode,
-    /// ConfigMap with sluice's config, in each injected pod's namespace (`sluice.io/config` overrides).
-    #[arg(long, env = "SLUICE_INJECT_CONFIG_MAP", default_value = "sluice")]
-    pub config_map: String,
-    /// Key of the ConfigMap holding the YAML.
+    /// Name of the object with sluice's config, in each injected pod's namespace (the pod
+    /// annotation `sluice.io/config` overrides it).
+    #[arg(long, env = "SLUICE_INJECT_CONFIG_NAME", default_value = "sluice-config")]
+    pub config_name: String,
+    /// `configmap`, or `secret` for configs that carry credentials.
+    #[arg(long, env = "SLUICE_INJECT_CONFIG_KIND", value_enum, default_value = "configmap")]
+    pub config_kind: ConfigKind,
+    /// Key of the config object holding the YAML.
     #[arg(long, env = "SLUICE_INJECT_CONFIG_KEY", default_value = "sluice.yaml")]
     pub config_key: String,
     /// Secret with the interception CA (`ca.crt`, `ca.key`), in each injected pod's namespace.
@@ -150,7 +155,8 @@ impl InjectArgs {
             image: self.image.clone(),
             image_pull_policy: self.image_pull_policy.clone(),
             sidecar_mode: self.sidecar_mode,
-            config_map: self.config_map.clone(),
+            config_name: self.config_name.clone(),
+            config_kind: self.config_kind,
             config_key: self.config_key.clone(),
             ca_secret: self.ca_secret.clone(),
             ca_bundle: self.ca_bundle,
@@ -385,23 +391,22 @@ fn mutate(body: &Bytes, settings: &Settings) -> Response<ProxyBody> {
 struct CertStore {
     files: TlsFiles,
     current: ArcSwap<CertifiedKey>,
-    /// Hash of the files last loaded, so a no-op event or recheck does not log a reload.
-    loaded: std::sync::Mutex<u64>,
+    /// Hash of the files last loaded, so a no-op event or recheck does not log a reload. Only
+    /// the watch task writes it.
+    loaded: AtomicU64,
 }
 
 impl CertStore {
     fn load(files: TlsFiles) -> Result<Self, WebhookError> {
         let (key, hash) = read_pair(&files)?;
-        Ok(Self { files, current: ArcSwap::from_pointee(key), loaded: std::sync::Mutex::new(hash) })
+        Ok(Self { files, current: ArcSwap::from_pointee(key), loaded: AtomicU64::new(hash) })
     }
 
     /// Re-reads the files; keeps the current pair when the new one is unreadable or mismatched.
     fn reload(&self) {
         match read_pair(&self.files) {
             Ok((key, hash)) => {
-                let Ok(mut loaded) = self.loaded.lock() else { return };
-                if *loaded != hash {
-                    *loaded = hash;
+                if self.loaded.swap(hash, Ordering::Relaxed) != hash {
                     self.current.store(Arc::new(key));
                     tracing::info!(cert = %self.files.cert.display(), "Webhook certificate reloaded.");
                 }

@@ -2,11 +2,14 @@
 //! CA, and a real `redis-server` on a free port. Everything runs over real loopback sockets.
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bulk;
 pub mod curl;
 pub mod mock_crm;
+pub mod mtls;
 pub mod process;
 pub mod raw_http;
 pub mod redis;
+pub mod vendor;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
