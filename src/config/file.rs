@@ -88,6 +88,12 @@ pub struct StoreFile {
     /// `redis://`, `rediss://` or `redis+cluster://host:port,host:port`. Required for `kind: redis`.
     #[serde(default)]
     pub url: Option<String>,
+    /// ... or read the URL from this file (a mounted Secret), so a password stays out of the config.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    /// ... or from this environment variable.
+    #[serde(default)]
+    pub url_env: Option<String>,
     /// What to do while Redis is unreachable or slower than `timeout`.
     #[serde(default)]
     pub on_failure: OnFailure,
@@ -107,6 +113,8 @@ impl Default for StoreFile {
         Self {
             kind: StoreKind::default(),
             url: None,
+            url_file: None,
+            url_env: None,
             on_failure: OnFailure::default(),
             timeout: default_store_timeout(),
             key_prefix: default_key_prefix(),

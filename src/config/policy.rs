@@ -183,9 +183,35 @@ impl Limits {
 }
 
 pub fn validate_store(raw: &StoreFile, problems: &mut Vec<Problem>) -> Store {
+    let sources = [raw.url.is_some(), raw.url_file.is_some(), raw.url_env.is_some()].iter().filter(|set| **set).count();
+    if sources > 1 {
+        problems.push(Problem::new("store.url", "set one of url, url_file and url_env"));
+    }
+    let url = raw.url.clone().or_else(|| {
+        if let Some(path) = &raw.url_file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => return Some(text.trim().to_owned()),
+                Err(error) => {
+                    problems.push(Problem::new("store.url_file", format!("cannot read {}: {error}", path.display())))
+                }
+            }
+        }
+        if let Some(name) = &raw.url_env {
+            match std::env::var(name) {
+                Ok(text) => return Some(text.trim().to_owned()),
+                Err(_) => {
+                    problems.push(Problem::new("store.url_env", format!("environment variable {name} is not set")))
+                }
+            }
+        }
+        None
+    });
     if raw.kind == StoreKind::Redis {
-        match raw.url.as_deref() {
-            None => problems.push(Problem::new("store.url", "required when kind is redis")),
+        match url.as_deref() {
+            None if raw.url_file.is_none() && raw.url_env.is_none() => {
+                problems.push(Problem::new("store.url", "required when kind is redis (or url_file / url_env)"))
+            }
+            None => {}
             Some(url) => {
                 let scheme_ok =
                     ["redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "redis+unix://", "unix://"]
@@ -208,7 +234,7 @@ pub fn validate_store(raw: &StoreFile, problems: &mut Vec<Problem>) -> Store {
     }
     Store {
         kind: raw.kind,
-        url: raw.url.clone(),
+        url,
         on_failure: raw.on_failure,
         timeout: raw.timeout,
         key_prefix: raw.key_prefix.clone(),

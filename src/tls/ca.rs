@@ -95,7 +95,7 @@ impl CertAuthority {
     }
 
     pub fn from_pem(cert_pem: &str, key_pem: &str, leaf_ttl: Duration, capacity: usize) -> Result<Self, ConfigError> {
-        let ca_key = KeyPair::from_pem(key_pem).map_err(|error| {
+        let ca_key = load_key(key_pem).map_err(|error| {
             ConfigError::at_key("intercept.ca_key", format!("not a usable PEM private key: {error}"))
         })?;
         let ca_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
@@ -169,6 +169,48 @@ impl CertAuthority {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
+}
+
+/// A private key as PKCS#8, or as PKCS#1 RSA (what `openssl genrsa` and Helm's `genCA` write),
+/// which is rewrapped into PKCS#8 for the signer.
+fn load_key(pem: &str) -> Result<KeyPair, String> {
+    match KeyPair::from_pem(pem) {
+        Ok(key) => Ok(key),
+        Err(first) => match PrivateKeyDer::from_pem_slice(pem.as_bytes()) {
+            Ok(PrivateKeyDer::Pkcs1(rsa)) => {
+                let wrapped = pkcs1_to_pkcs8(rsa.secret_pkcs1_der());
+                KeyPair::try_from(&PrivatePkcs8KeyDer::from(wrapped)).map_err(|error| error.to_string())
+            }
+            _ => Err(first.to_string()),
+        },
+    }
+}
+
+/// PrivateKeyInfo { version 0, rsaEncryption, OCTET STRING pkcs1 } (RFC 5208), DER.
+fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
+    fn length(len: usize) -> Vec<u8> {
+        if len < 0x80 {
+            return vec![len as u8];
+        }
+        let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+        let mut out = vec![0x80 | bytes.len() as u8];
+        out.extend(bytes);
+        out
+    }
+    const VERSION_AND_ALGORITHM: &[u8] = &[
+        0x02, 0x01, 0x00, // INTEGER 0
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05,
+        0x00, // rsaEncryption, NULL
+    ];
+    let mut octets = vec![0x04];
+    octets.extend(length(pkcs1.len()));
+    octets.extend_from_slice(pkcs1);
+    let mut body = VERSION_AND_ALGORITHM.to_vec();
+    body.extend(octets);
+    let mut out = vec![0x30];
+    out.extend(length(body.len()));
+    out.extend(body);
+    out
 }
 
 /// The CA key signs certificates every client trusts: a world-readable key file is refused.
