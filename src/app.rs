@@ -159,11 +159,11 @@ pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
             crate::tls::ca::CertAuthority::load_or_generate(intercept).map_err(located)?;
         }
     }
-    for (index, upstream) in config.upstreams.iter().enumerate() {
-        if let Some(path) = &upstream.extra_ca {
-            crate::tls::client::read_certs(path, &format!("upstreams[{index}].tls.extra_ca")).map_err(located)?;
-        }
-    }
+    // Everything else `run` builds (trust roots, client certificates, credentials, clients) is
+    // built here too, so `check` passing means `run` starts. A missing CA is left uncreated.
+    let mut probe = config.clone();
+    probe.intercept = None;
+    crate::state::Generation::build(probe, None).map_err(located)?;
     notes.push(format!(
         "{} upstream(s): {}",
         config.upstreams.len(),

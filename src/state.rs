@@ -58,7 +58,7 @@ impl Generation {
                 previous.and_then(|old| old.clients.get(&upstream.name)).filter(|client| client.fits(upstream));
             let client = match reused {
                 Some(client) => client.clone(),
-                None => UpstreamClient::new(upstream, &format!("upstreams[{index}].tls.extra_ca"))?,
+                None => UpstreamClient::new(upstream, &format!("upstreams[{index}].tls"))?,
             };
             clients.insert(upstream.name.clone(), client);
         }

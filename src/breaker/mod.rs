@@ -151,6 +151,18 @@ impl Breakers {
         Some(breaker)
     }
 
+    /// Forgets breakers whose upstream is gone (after a reload), and their gauge.
+    pub fn retain(&self, upstreams: &[Arc<Upstream>], metrics: &Metrics) {
+        let mut map = self.by_upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.retain(|name, _| {
+            let keep = upstreams.iter().any(|upstream| upstream.name == *name && upstream.breaker.is_some());
+            if !keep {
+                let _ = metrics.breaker_state.remove_label_values(&[name]);
+            }
+            keep
+        });
+    }
+
     /// The phase of `upstream`'s breaker, if it has one.
     pub fn phase(&self, upstream: &str) -> Option<Phase> {
         let map = self.by_upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -311,7 +311,7 @@ pub struct LimitHeadersDetail {
     /// `x-ratelimit` only: whether the reset header counts seconds from now or epoch seconds.
     #[serde(default)]
     pub reset: crate::vendor::ResetUnit,
-    /// Pause all replicas once the vendor reports this many requests left (plus those in flight).
+    /// Pause all replicas once the vendor reports this many requests left (or fewer).
     #[serde(default)]
     pub pause_at_remaining: u64,
 }

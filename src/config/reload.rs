@@ -104,6 +104,7 @@ impl Reloader {
         let generation = Generation::build(config, Some(&current)).map_err(|error| error.located(&self.path, &text))?;
         audit_diff(&current.config, &generation.config, trigger);
         let id = generation.id;
+        self.shared.breakers.retain(&generation.config.upstreams, &self.shared.metrics);
         self.shared.publish(generation);
         *last_applied = text_hash;
         Ok(Outcome::Applied { generation: id })
@@ -198,6 +199,9 @@ fn warn_restart_needed(old: &Config, new: &Config) {
     if old.worker_threads != new.worker_threads {
         tracing::warn!("runtime.worker_threads changed; it takes effect only after a restart.");
     }
+    if old.limits.max_tunnels != new.limits.max_tunnels {
+        tracing::warn!("limits.max_tunnels changed; it takes effect only after a restart.");
+    }
     if old.limits.max_connections != new.limits.max_connections {
         tracing::warn!("limits.max_connections changed; it takes effect only after a restart.");
     }
@@ -213,6 +217,8 @@ fn keep_restart_only_settings(running: &Config, new: &mut Config) {
     new.worker_threads = running.worker_threads;
     new.file.runtime = running.file.runtime.clone();
     new.limits.max_connections = running.limits.max_connections;
+    new.limits.max_tunnels = running.limits.max_tunnels;
+    new.file.limits.max_tunnels = running.file.limits.max_tunnels;
     new.file.limits.max_connections = running.file.limits.max_connections;
 }
 

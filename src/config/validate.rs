@@ -19,6 +19,8 @@ pub struct Upstream {
     pub prefix: Option<String>,
     /// Where requests really go; `None` means the host the client asked for.
     pub target: Option<Target>,
+    /// Where reverse-mode (prefix) requests go: `target`, else `https://<first host>`.
+    pub reverse_target: Option<Target>,
     pub intercept: bool,
     pub connect_ports: Vec<u16>,
     pub connect_timeout: Duration,
@@ -344,7 +346,9 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
     if problems.len() > before {
         return None;
     }
-    let target = target.or_else(|| match (&prefix, hosts.first()) {
+    // Reverse mode needs somewhere to send to; forward requests to this upstream's other hosts
+    // keep going where the client asked (through the egress guard).
+    let reverse_target = target.clone().or_else(|| match (&prefix, hosts.first()) {
         (Some(_), Some(HostPattern::Exact(host))) => Target::for_host(Scheme::Https, host, 443),
         _ => None,
     });
@@ -353,6 +357,7 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
         hosts,
         prefix,
         target,
+        reverse_target,
         intercept: raw.intercept,
         connect_ports: raw.connect_ports.clone(),
         connect_timeout: raw.timeouts.connect,

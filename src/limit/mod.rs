@@ -691,7 +691,7 @@ impl Limiter {
                     "limit": quota.limit,
                     "per": humantime::format_duration(quota.per).to_string(),
                     "window": match quota.window { Window::Rolling => "rolling", Window::Fixed { .. } => "fixed" },
-                    "burst": quota.burst,
+                    "burst": matches!(quota.window, Window::Rolling).then_some(quota.burst),
                     "scopes": scopes,
                 }));
             }

@@ -114,7 +114,7 @@ impl RouteTable {
 
         match self.by_prefix(path_and_query) {
             Some((upstream, rest)) => {
-                let target = upstream.target.as_ref().ok_or_else(|| {
+                let target = upstream.reverse_target.as_ref().ok_or_else(|| {
                     ProxyError::new(
                         ErrorKind::Internal { detail: "upstream has a prefix but no target".into() },
                         Some(upstream.name.clone()),
@@ -197,7 +197,7 @@ upstreams:
         assert_eq!(&*routed.upstream.name, "sf");
         assert_eq!(routed.uri, "https://eu.my.salesforce.com/services");
         let routed = table().route(&get("http://login.salesforce.com/x"), &Via::default()).unwrap();
-        assert_eq!(routed.uri, "https://login.salesforce.com/x");
+        assert_eq!(routed.uri, "http://login.salesforce.com/x", "forward requests go where the client asked");
     }
 
     #[test]

@@ -39,6 +39,15 @@ const DAILY_PROBE_EVERY: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct PauseKey(pub String);
 
+/// A vendor's window name as a metric label: its own words, but bounded in length and alphabet
+/// (an IETF policy name is whatever the vendor sends).
+fn window_label(name: &str) -> String {
+    name.chars()
+        .take(32)
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c.to_ascii_lowercase() } else { '_' })
+        .collect()
+}
+
 /// Reads up to `cap` bytes of `body`. A body that ends within the cap comes back whole as bytes
 /// (and as a fresh body); a longer one is passed on as it came: what was read is put back in
 /// front of the rest, and there are no bytes to classify.
@@ -131,7 +140,7 @@ where
                 if let Some(remaining) = window.remaining {
                     metrics
                         .vendor_remaining
-                        .with_label_values(&[&*upstream.name, window.name.as_str()])
+                        .with_label_values(&[&*upstream.name, &window_label(&window.name)])
                         .set(i64::try_from(remaining).unwrap_or(i64::MAX));
                 }
                 if let Some(limit) = window.limit {
