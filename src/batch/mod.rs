@@ -117,7 +117,7 @@ where
             match waiter {
                 Ok(receiver) => receiver.await,
                 Err(parts) => {
-                    let request = Request::from_parts(parts, body::full(bytes));
+                    let request = Request::from_parts(*parts, body::full(bytes));
                     let response: BoxFuture<_> = Box::pin(inner.oneshot(request));
                     response.await
                 }
@@ -228,7 +228,7 @@ fn decode(text: &str) -> String {
     let mut at = 0;
     while at < bytes.len() {
         match bytes[at] {
-            b'%' if at + 2 < bytes.len() + 0 && at + 2 <= bytes.len() - 1 => {
+            b'%' if at + 2 < bytes.len() => {
                 match u8::from_str_radix(std::str::from_utf8(&bytes[at + 1..at + 3]).unwrap_or("zz"), 16) {
                     Ok(byte) => {
                         out.push(byte);
@@ -318,7 +318,7 @@ impl Batcher {
         parts: http::request::Parts,
         body: serde_json::Value,
         inner: Inner,
-    ) -> Result<BoxFuture<Reply>, http::request::Parts> {
+    ) -> Result<BoxFuture<Reply>, Box<http::request::Parts>> {
         let rule = candidate.rule().clone();
         let routed_query = parts.extensions.get::<Routed>().and_then(|r| r.uri.query().map(str::to_owned));
         let key = GroupKey {
@@ -354,7 +354,7 @@ impl Batcher {
             }
             None => {
                 if open.len() >= MAX_OPEN_BATCHES {
-                    return Err(parts);
+                    return Err(Box::new(parts));
                 }
                 open.insert(key.clone(), Open { serial, waiters: vec![waiter], template: parts, inner });
                 let batcher = self.clone();

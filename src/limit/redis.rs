@@ -252,7 +252,7 @@ impl RedisStore {
                     let fields: Vec<(String, i64)> = query(&conn, redis::cmd("HGETALL").arg(key)).await?;
                     let mut counts: Vec<(Micros, i64)> =
                         fields.into_iter().filter_map(|(start, count)| Some((start.parse().ok()?, count))).collect();
-                    counts.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+                    counts.sort_unstable_by_key(|count| std::cmp::Reverse(count.0));
                     match counts.as_slice() {
                         [] => State::Empty,
                         [first] => State::Counts { first: *first, second: (0, 0) },
