@@ -277,6 +277,8 @@ struct Open {
     /// The first call's request head: the bulk call is made with its headers and extensions.
     template: http::request::Parts,
     inner: Inner,
+    /// The rule the batch was opened for (read, update and archive may share one path).
+    rule: BatchRule,
 }
 
 /// All batches currently filling, shared by every connection.
@@ -349,6 +351,10 @@ impl Batcher {
         let mut open = self.lock();
         let full = match open.get_mut(&key) {
             Some(batch) => {
+                // The same record twice in one bulk call has no defined answer: it goes alone.
+                if waiter.item.id.is_some() && batch.waiters.iter().any(|queued| queued.item.id == waiter.item.id) {
+                    return Err(Box::new(parts));
+                }
                 batch.waiters.push(waiter);
                 batch.waiters.len() >= rule.max_items
             }
@@ -356,7 +362,10 @@ impl Batcher {
                 if open.len() >= MAX_OPEN_BATCHES {
                     return Err(Box::new(parts));
                 }
-                open.insert(key.clone(), Open { serial, waiters: vec![waiter], template: parts, inner });
+                open.insert(
+                    key.clone(),
+                    Open { serial, waiters: vec![waiter], template: parts, inner, rule: rule.clone() },
+                );
                 let batcher = self.clone();
                 let timer_key = key.clone();
                 let delay = rule.max_delay;
@@ -367,9 +376,13 @@ impl Batcher {
                 false
             }
         };
+        // A full batch leaves the map under the same lock that filled it: no call can join it
+        // after it is full, and a new batch for the key starts empty.
+        let flushed = if full { open.remove(&key) } else { None };
         drop(open);
-        if full {
-            self.flush_if(&key, None, FlushReason::Size);
+        if let Some(batch) = flushed {
+            let batcher = self.clone();
+            tokio::spawn(async move { batcher.send(batch, FlushReason::Size).await });
         }
         // A backstop only: a flush answers every waiter, even when the bulk call fails.
         let upstream = candidate.upstream.clone();
@@ -400,13 +413,9 @@ impl Batcher {
     }
 
     async fn send(&self, batch: Open, reason: FlushReason) {
-        let Open { waiters, template, inner, .. } = batch;
+        let Open { waiters, template, inner, rule, .. } = batch;
         let Some(routed) = template.extensions.get::<Routed>().cloned() else { return };
         let upstream = routed.upstream.clone();
-        let Some(rule) = upstream.batch.iter().find(|rule| rule.path.captures(routed.uri.path()).is_some()).cloned()
-        else {
-            return;
-        };
         let name: &str = &upstream.name;
         self.metrics.batch_size.with_label_values(&[name]).observe(waiters.len() as f64);
         self.metrics.batch_flushes.with_label_values(&[name, reason.as_str()]).inc();
@@ -455,8 +464,17 @@ impl Batcher {
                             let _ = waiter.reply.send(reply);
                         }
                     }
-                    // A whole-batch failure (or an answer that can't be split) reaches every caller as is.
-                    _ => {
+                    // A 2xx that can't be split would tell every caller it succeeded: it is a 502.
+                    Some(Err(error)) => {
+                        for waiter in waiters {
+                            let _ = waiter.reply.send(Err(ProxyError::new(
+                                ErrorKind::UpstreamProtocol { detail: format!("bulk answer: {error}") },
+                                Some(upstream.name.clone()),
+                            )));
+                        }
+                    }
+                    // A whole-batch failure reaches every caller as it came.
+                    None => {
                         for waiter in waiters {
                             let _ = waiter.reply.send(Ok(copy_response(&parts, &bytes)));
                         }

@@ -96,7 +96,12 @@ impl RouteTable {
             if let Some(upstream) = self.by_host(host) {
                 let scheme = if uri.scheme() == Some(&UriScheme::HTTPS) { Scheme::Https } else { Scheme::Http };
                 let default_port = if scheme == Scheme::Https { 443 } else { 80 };
-                let port = authority.port_u16().unwrap_or(default_port);
+                let port = match authority.as_str().rsplit_once(':').filter(|(_, port)| !port.contains(']')) {
+                    None | Some((_, "")) => default_port,
+                    Some((_, text)) => text.parse::<u16>().ok().filter(|port| *port != 0).ok_or_else(|| {
+                        ProxyError::new(ErrorKind::Malformed { detail: format!("invalid port in {authority}") }, None)
+                    })?,
+                };
                 // Without a target the client picks the port: only the scheme's own or allowed ones.
                 if upstream.target.is_none() && port != default_port && !upstream.allows_port(port) {
                     return Err(denied(&format!("{host}:{port}")));
@@ -120,6 +125,16 @@ impl RouteTable {
                         Some(upstream.name.clone()),
                     )
                 })?;
+                // A reverse target derived from an address-literal host was never named by the
+                // operator as a target: it passes the egress guard like any client-named host.
+                if upstream.target.is_none()
+                    && target.host.parse::<std::net::IpAddr>().is_ok_and(crate::security::egress::is_blocked)
+                {
+                    return Err(ProxyError::new(
+                        ErrorKind::EgressDenied { host: format!("{} (private address)", target.host) },
+                        Some(upstream.name.clone()),
+                    ));
+                }
                 let rest = if rest.is_empty() || rest.starts_with('?') { format!("/{rest}") } else { rest.to_owned() };
                 Ok(Routed { uri: join(target, &rest)?, upstream: upstream.clone() })
             }

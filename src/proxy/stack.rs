@@ -285,7 +285,9 @@ where
 /// the upstream's injected credential (so batching and quota scopes see what the vendor sees).
 fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
     let generation = request.extensions().get::<Arc<Generation>>().cloned().ok_or_else(|| internal("no generation"))?;
-    // A message with both framings is a smuggling attempt (RFC 9112 §6.3): refuse it outright.
+    // A message with both framings is a smuggling attempt (RFC 9112 §6.3). hyper already drops
+    // Content-Length when Transfer-Encoding is present and closes the connection after the
+    // exchange; this is the backstop should any path ever hand both through.
     if request.headers().contains_key(http::header::TRANSFER_ENCODING) && request.headers().contains_key(CONTENT_LENGTH)
     {
         return Err(ProxyError::new(
@@ -310,6 +312,13 @@ fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
         }
     }
     if let Some(credential) = generation.credentials.get(&routed.upstream.name) {
+        // The secret never travels in clear text to a destination the client chose.
+        if routed.upstream.target.is_none() && routed.uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
+            return Err(ProxyError::new(
+                ErrorKind::EgressDenied { host: "plain-http destination (credentials go over https only)".into() },
+                Some(routed.upstream.name.clone()),
+            ));
+        }
         credential.apply(request.headers_mut());
     }
     let limit = generation.config.limits.max_body_bytes;

@@ -220,11 +220,11 @@ fn refuse_exposed_key(path: &Path) -> Result<(), ConfigError> {
         .map_err(|error| ConfigError::at_key("intercept.ca_key", format!("cannot read {}: {error}", path.display())))?
         .permissions()
         .mode();
-    if mode & 0o004 != 0 {
+    if mode & 0o006 != 0 {
         return Err(ConfigError::at_key(
             "intercept.ca_key",
             format!(
-                "{} is readable by every user (mode {:o}); make it 0600 (or 0640/0440)",
+                "{} is readable or writable by every user (mode {:o}); make it 0600 (or 0640/0440)",
                 path.display(),
                 mode & 0o777
             ),
