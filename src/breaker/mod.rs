@@ -151,16 +151,24 @@ impl Breakers {
         Some(breaker)
     }
 
-    /// Forgets breakers whose upstream is gone (after a reload), and their gauge.
-    pub fn retain(&self, upstreams: &[Arc<Upstream>], metrics: &Metrics) {
-        let mut map = self.by_upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        map.retain(|name, _| {
-            let keep = upstreams.iter().any(|upstream| upstream.name == *name && upstream.breaker.is_some());
-            if !keep {
-                let _ = metrics.breaker_state.remove_label_values(&[name]);
-            }
-            keep
-        });
+    /// After a reload: forgets breakers whose upstream is gone (and their gauge), replaces those
+    /// whose settings changed.
+    pub fn retain(&self, upstreams: &[Arc<Upstream>], metrics: &Arc<Metrics>) {
+        {
+            let mut map = self.by_upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            map.retain(|name, _| {
+                let keep = upstreams.iter().any(|upstream| upstream.name == *name && upstream.breaker.is_some());
+                if !keep {
+                    let _ = metrics.breaker_state.remove_label_values(&[name]);
+                }
+                keep
+            });
+        }
+        // Breakers whose settings changed are replaced now, not at their upstream's next request,
+        // so `/breakers` and the state gauge never show a breaker that no longer applies.
+        for upstream in upstreams {
+            self.for_upstream(upstream, metrics);
+        }
     }
 
     /// The phase of `upstream`'s breaker, if it has one.

@@ -742,13 +742,16 @@ async fn wait_or_open<F: std::future::Future>(
         None => Ok(wait.await),
         Some(opened) => {
             tokio::pin!(wait);
+            // Biased: when a slot frees because a call failed and that failure opened the
+            // breaker, both are ready at once; the breaker must win.
             tokio::select! {
-                output = &mut wait => Ok(output),
+                biased;
                 changed = opened.changed() => match changed {
                     Ok(()) => Err(ProxyError::new(ErrorKind::BreakerOpen { retry_after: Duration::from_secs(1) }, upstream.clone())),
                     // The breaker went away (a reload replaced it): finish the wait without it.
                     Err(_) => Ok(wait.await),
                 },
+                output = &mut wait => Ok(output),
             }
         }
     }
