@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    #[serde(default)]
     pub listen: ListenFile,
     #[serde(default)]
     pub store: StoreFile,
@@ -42,12 +43,20 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct ListenFile {
     /// Where services send proxied traffic (HTTP_PROXY / HTTPS_PROXY / reverse prefixes).
+    #[serde(default = "default_proxy_addr")]
     pub proxy: SocketAddr,
-    /// Metrics, health and the admin API.
+    /// Metrics, health and the admin API; loopback unless said otherwise.
+    #[serde(default = "default_admin_addr")]
     pub admin: SocketAddr,
     /// Without `clients:`, only loopback peers may use the proxy unless this is true.
     #[serde(default)]
     pub allow_remote_clients: bool,
+}
+
+impl Default for ListenFile {
+    fn default() -> Self {
+        Self { proxy: default_proxy_addr(), admin: default_admin_addr(), allow_remote_clients: false }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -479,6 +488,12 @@ pub enum CredentialMode {
 
 // === defaults ===
 
+fn default_proxy_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 3128))
+}
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
 fn default_store_timeout() -> Duration {
     Duration::from_millis(50)
 }
