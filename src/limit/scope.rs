@@ -64,7 +64,7 @@ pub fn proxy_user(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(PROXY_AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, credentials) = value.split_once(' ')?;
     if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = decode_base64(credentials.trim())?;
+        let decoded = crate::security::clients::decode_base64(credentials.trim())?;
         let text = String::from_utf8(decoded).ok()?;
         let user = text.split_once(':').map_or(text.as_str(), |(user, _)| user);
         return Some(user.to_owned());
@@ -89,23 +89,6 @@ fn safe_component(value: &str) -> String {
 pub fn short_hash(value: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
     digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut buffer, mut bits) = (0u32, 0u32);
-    for byte in text.bytes().filter(|b| *b != b'=') {
-        let value = ALPHABET.iter().position(|c| *c == byte)? as u32;
-        buffer = (buffer << 6) | value;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-            buffer &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
 }
 
 /// The scope values of one quota, least recently used first out.
