@@ -127,7 +127,8 @@ pub async fn run(path: PathBuf) -> Result<(), StartError> {
     Ok(())
 }
 
-async fn wait_for_stop_signal() {
+/// Resolves on SIGTERM or SIGINT (never, if neither can be listened for).
+pub async fn wait_for_stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::warn!("Cannot listen for SIGTERM/SIGINT; running until killed.");

@@ -219,24 +219,11 @@ async fn run(args: InjectArgs) -> Result<(), WebhookError> {
         TcpListener::bind(args.listen).await.map_err(|source| WebhookError::Bind { addr: args.listen, source })?;
     let tls = TlsFiles { cert: args.cert.clone(), key: args.key.clone() };
     let running = start(listener, tls, args.settings())?;
-    wait_for_stop_signal().await;
+    crate::app::wait_for_stop_signal().await;
     tracing::info!(delay = %humantime::format_duration(args.shutdown_delay), "Stopping after the shutdown delay.");
     tokio::time::sleep(args.shutdown_delay).await;
     running.shutdown().await;
     Ok(())
-}
-
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::warn!("Cannot listen for SIGTERM/SIGINT; running until killed.");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received."),
-        _ = int.recv() => tracing::info!("SIGINT received."),
-    }
 }
 
 /// The certificate and key files the webhook serves.
