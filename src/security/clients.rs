@@ -39,7 +39,35 @@ struct Client {
 #[derive(Debug, Clone)]
 enum Secret {
     Sha256([u8; 32]),
-    File(PathBuf),
+    File(SecretFile),
+}
+
+/// A file's modification time and the SHA-256 of its (trimmed) content.
+type CachedDigest = (std::time::SystemTime, [u8; 32]);
+
+/// A secret kept in a file: its digest is cached and re-read only when the file's modification
+/// time changes, so a rotation is seen at once without a read on every request.
+#[derive(Debug, Clone)]
+struct SecretFile {
+    path: PathBuf,
+    cached: Arc<std::sync::Mutex<Option<CachedDigest>>>,
+}
+
+impl SecretFile {
+    fn digest(&self) -> Option<[u8; 32]> {
+        let modified = std::fs::metadata(&self.path).and_then(|meta| meta.modified()).ok()?;
+        let mut cached = self.cached.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((at, digest)) = *cached {
+            if at == modified {
+                return Some(digest);
+            }
+        }
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, text.trim().as_bytes()).as_ref());
+        *cached = Some((modified, digest));
+        Some(digest)
+    }
 }
 
 impl Secret {
@@ -47,10 +75,7 @@ impl Secret {
         let digest = ring::digest::digest(&ring::digest::SHA256, presented.as_bytes());
         match self {
             Secret::Sha256(expected) => constant_time_eq(digest.as_ref(), expected),
-            Secret::File(path) => std::fs::read_to_string(path).is_ok_and(|text| {
-                let stored = ring::digest::digest(&ring::digest::SHA256, text.trim().as_bytes());
-                constant_time_eq(digest.as_ref(), stored.as_ref())
-            }),
+            Secret::File(file) => file.digest().is_some_and(|stored| constant_time_eq(digest.as_ref(), &stored)),
         }
     }
 }
@@ -82,7 +107,7 @@ impl Clients {
                             format!("cannot read {}: {error}", path.display()),
                         )
                     })?;
-                    Secret::File(path.clone())
+                    Secret::File(SecretFile { path: path.clone(), cached: Arc::default() })
                 }
                 _ => return Err(ConfigError::at_key(key, "needs exactly one of secret_sha256 and secret_file")),
             };
