@@ -94,6 +94,9 @@ fn main() {
             timeout: Duration::from_millis(250),
             key_prefix: "sluice".to_owned(),
             heartbeat: Duration::from_secs(1),
+            // Every decision is a script call here: this measures the store, not the leases.
+            lease_max: 0,
+            lease_ttl: Duration::ZERO,
         });
         store.connect().await.expect("connect to redis-server");
 

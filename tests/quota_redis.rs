@@ -409,6 +409,8 @@ fn store_settings(redis: &RedisServer) -> Store {
         timeout: Duration::from_secs(2),
         key_prefix: "parity".to_owned(),
         heartbeat: Duration::from_secs(2),
+        lease_max: 64,
+        lease_ttl: Duration::from_millis(50),
     }
 }
 

@@ -115,6 +115,12 @@ pub struct StoreFile {
     /// How often each replica announces itself (the replica count sets the local share).
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// Most tokens one replica takes ahead for one busy scope (0 or 1: every decision in Redis).
+    #[serde(default = "default_lease_max")]
+    pub lease_max: u64,
+    /// Longest a leased token may wait to be spent (capped at half a quota's `margin`).
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for StoreFile {
@@ -128,6 +134,8 @@ impl Default for StoreFile {
             timeout: default_store_timeout(),
             key_prefix: default_key_prefix(),
             heartbeat: default_heartbeat(),
+            lease_max: default_lease_max(),
+            lease_ttl: default_lease_ttl(),
         }
     }
 }
@@ -502,6 +510,12 @@ fn default_key_prefix() -> String {
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(2)
+}
+fn default_lease_max() -> u64 {
+    64
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_millis(50)
 }
 fn default_max_queue_wait() -> Duration {
     Duration::from_secs(5)

@@ -160,6 +160,8 @@ pub struct Store {
     pub timeout: Duration,
     pub key_prefix: String,
     pub heartbeat: Duration,
+    pub lease_max: u64,
+    pub lease_ttl: Duration,
 }
 
 /// Per-upstream limiting settings, validated.
@@ -232,6 +234,12 @@ pub fn validate_store(raw: &StoreFile, problems: &mut Vec<Problem>) -> Store {
     if raw.key_prefix.is_empty() || raw.key_prefix.contains(['{', '}', ' ']) {
         problems.push(Problem::new("store.key_prefix", "must be non-empty, without braces or spaces"));
     }
+    if raw.lease_max > 10_000 {
+        problems.push(Problem::new("store.lease_max", "must be at most 10000"));
+    }
+    if raw.lease_ttl > Duration::from_secs(1) {
+        problems.push(Problem::new("store.lease_ttl", "must be at most 1s"));
+    }
     Store {
         kind: raw.kind,
         url,
@@ -239,6 +247,8 @@ pub fn validate_store(raw: &StoreFile, problems: &mut Vec<Problem>) -> Store {
         timeout: raw.timeout,
         key_prefix: raw.key_prefix.clone(),
         heartbeat: raw.heartbeat,
+        lease_max: raw.lease_max,
+        lease_ttl: raw.lease_ttl,
     }
 }
 

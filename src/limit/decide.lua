@@ -10,8 +10,11 @@
 --          kind (0 rolling, 1 fixed), cost, then
 --          rolling: interval, tolerance, -, -, -
 --          fixed:   limit, start0, start1, start2, start3 (four consecutive window starts)
+--          then, optionally, a lease request (Redis only, see redis.rs "Leases"):
+--          extra tokens wanted beyond the cost, and how long the lease lives (us)
 -- Returns  {allowed (1|0|2 paused), wait or retry-after (us), limiting quota (0-based),
 --           remaining_1, reset_in_1, ..., remaining_n, reset_in_n}
+--          and, when allowed, the tokens charged per quota (cost + leased extra)
 
 local now = tonumber(ARGV[2])
 if now == 0 then
@@ -128,16 +131,43 @@ if (not stable) or send_at - now > max_wait then
   return standings(now, { 0, send_at - now, limiting })
 end
 
+-- A lease: extra tokens this replica spends locally, so that busy scopes need a round trip per
+-- lease instead of per request. Only for a request that goes now, only out of headroom that
+-- leaves as much again for the other replicas, and never past the end of a fixed window.
+local extra = tonumber(ARGV[3 + n * 7 + 1] or '0') or 0
+local lease_us = tonumber(ARGV[3 + n * 7 + 2] or '0') or 0
+if extra > 0 and n > 0 and send_at == now then
+  for i = 1, n do
+    local r = rules[i]
+    local headroom
+    if r.kind == 0 then
+      local tat = math.max(r.tat or now, now) + r.cost * r.interval
+      headroom = math.floor((now + r.tolerance - tat) / r.interval) + 1
+    else
+      local j = window_index(r, now)
+      if r.bounds[j + 1] - now <= lease_us then
+        headroom = 0
+      else
+        headroom = r.limit - count_in(i, r, j) - r.cost
+      end
+    end
+    extra = math.min(extra, math.floor(headroom / 2))
+  end
+  if extra < 0 then extra = 0 end
+else
+  extra = 0
+end
+
 for i = 1, n do
   local r = rules[i]
   if r.kind == 0 then
-    r.tat = math.max(r.tat or send_at, send_at) + r.cost * r.interval
+    r.tat = math.max(r.tat or send_at, send_at) + (r.cost + extra) * r.interval
     -- Once TAT has passed the bucket is full again, which is what a missing key means.
     local ttl_ms = math.ceil((r.tat - now) / 1000) + 1000
     redis.call('SET', KEYS[i], string.format('%.0f', r.tat), 'PX', ttl_ms)
   else
     local j = window_index(r, send_at)
-    local c = count_in(i, r, j) + r.cost
+    local c = count_in(i, r, j) + r.cost + extra
     r.counts[r.starts[j]] = c
     redis.call('HSET', KEYS[i], r.starts[j], c)
     -- Windows that ended before now are over; the current one stays even when j is the next.
@@ -145,4 +175,6 @@ for i = 1, n do
     redis.call('PEXPIRE', KEYS[i], math.ceil((r.bounds[4] - now) / 1000) + 1000)
   end
 end
-return standings(send_at, { 1, send_at - now, limiting })
+local reply = standings(send_at, { 1, send_at - now, limiting })
+if n > 0 then reply[#reply + 1] = rules[1].cost + extra end
+return reply

@@ -14,6 +14,7 @@
 
 pub mod gcra;
 pub mod headers;
+pub mod lease;
 pub mod memory;
 pub mod redis;
 pub mod scope;
@@ -35,8 +36,9 @@ use crate::config::{OnFailure, OverLimit, Quota, Store, StoreKind, Upstream, Win
 use crate::error::{ErrorKind, ProxyError};
 use crate::telemetry::Metrics;
 use gcra::{Decision, Micros, Rule};
+use lease::Leases;
 use memory::MemoryStore;
-use redis::RedisStore;
+use redis::{LeaseRequest, RedisStore};
 use scope::{QuotaKey, ScopeTable};
 
 /// Request header with which a caller shortens (never lengthens) its own queue wait.
@@ -102,6 +104,8 @@ pub struct Limiter {
     degraded: AtomicBool,
     probing: AtomicBool,
     local: MemoryStore,
+    /// Tokens taken ahead from Redis for busy scopes.
+    leases: Leases,
     scopes: Mutex<HashMap<QuotaId, ScopeTable>>,
     slots: Mutex<HashMap<Arc<str>, Slots>>,
     /// Limits the vendor announced below the configured ones, by (upstream, quota).
@@ -123,6 +127,7 @@ impl Limiter {
             degraded: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             local: MemoryStore::default(),
+            leases: Leases::new(store.lease_max, store.lease_ttl),
             scopes: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
             vendor_limits: Mutex::new(HashMap::new()),
@@ -354,6 +359,7 @@ impl Limiter {
         }
         let hold_us = i64::try_from(hold.as_micros()).unwrap_or(i64::MAX / 4);
         self.local.pause(pause_key, now_micros().saturating_add(hold_us));
+        self.leases.clear();
         self.metrics.vendor_pauses.with_label_values(&[&upstream.name, reason]).inc();
         tracing::info!(upstream = &*upstream.name, reason, hold_ms = hold.as_millis() as u64, "Vendor pause recorded.");
         if let (Some(redis), Mode::Shared) = (&self.redis, self.mode()) {
@@ -429,12 +435,12 @@ impl Limiter {
     }
 
     /// Quotas as they apply now: configured limits, lowered where the vendor said so.
-    fn effective_quotas(&self, upstream: &Upstream) -> std::borrow::Cow<'_, [Quota]> {
+    fn effective_quotas<'u>(&self, upstream: &'u Upstream) -> std::borrow::Cow<'u, [Quota]> {
         let limits = self.vendor_limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if limits.is_empty()
             || !upstream.limits.quotas.iter().any(|q| limits.contains_key(&(upstream.name.clone(), q.name.clone())))
         {
-            return std::borrow::Cow::Owned(upstream.limits.quotas.clone());
+            return std::borrow::Cow::Borrowed(&upstream.limits.quotas);
         }
         std::borrow::Cow::Owned(
             upstream
@@ -521,11 +527,29 @@ impl Limiter {
         if let (Some(redis), false) = (&self.redis, self.degraded.load(Ordering::Acquire)) {
             let rules = rules(&quotas, cost, now, 1);
             let started = Instant::now();
-            let result =
-                tokio::time::timeout(self.store.timeout, redis.decide(keys, pause_key, &rules, max_wait, 0)).await;
+            let lifetime = self.leases.lifetime(tightest_margin(&quotas));
+            let mut lease = LeaseRequest::default();
+            if let Some(lifetime) = lifetime {
+                if let Some(decision) = self.leases.take(keys, &rules, cost, started) {
+                    return Ok(Some(decision));
+                }
+                lease.extra = self.leases.ask(keys, lifetime, started);
+                lease.lasts = i64::try_from(lifetime.as_micros()).unwrap_or(i64::MAX);
+            }
+            let result = tokio::time::timeout(
+                self.store.timeout,
+                redis.decide_leasing(keys, pause_key, &rules, max_wait, 0, lease),
+            )
+            .await;
             self.metrics.store_latency.observe(started.elapsed().as_secs_f64());
             match result {
-                Ok(Ok(decision)) => return Ok(Some(decision)),
+                Ok(Ok((decision, charged))) => {
+                    if let (Some(lifetime), Decision::Allowed { standings, .. }) = (lifetime, &decision) {
+                        let grant = lease::Grant { cost, charged, standings };
+                        self.leases.granted(keys, &rules, grant, lifetime, started);
+                    }
+                    return Ok(Some(decision));
+                }
                 Ok(Err(error)) => self.degrade(&error.to_string(), error.kind()),
                 Err(_) => self.degrade("decision timed out", "timeout"),
             }
@@ -786,6 +810,12 @@ pub fn rules(quotas: &[Quota], cost: i64, now: Micros, divisor: u64) -> Vec<(Rul
             (rule, i64::try_from(cost).unwrap_or(i64::MAX))
         })
         .collect()
+}
+
+/// The smallest safety margin among rolling quotas (a lease may live half of it); `None` when
+/// every quota is a fixed window.
+fn tightest_margin(quotas: &[Quota]) -> Option<Duration> {
+    quotas.iter().filter(|quota| matches!(quota.window, Window::Rolling)).map(|quota| quota.margin).min()
 }
 
 /// The caller's own wait limit (`Sluice-Max-Wait: 2s`, or plain seconds).

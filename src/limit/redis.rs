@@ -3,9 +3,32 @@
 //!
 //! # Throughput
 //! Each decision is one `EVALSHA` on a multiplexed connection: concurrent decisions from all
-//! requests in flight are pipelined on the same socket, so the ceiling is Redis executing the
-//! script (tens of thousands per second per shard, see BENCHMARKS.md), not one round trip per
-//! request. No tokens are leased ahead, so no accuracy is traded for it: every decision is exact.
+//! requests in flight are pipelined on the same socket. Left at that, Redis executing one script
+//! per request would be the ceiling (and on a small node its CPU is taken from the proxy), so
+//! busy scopes lease tokens in small batches.
+//!
+//! # Leases
+//! A decision may ask for up to `store.lease_max` tokens beyond its own cost (`lease.rs` sizes
+//! the ask to the scope's recent demand, so a quiet scope asks for none and stays exact). The
+//! script grants extra tokens only to a request that goes at once, only out of headroom that
+//! leaves as many again for the other replicas (so near the limit every decision is exact
+//! again), and never when a fixed window ends within the lease's life. The replica then admits
+//! requests of that scope from the lease, without a round trip, until it is spent or
+//! `store.lease_ttl` has passed; what is left then is dropped.
+//!
+//! What that trades, and why the window promise still holds:
+//! - A leased token is charged when it is leased and spent up to `lease_ttl` later. The
+//!   bucket's promise is about charge times; send times can lag them by at most the lease's
+//!   life. `lease_ttl` is therefore capped at half of the quota's safety margin `m`, and any
+//!   L + 1 sends still span more than `W + m/2`: the other half of the margin stays for
+//!   network jitter.
+//! - Tokens dropped unspent at expiry are lost for that window: at most `lease_max` per scope
+//!   and replica per `lease_ttl`, and only while the scope has headroom to spare.
+//! - A vendor pause recorded by another replica is seen at the next round trip, so up to one
+//!   lease's worth of requests (one `lease_ttl`) may still go into it. A pause this replica
+//!   records itself drops its leases at once.
+//! - `RateLimit` on a leased admission reports the scope as of the lease, less what this
+//!   replica has spent since.
 //!
 //! # Keys
 //! `<prefix>:{<upstream>}:<quota>:<scope>`: the hash tag `{<upstream>}` puts all keys of one
@@ -50,6 +73,15 @@ if until_at > now and (current == nil or until_at > current) then
 end
 return 0
 ";
+
+/// Tokens a decision may take ahead for this replica (see "Leases" in the module doc).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseRequest {
+    /// Tokens wanted beyond the request's own cost; 0 asks for none.
+    pub extra: i64,
+    /// How long the lease lives (microseconds): no fixed window may end within it.
+    pub lasts: Micros,
+}
 
 /// Why a Redis call failed; the limiter then applies `on_failure`.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +186,22 @@ impl RedisStore {
         max_wait: Micros,
         now_override: Micros,
     ) -> Result<Decision, StoreError> {
+        let request = LeaseRequest { extra: 0, lasts: 0 };
+        Ok(self.decide_leasing(keys, pause_key, rules, max_wait, now_override, request).await?.0)
+    }
+
+    /// [`RedisStore::decide`], asking for up to `lease.extra` tokens beyond the request's cost
+    /// (see "Leases" above). Returns the decision and the tokens charged per quota when allowed
+    /// (the cost plus what was leased).
+    pub async fn decide_leasing(
+        &self,
+        keys: &[String],
+        pause_key: &str,
+        rules: &[(Rule, i64)],
+        max_wait: Micros,
+        now_override: Micros,
+        lease: LeaseRequest,
+    ) -> Result<(Decision, i64), StoreError> {
         let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
         let mut invocation = self.decide.prepare_invoke();
         for key in keys {
@@ -178,11 +226,13 @@ impl RedisStore {
                 }
             }
         }
+        invocation.arg(lease.extra.max(0)).arg(lease.lasts.max(0));
         let reply: Vec<i64> = match &*conn {
             Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await?,
             Conn::Cluster(cluster) => invocation.invoke_async(&mut cluster.clone()).await?,
         };
-        parse_reply(&reply, rules.len()).ok_or(StoreError::BadReply)
+        let cost = rules.first().map_or(1, |rule| rule.1);
+        parse_reply(&reply, rules.len(), cost).ok_or(StoreError::BadReply)
     }
 
     /// Extends the vendor pause at `key` to `for_micros` from now in Redis time (never shortens
@@ -341,16 +391,20 @@ fn cluster_nodes(url: &str) -> Option<Vec<String>> {
     )
 }
 
-fn parse_reply(reply: &[i64], quotas: usize) -> Option<Decision> {
-    if reply.len() != 3 + 2 * quotas {
-        return None;
-    }
-    let standings = reply[3..].chunks(2).map(|pair| Standing { remaining: pair[0], reset_in: pair[1] }).collect();
+fn parse_reply(reply: &[i64], quotas: usize, cost: i64) -> Option<(Decision, i64)> {
+    let standings_end = 3 + 2 * quotas;
+    let charged = match reply.len() {
+        len if len == standings_end => cost,
+        len if len == standings_end + 1 => reply[standings_end].max(cost),
+        _ => return None,
+    };
+    let standings =
+        reply[3..standings_end].chunks(2).map(|pair| Standing { remaining: pair[0], reset_in: pair[1] }).collect();
     let limiting = usize::try_from(reply[2]).ok()?;
     Some(match reply[0] {
-        1 => Decision::Allowed { wait: reply[1], standings },
-        2 => Decision::Paused { remaining: reply[1], standings },
-        _ => Decision::Rejected { retry_after: reply[1], limiting, standings },
+        1 => (Decision::Allowed { wait: reply[1], standings }, charged),
+        2 => (Decision::Paused { remaining: reply[1], standings }, 0),
+        _ => (Decision::Rejected { retry_after: reply[1], limiting, standings }, 0),
     })
 }
 

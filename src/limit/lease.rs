@@ -1,0 +1,258 @@
+//! Tokens this replica took ahead from the shared store, so that a busy scope costs one Redis
+//! round trip per lease instead of one per request (see "Leases" in `redis.rs` for what that
+//! trades and why the window promise holds).
+//!
+//! The size of the next ask follows the scope's own recent demand: the units it was admitted
+//! over the last lease lifetime, capped at `store.lease_max`. A scope below 8 units a lifetime
+//! asks for nothing extra, so its decisions stay exact and no token is dropped; a scope at
+//! thousands of requests a second asks for full leases.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::gcra::{Decision, Rule, Standing};
+
+/// Lease entries kept at most; past it, expired ones are swept, and if that is not enough the
+/// table starts over (dropping unspent tokens: under-use, never over-use).
+const MAX_ENTRIES: usize = 4096;
+
+/// Units per lease lifetime below which a scope is decided request by request (with the default
+/// 50 ms lifetime: below 160 requests a second per scope and replica).
+const MIN_DEMAND: i64 = 8;
+
+/// What the store charged for one admitted request.
+#[derive(Debug, Clone, Copy)]
+pub struct Grant<'a> {
+    /// The request's own cost.
+    pub cost: i64,
+    /// Units charged per quota: the cost plus what was leased.
+    pub charged: i64,
+    /// The scope's standings after the charge.
+    pub standings: &'a [Standing],
+}
+
+pub struct Leases {
+    max_tokens: i64,
+    ttl: Duration,
+    entries: Mutex<HashMap<Vec<String>, Lease>>,
+}
+
+struct Lease {
+    /// The quota rules the tokens were charged under: a reload or a vendor-lowered limit that
+    /// changes them makes the lease void.
+    rules: Vec<Rule>,
+    tokens: i64,
+    expires: Instant,
+    /// The scope's standings at the grant, with this replica's unspent tokens counted back in.
+    standings: Vec<Standing>,
+    /// Demand: units admitted since `since`.
+    since: Instant,
+    served: i64,
+    /// The last ask's size (extra tokens).
+    ask: i64,
+    /// While an ask is in flight, concurrent decisions ask for nothing: one lease at a time
+    /// per scope, not one per request in flight. Stale after a lifetime (a failed call).
+    asking_until: Instant,
+}
+
+impl Leases {
+    pub fn new(max_tokens: u64, ttl: Duration) -> Self {
+        Self { max_tokens: i64::try_from(max_tokens).unwrap_or(i64::MAX), ttl, entries: Mutex::new(HashMap::new()) }
+    }
+
+    /// How long a lease under `margin` (the tightest rolling quota's safety margin) may live:
+    /// `store.lease_ttl`, but at most half the margin. `None`: no leasing.
+    pub fn lifetime(&self, margin: Option<Duration>) -> Option<Duration> {
+        let lifetime = margin.map_or(self.ttl, |margin| self.ttl.min(margin / 2));
+        (self.max_tokens > 1 && !lifetime.is_zero()).then_some(lifetime)
+    }
+
+    /// Admits `cost` from the lease of `keys`, if one is live under `rules` and holds enough.
+    pub fn take(&self, keys: &[String], rules: &[(Rule, i64)], cost: i64, now: Instant) -> Option<Decision> {
+        let mut entries = self.lock();
+        let lease = entries.get_mut(keys)?;
+        if lease.expires <= now || lease.tokens < cost || !same_rules(&lease.rules, rules) {
+            return None;
+        }
+        lease.tokens -= cost;
+        lease.served += cost;
+        for standing in &mut lease.standings {
+            standing.remaining = (standing.remaining - cost).max(0);
+        }
+        Some(Decision::Allowed { wait: 0, standings: lease.standings.clone() })
+    }
+
+    /// How many tokens beyond `cost` to ask for with the next decision of `keys`.
+    pub fn ask(&self, keys: &[String], lifetime: Duration, now: Instant) -> i64 {
+        let mut entries = self.lock();
+        let Some(lease) = entries.get_mut(keys) else { return 0 };
+        if lease.asking_until > now {
+            return 0;
+        }
+        let elapsed = now.saturating_duration_since(lease.since);
+        let demand = if elapsed >= lifetime {
+            // Units per lifetime over the last measured stretch; then measure afresh.
+            let per_lifetime = (lease.served as f64) * lifetime.as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
+            lease.since = now;
+            lease.served = 0;
+            per_lifetime.ceil() as i64
+        } else {
+            // Not a lifetime yet: demand is at least what was served so far, and the last ask.
+            lease.served.max(lease.ask)
+        };
+        lease.ask = demand.clamp(0, self.max_tokens.saturating_sub(1));
+        // A scope this quiet costs Redis little; leasing it would only drop tokens.
+        if lease.ask < MIN_DEMAND {
+            return 0;
+        }
+        lease.asking_until = now + lifetime;
+        lease.ask
+    }
+
+    /// Records an admission of `keys` decided by the store: what it charged beyond the request's
+    /// cost is spent locally until `lifetime` from now.
+    pub fn granted(&self, keys: &[String], rules: &[(Rule, i64)], grant: Grant<'_>, lifetime: Duration, now: Instant) {
+        let Grant { cost, charged, standings } = grant;
+        let mut entries = self.lock();
+        if entries.len() >= MAX_ENTRIES && !entries.contains_key(keys) {
+            entries.retain(|_, lease| lease.expires > now || lease.since + lease_window(lifetime) > now);
+            if entries.len() >= MAX_ENTRIES {
+                entries.clear();
+            }
+        }
+        let lease = entries.entry(keys.to_vec()).or_insert_with(|| Lease {
+            rules: Vec::new(),
+            tokens: 0,
+            expires: now,
+            standings: Vec::new(),
+            since: now,
+            served: 0,
+            ask: 0,
+            asking_until: now,
+        });
+        lease.served += cost;
+        if charged > cost {
+            lease.asking_until = now;
+        }
+        let extra = (charged - cost).max(0);
+        if extra == 0 {
+            return;
+        }
+        let live = lease.expires > now && same_rules(&lease.rules, rules);
+        if live {
+            // Tokens of two grants: spend them by the earlier expiry (dropping some is safe).
+            lease.tokens += extra;
+        } else {
+            lease.tokens = extra;
+            lease.expires = now + lifetime;
+            lease.rules = rules.iter().map(|(rule, _)| *rule).collect();
+        }
+        lease.standings = standings
+            .iter()
+            .map(|standing| Standing { remaining: standing.remaining + lease.tokens, reset_in: standing.reset_in })
+            .collect();
+    }
+
+    /// Drops every lease (a vendor pause was recorded: nothing more goes out on old tokens).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Lease>> {
+        // Plain numbers: still consistent if another thread panicked while holding the lock.
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// How long a demand record is worth keeping after its lease is gone.
+fn lease_window(lifetime: Duration) -> Duration {
+    lifetime * 4
+}
+
+fn same_rules(leased: &[Rule], rules: &[(Rule, i64)]) -> bool {
+    leased.len() == rules.len() && leased.iter().zip(rules).all(|(leased, (rule, _))| leased == rule)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Vec<(Rule, i64)> {
+        vec![(Rule::rolling(1_000, 10_000_000, 50, 100_000), 1)]
+    }
+
+    #[test]
+    fn quiet_scope_asks_for_nothing() {
+        let leases = Leases::new(64, Duration::from_millis(50));
+        let keys = vec!["k".to_owned()];
+        let start = Instant::now();
+        let lifetime = Duration::from_millis(50);
+        assert_eq!(leases.ask(&keys, lifetime, start), 0);
+        leases.granted(&keys, &rules(), Grant { cost: 1, charged: 1, standings: &[] }, lifetime, start);
+        // One request per second: a lease would only be dropped.
+        for second in 1..5 {
+            let now = start + Duration::from_secs(second);
+            assert_eq!(leases.ask(&keys, lifetime, now), 0);
+            leases.granted(&keys, &rules(), Grant { cost: 1, charged: 1, standings: &[] }, lifetime, now);
+        }
+    }
+
+    #[test]
+    fn busy_scope_asks_up_to_the_cap_and_spends_locally() {
+        let leases = Leases::new(64, Duration::from_millis(50));
+        let keys = vec!["k".to_owned()];
+        let lifetime = Duration::from_millis(50);
+        let start = Instant::now();
+        leases.granted(&keys, &rules(), Grant { cost: 1, charged: 1, standings: &[] }, lifetime, start);
+        // 100 requests within 1 ms: demand is far above the cap.
+        for i in 0..100 {
+            let now = start + Duration::from_micros(10 * i);
+            leases.granted(&keys, &rules(), Grant { cost: 1, charged: 1, standings: &[] }, lifetime, now);
+        }
+        let now = start + Duration::from_millis(60);
+        assert_eq!(leases.ask(&keys, lifetime, now), 63);
+        let standings = [Standing { remaining: 100, reset_in: 0 }];
+        leases.granted(&keys, &rules(), Grant { cost: 1, charged: 64, standings: &standings }, lifetime, now);
+        for _ in 0..63 {
+            match leases.take(&keys, &rules(), 1, now) {
+                Some(Decision::Allowed { wait: 0, standings }) => assert!(standings[0].remaining >= 100),
+                other => panic!("expected a leased admission, got {other:?}"),
+            }
+        }
+        assert!(leases.take(&keys, &rules(), 1, now).is_none(), "the lease is spent");
+    }
+
+    #[test]
+    fn lease_expires_and_follows_rule_changes() {
+        let leases = Leases::new(64, Duration::from_millis(50));
+        let keys = vec!["k".to_owned()];
+        let lifetime = Duration::from_millis(50);
+        let now = Instant::now();
+        leases.granted(
+            &keys,
+            &rules(),
+            Grant { cost: 1, charged: 10, standings: &[Standing { remaining: 5, reset_in: 0 }] },
+            lifetime,
+            now,
+        );
+        assert!(leases.take(&keys, &rules(), 1, now).is_some());
+        let changed = vec![(Rule::rolling(500, 10_000_000, 50, 100_000), 1)];
+        assert!(leases.take(&keys, &changed, 1, now).is_none(), "a reload voids the lease");
+        assert!(leases.take(&keys, &rules(), 1, now + lifetime).is_none(), "expired");
+        leases.granted(&keys, &rules(), Grant { cost: 1, charged: 10, standings: &[] }, lifetime, now + lifetime);
+        leases.clear();
+        assert!(leases.take(&keys, &rules(), 1, now + lifetime).is_none(), "cleared by a pause");
+    }
+
+    #[test]
+    fn lifetime_is_capped_by_half_the_margin() {
+        let leases = Leases::new(64, Duration::from_millis(50));
+        assert_eq!(leases.lifetime(Some(Duration::from_millis(40))), Some(Duration::from_millis(20)));
+        assert_eq!(leases.lifetime(Some(Duration::from_secs(1))), Some(Duration::from_millis(50)));
+        assert_eq!(leases.lifetime(Some(Duration::ZERO)), None);
+        assert_eq!(Leases::new(1, Duration::from_millis(50)).lifetime(None), None);
+    }
+}

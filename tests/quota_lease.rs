@@ -1,0 +1,212 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Token leases on a real `redis-server` (issue 3, "lease tokens in small batches"): the script
+//! grants extra tokens only out of spare headroom and never across a fixed window's end, and two
+//! replicas hammering one quota keep the rolling-window promise while making far fewer
+//! round trips than requests.
+mod support;
+
+use std::time::Duration;
+
+use sluice::config::{OnFailure, Store, StoreKind};
+use sluice::limit::gcra::{Decision, Micros, Rule};
+use sluice::limit::redis::{LeaseRequest, RedisStore};
+use sluice::limit::window;
+use support::redis::RedisServer;
+use support::{direct_client, metric_value, MockCrm, TestSluice};
+use tokio::time::Instant;
+
+const SEC: Micros = 1_000_000;
+
+fn store_settings(redis: &RedisServer) -> Store {
+    Store {
+        kind: StoreKind::Redis,
+        url: Some(redis.url()),
+        on_failure: OnFailure::Local,
+        timeout: Duration::from_secs(2),
+        key_prefix: "lease".to_owned(),
+        heartbeat: Duration::from_secs(2),
+        lease_max: 64,
+        lease_ttl: Duration::from_millis(50),
+    }
+}
+
+async fn evalsha_calls(redis: &RedisServer) -> u64 {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn script_leases_only_out_of_spare_headroom() {
+    let server = RedisServer::start();
+    let redis = RedisStore::new(store_settings(&server));
+    redis.connect().await.expect("connects to redis-server");
+    let keys = vec!["lease:{hubspot}:burst:acme".to_owned()];
+    let pause = "lease:{hubspot}:!pause:acme";
+    // 1000 per 10 s with a burst of 200: T = 10.1 s / 801 ≈ 12.6 ms.
+    let rules = vec![(Rule::rolling(1000, 10 * SEC, 200, 100_000), 1)];
+    let now: Micros = 1_900_000_000 * SEC;
+    let ask = LeaseRequest { extra: 63, lasts: 50_000 };
+
+    let mut charged_total = 0;
+    let mut grants = Vec::new();
+    for _ in 0..40 {
+        let (decision, charged) = redis.decide_leasing(&keys, pause, &rules, 0, now, ask).await.unwrap();
+        match decision {
+            Decision::Allowed { wait: 0, standings } => {
+                charged_total += charged;
+                grants.push(charged);
+                // What is left after the lease is at least the lease again (or the lease was cut).
+                assert!(standings[0].remaining >= 0);
+            }
+            Decision::Rejected { .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    println!("grants at one instant: {grants:?}, total {charged_total}");
+    assert_eq!(grants[0], 64, "a fresh bucket has room for a full lease");
+    assert!(grants.windows(2).all(|pair| pair[1] <= pair[0]), "grants shrink as headroom does: {grants:?}");
+    assert_eq!(*grants.last().unwrap(), 1, "near the limit every decision is exact again: {grants:?}");
+    assert!(charged_total <= 200, "never more than the burst at one instant: {charged_total}");
+    assert!(charged_total >= 195, "the lease rule leaves little unused: {charged_total}");
+
+    // A fixed window that ends within the lease's life grants nothing extra.
+    let fixed_keys = vec!["lease:{hubspot}:daily@fixed:acme".to_owned()];
+    let per = 10 * SEC;
+    let bounds = window::bounds(per, None, now);
+    let near_end = bounds[1] - 20_000;
+    let fixed = vec![(Rule::Fixed { limit: 1000, bounds: window::bounds(per, None, near_end) }, 1)];
+    let (decision, charged) = redis.decide_leasing(&fixed_keys, pause, &fixed, 0, near_end, ask).await.unwrap();
+    assert!(matches!(decision, Decision::Allowed { wait: 0, .. }));
+    assert_eq!(charged, 1, "20 ms before the window ends, a 50 ms lease would cross it");
+    let early = bounds[1] - 5 * SEC;
+    let fixed = vec![(Rule::Fixed { limit: 1000, bounds: window::bounds(per, None, early) }, 1)];
+    let (_, charged) = redis.decide_leasing(&fixed_keys, pause, &fixed, 0, early, ask).await.unwrap();
+    assert_eq!(charged, 64, "mid-window, a fixed quota leases like a rolling one");
+}
+
+fn yaml(redis: &RedisServer, mock: &MockCrm) -> String {
+    format!(
+        "store: {{ kind: redis, url: '{}', timeout: 1s, heartbeat: 500ms }}
+upstreams:
+  - name: hubspot
+    prefix: /hubspot
+    target: '{}'
+    over_limit: reject
+    quotas: [{{ name: burst, limit: 300, per: 2s, burst: 100 }}]
+  - name: roomy
+    prefix: /roomy
+    target: '{}'
+    quotas: [{{ name: burst, limit: 100000000, per: 10s }}]
+",
+        redis.url(),
+        mock.url(),
+        mock.url()
+    )
+}
+
+/// Closed-loop clients, 4 per replica, for `run`: (200s, 429s).
+async fn hammer(replicas: &[TestSluice], prefix: &str, run: Duration) -> (usize, usize) {
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for (index, sluice) in replicas.iter().enumerate() {
+        for _ in 0..4 {
+            let url = format!("{}{prefix}/crm/v3/objects/contacts?replica={index}", sluice.proxy_url());
+            clients.push(tokio::spawn(async move {
+                let client = direct_client();
+                let (mut ok, mut limited, mut other) = (0usize, 0usize, Vec::new());
+                // Closed loop, bounded by time and count.
+                for _ in 0..100_000 {
+                    if started.elapsed() >= run {
+                        break;
+                    }
+                    match client.get(&url).send().await.map(|response| response.status().as_u16()) {
+                        Ok(200) => ok += 1,
+                        Ok(429) => limited += 1,
+                        Ok(status) => other.push(status.to_string()),
+                        Err(error) => other.push(error.to_string()),
+                    }
+                }
+                (ok, limited, other)
+            }));
+        }
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for client in clients {
+        let (client_ok, client_limited, other) = client.await.unwrap();
+        assert!(other.is_empty(), "only 200 and 429 are expected: {other:?}");
+        ok += client_ok;
+        limited += client_limited;
+    }
+    (ok, limited)
+}
+
+/// Most arrivals in any half-open window `[t, t + per)`.
+fn busiest_window(sorted: &[Instant], per: Duration) -> usize {
+    let mut best = 0;
+    let mut end = 0;
+    for start in 0..sorted.len() {
+        while end < sorted.len() && sorted[end] - sorted[start] < per {
+            end += 1;
+        }
+        best = best.max(end - start);
+    }
+    best
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_leasing_keep_the_window_with_fewer_round_trips() {
+    let redis = RedisServer::start();
+    let mock = MockCrm::start().await;
+    let replicas = [TestSluice::start(&yaml(&redis, &mock)).await, TestSluice::start(&yaml(&redis, &mock)).await];
+
+    // Under the limit: busy scopes are served from leases.
+    let calls_before = evalsha_calls(&redis).await;
+    let (roomy_ok, roomy_limited) = hammer(&replicas, "/roomy", Duration::from_secs(2)).await;
+    let roomy_calls = evalsha_calls(&redis).await - calls_before;
+    println!(
+        "leases under the limit: {roomy_ok} requests allowed, {roomy_limited} limited, {roomy_calls} EVALSHA calls"
+    );
+    assert_eq!(roomy_limited, 0);
+    assert!(
+        roomy_calls * 4 < roomy_ok as u64,
+        "at least 3 in 4 requests were served from leases: {roomy_calls} calls for {roomy_ok} requests"
+    );
+    mock.clear();
+
+    // Over the limit: the rolling-window promise holds with leases on.
+    let calls_before = evalsha_calls(&redis).await;
+    let started = Instant::now();
+    let (ok, limited) = hammer(&replicas, "/hubspot", Duration::from_secs(5)).await;
+    let elapsed = started.elapsed();
+    let calls = evalsha_calls(&redis).await - calls_before;
+
+    let mut arrivals: Vec<Instant> = mock.requests().iter().map(|r| r.at).collect();
+    arrivals.sort();
+    let most = busiest_window(&arrivals, Duration::from_secs(2));
+    // The bucket: a burst of 100, then (300 - 100 + 1) per 2.02 s.
+    let possible = 100.0 + 201.0 / 2.02 * elapsed.as_secs_f64();
+    let mut store_errors = 0.0;
+    for sluice in &replicas {
+        store_errors += metric_value(&sluice.metrics().await, "sluice_store_errors_total", &[]);
+    }
+    println!(
+        "leases: 200 {ok}, 429 {limited}, arrivals {}, most in any 2 s {most} (limit 300), \
+         bucket allows {possible:.0} in {elapsed:?}, EVALSHA calls {calls}, store errors {store_errors}",
+        arrivals.len()
+    );
+    assert_eq!(ok, arrivals.len(), "every 200 is one vendor arrival");
+    assert!(limited > 0, "the clients pushed past the quota");
+    assert!(most <= 300, "{most} arrivals in one rolling 2 s window; the quota is 300");
+    assert!(ok as f64 >= 0.85 * possible, "leases cost little of the quota: {ok} of {possible:.0}");
+    assert!((calls as usize) <= ok + limited, "never more than a round trip per request");
+    assert_eq!(store_errors, 0.0);
+    for sluice in replicas {
+        sluice.shutdown().await;
+    }
+}
