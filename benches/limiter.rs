@@ -126,6 +126,38 @@ upstreams:
     });
 }
 
+/// The whole LIMIT step for one request on the memory store: scope keys, both quotas decided,
+/// metrics and the `RateLimit` header. The proxy's per-request cost of having quotas at all.
+fn admit(c: &mut Criterion) {
+    let config = Config::from_yaml(
+        "listen: { proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }
+upstreams:
+  - name: hubspot
+    prefix: /hubspot
+    target: http://127.0.0.1:8080
+    over_limit: reject
+    quotas:
+      - { name: burst, limit: 100000000, per: 10s, key: [header:x-tenant-id] }
+      - { name: daily, limit: 1000000000, per: 1d }
+",
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let metrics = std::sync::Arc::new(sluice::telemetry::Metrics::new());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let limiter = runtime.block_on(sluice::limit::Limiter::start(config.store.clone(), metrics, stop));
+    let upstream = config.upstreams[0].clone();
+    let mut headers = HeaderMap::new();
+    headers.insert("x-tenant-id", HeaderValue::from_static("acme"));
+    let caller = sluice::limit::Caller { headers: &headers, peer: None, client: None };
+    let method = http::Method::GET;
+    c.bench_function("Limiter::admit, memory store, 2 quotas", |b| {
+        b.iter(|| {
+            runtime.block_on(limiter.admit(&upstream, &method, "/crm/v3/objects/contacts", caller, None)).unwrap()
+        })
+    });
+}
+
 fn hop_by_hop(c: &mut Criterion) {
     let mut headers = HeaderMap::new();
     for (name, value) in [
@@ -207,6 +239,6 @@ fn batch_split(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = gcra_decide, memory_store, quota_key, route, hop_by_hop, observe, batch_split
+    targets = gcra_decide, memory_store, quota_key, route, admit, hop_by_hop, observe, batch_split
 }
 criterion_main!(benches);

@@ -67,7 +67,13 @@ impl MemoryStore {
         let decision = gcra::decide(rules, &mut states, now, max_wait);
         if matches!(decision, Decision::Allowed { .. }) {
             for (key, state) in keys.iter().zip(states) {
-                buckets.states.insert(key.clone(), state);
+                // Busy buckets are updated in place; only a new one copies its key.
+                match buckets.states.get_mut(key) {
+                    Some(stored) => *stored = state,
+                    None => {
+                        buckets.states.insert(key.clone(), state);
+                    }
+                }
             }
         }
         buckets.since_sweep += 1;

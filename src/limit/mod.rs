@@ -93,6 +93,44 @@ impl Mode {
 /// (upstream, quota) names.
 type QuotaId = (Arc<str>, Arc<str>);
 
+/// What the limiter keeps per quota: its scope table (with each scope's bucket key, built once)
+/// and its decision counters, so a decision formats no key and looks up no metric by label.
+struct QuotaBook {
+    table: ScopeTable,
+    counters: Arc<DecisionCounters>,
+}
+
+impl QuotaBook {
+    fn new(metrics: &Metrics, upstream: &Upstream, quota: &Quota) -> Self {
+        let counter =
+            |result: &str| metrics.quota_decisions.with_label_values(&[&*upstream.name, &*quota.name, result]);
+        Self {
+            table: ScopeTable::new(quota.max_keys),
+            counters: Arc::new(DecisionCounters {
+                allowed: counter("allowed"),
+                queued: counter("queued"),
+                rejected: counter("rejected"),
+                queue_wait: metrics.quota_queue_wait.with_label_values(&[&upstream.name]),
+            }),
+        }
+    }
+}
+
+/// `sluice_quota_decisions_total` of one quota, and its upstream's queue wait histogram.
+struct DecisionCounters {
+    allowed: prometheus::IntCounter,
+    queued: prometheus::IntCounter,
+    rejected: prometheus::IntCounter,
+    queue_wait: prometheus::Histogram,
+}
+
+/// One request's buckets: a key per quota, its pause key, and each quota's counters.
+struct BucketKeys {
+    keys: Vec<String>,
+    pause: String,
+    counters: Vec<Arc<DecisionCounters>>,
+}
+
 /// A concurrency cap and the semaphore that enforces it.
 type Slots = (usize, Arc<Semaphore>);
 
@@ -106,7 +144,7 @@ pub struct Limiter {
     local: MemoryStore,
     /// Tokens taken ahead from Redis for busy scopes.
     leases: Leases,
-    scopes: Mutex<HashMap<QuotaId, ScopeTable>>,
+    scopes: Mutex<HashMap<QuotaId, QuotaBook>>,
     slots: Mutex<HashMap<Arc<str>, Slots>>,
     /// Limits the vendor announced below the configured ones, by (upstream, quota).
     vendor_limits: Mutex<HashMap<QuotaId, u64>>,
@@ -199,12 +237,16 @@ impl Limiter {
         let deadline = started + max_wait;
         let mut admission = Admission { limited: true, ..Admission::default() };
         let name = Some(upstream.name.clone());
+        // Whether the request waited at all (for a slot, its reservation or a vendor pause): the
+        // common case did not, and needs no second look at the clock.
+        let mut waited = false;
 
         if let Some(max) = limits.max_concurrency {
             let slots = self.slots(&upstream.name, max);
             let permit = match slots.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
+                    waited = true;
                     let acquired = wait_or_open(
                         tokio::time::timeout_at(deadline, slots.acquire_owned()),
                         &mut breaker_opened,
@@ -226,24 +268,28 @@ impl Limiter {
         }
 
         let cost = i64::try_from(limits.cost(method, path)).unwrap_or(i64::MAX);
-        let (keys, pause_key) = self.bucket_keys(upstream, &caller);
+        let BucketKeys { keys, pause: pause_key, counters } = self.bucket_keys(upstream, &caller);
         // A pause can be re-armed while we sleep through it; three rounds is plenty, and bounded.
         // Each hold is bounded by the deadline, so this loop is too; the count is a backstop.
         let mut admitted = false;
         for _ in 0..32 {
-            let remaining_wait = deadline.saturating_duration_since(Instant::now());
+            let remaining_wait = if waited { deadline.saturating_duration_since(Instant::now()) } else { max_wait };
             let max_wait_us = i64::try_from(remaining_wait.as_micros()).unwrap_or(i64::MAX);
             match self.decide(upstream, &keys, &pause_key, cost, max_wait_us).await? {
                 Some(Decision::Allowed { wait, standings }) => {
-                    let result = if wait > 0 { "queued" } else { "allowed" };
-                    for quota in &limits.quotas {
-                        self.metrics.quota_decisions.with_label_values(&[&upstream.name, &quota.name, result]).inc();
+                    for counter in &counters {
+                        if wait > 0 {
+                            counter.queued.inc()
+                        } else {
+                            counter.allowed.inc()
+                        }
                     }
                     admission.rate_limit = headers::rate_limit(&limits.quotas, &standings);
                     if wait <= 0 {
                         admitted = true;
                         break;
                     }
+                    waited = true;
                     let sleep = tokio::time::sleep(Duration::from_micros(u64::try_from(wait).unwrap_or(0)));
                     wait_or_open(sleep, &mut breaker_opened, &name).await?;
                     // The vendor may have asked everyone to hold off while this request slept.
@@ -258,8 +304,16 @@ impl Limiter {
                     }
                 }
                 Some(Decision::Rejected { retry_after, limiting, standings }) => {
-                    let quota = &limits.quotas[limiting.min(limits.quotas.len().saturating_sub(1))];
-                    self.metrics.quota_decisions.with_label_values(&[&upstream.name, &quota.name, "rejected"]).inc();
+                    let limiting = limiting.min(limits.quotas.len().saturating_sub(1));
+                    let quota = &limits.quotas[limiting];
+                    match counters.get(limiting) {
+                        Some(counter) => counter.rejected.inc(),
+                        None => self
+                            .metrics
+                            .quota_decisions
+                            .with_label_values(&[&upstream.name, &quota.name, "rejected"])
+                            .inc(),
+                    }
                     let retry_after = Duration::from_micros(u64::try_from(retry_after).unwrap_or(0));
                     return Err(ProxyError::new(
                         ErrorKind::RateLimited {
@@ -272,6 +326,7 @@ impl Limiter {
                     ));
                 }
                 Some(Decision::Paused { remaining, standings }) => {
+                    waited = true;
                     self.hold_for_pause(upstream, remaining, &standings, deadline, &mut breaker_opened).await?;
                 }
                 None => {
@@ -294,8 +349,15 @@ impl Limiter {
             ));
         }
         admission.pause_key = Some(pause_key);
-        admission.queued = started.elapsed();
-        self.metrics.quota_queue_wait.with_label_values(&[&upstream.name]).observe(admission.queued.as_secs_f64());
+        admission.queued = if waited { started.elapsed() } else { Duration::ZERO };
+        match counters.first() {
+            Some(counter) => counter.queue_wait.observe(admission.queued.as_secs_f64()),
+            None => self
+                .metrics
+                .quota_queue_wait
+                .with_label_values(&[&upstream.name])
+                .observe(admission.queued.as_secs_f64()),
+        }
         Ok(admission)
     }
 
@@ -461,8 +523,9 @@ impl Limiter {
         )
     }
 
-    /// The bucket key of each quota for this request, recording scope use (and evictions).
-    fn bucket_keys(&self, upstream: &Upstream, caller: &Caller<'_>) -> (Vec<String>, String) {
+    /// The bucket key of each quota for this request, recording scope use (and evictions), and
+    /// the decision counters of each quota.
+    fn bucket_keys(&self, upstream: &Upstream, caller: &Caller<'_>) -> BucketKeys {
         let (headers, peer, client) = (caller.headers, caller.peer, caller.client);
         // The vendor's pause applies to the scope of the first quota (the vendor account the
         // request is made for), or the whole upstream when quotas are unscoped.
@@ -471,40 +534,40 @@ impl Limiter {
             |quota| scope::quota_key_for(&quota.scope, headers, peer, client),
         );
         // `!` is never in a quota name, so no quota's bucket can be read as a pause.
-        let pause_key = format!("{}:{{{}}}:!pause:{}", self.store.key_prefix, upstream.name, pause_scope.0);
+        let pause = format!("{}:{{{}}}:!pause:{}", self.store.key_prefix, upstream.name, pause_scope.0);
+        let mut keys = Vec::with_capacity(upstream.limits.quotas.len());
+        let mut counters = Vec::with_capacity(upstream.limits.quotas.len());
         let mut scopes = self.scopes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let keys = upstream
-            .limits
-            .quotas
-            .iter()
-            .map(|quota| {
-                let key = scope::quota_key_for(&quota.scope, headers, peer, client);
-                let table = scopes
-                    .entry((upstream.name.clone(), quota.name.clone()))
-                    .or_insert_with(|| ScopeTable::new(quota.max_keys));
-                table.set_capacity(quota.max_keys);
-                if let Some(evicted) = table.touch(&key) {
-                    self.metrics.scope_evictions.with_label_values(&[&upstream.name, &quota.name]).inc();
-                    // Only an idle (full) bucket may go: forgetting a live one would hand that scope
-                    // a full bucket again (Redis keeps it until it expires). Live ones go in the sweep.
-                    let now = now_micros();
-                    self.local.forget_if_idle(&self.bucket_key(upstream, quota, &evicted), now);
-                    self.local.forget_if_idle(&format!("local:{}", self.bucket_key(upstream, quota, &evicted)), now);
-                }
-                self.bucket_key(upstream, quota, &key)
-            })
-            .collect();
-        (keys, pause_key)
+        for (index, quota) in upstream.limits.quotas.iter().enumerate() {
+            let key = if index == 0 {
+                pause_scope.clone()
+            } else {
+                scope::quota_key_for(&quota.scope, headers, peer, client)
+            };
+            let book = scopes
+                .entry((upstream.name.clone(), quota.name.clone()))
+                .or_insert_with(|| QuotaBook::new(&self.metrics, upstream, quota));
+            book.table.set_capacity(quota.max_keys);
+            let variant = u8::from(matches!(quota.window, Window::Fixed { .. }));
+            let (bucket, evicted) = book.table.touch_with(&key, variant, || self.bucket_key(upstream, quota, &key));
+            if let Some(evicted) = evicted {
+                self.metrics.scope_evictions.with_label_values(&[&upstream.name, &quota.name]).inc();
+                // Only an idle (full) bucket may go: forgetting a live one would hand that scope
+                // a full bucket again (Redis keeps it until it expires). Live ones go in the sweep.
+                let now = now_micros();
+                self.local.forget_if_idle(&self.bucket_key(upstream, quota, &evicted), now);
+                self.local.forget_if_idle(&format!("local:{}", self.bucket_key(upstream, quota, &evicted)), now);
+            }
+            keys.push(bucket);
+            counters.push(book.counters.clone());
+        }
+        BucketKeys { keys, pause, counters }
     }
 
     fn bucket_key(&self, upstream: &Upstream, quota: &Quota, key: &QuotaKey) -> String {
         // The window kind is part of the key (a string in Redis for rolling, a hash for fixed), so a
         // reload that changes it starts a fresh bucket instead of failing with WRONGTYPE.
-        let kind = match quota.window {
-            Window::Rolling => "",
-            Window::Fixed { .. } => "@fixed",
-        };
-        format!("{}:{{{}}}:{}{kind}:{}", self.store.key_prefix, upstream.name, quota.name, key.0)
+        format!("{}:{{{}}}:{}{}:{}", self.store.key_prefix, upstream.name, quota.name, window_tag(quota), key.0)
     }
 
     /// One decision in the current mode; `None` means "let it through unlimited" (`allow`).
@@ -690,7 +753,10 @@ impl Limiter {
             for quota in &upstream.limits.quotas {
                 let busiest = {
                     let scopes = self.scopes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                    scopes.get(&(upstream.name.clone(), quota.name.clone())).map(|t| t.busiest(10)).unwrap_or_default()
+                    scopes
+                        .get(&(upstream.name.clone(), quota.name.clone()))
+                        .map(|book| book.table.busiest(10))
+                        .unwrap_or_default()
                 };
                 let keys: Vec<String> = busiest.iter().map(|(key, _)| self.bucket_key(upstream, quota, key)).collect();
                 let states = self.states_for(&keys).await;
@@ -810,6 +876,14 @@ pub fn rules(quotas: &[Quota], cost: i64, now: Micros, divisor: u64) -> Vec<(Rul
             (rule, i64::try_from(cost).unwrap_or(i64::MAX))
         })
         .collect()
+}
+
+/// The part of a bucket key that says the window kind.
+fn window_tag(quota: &Quota) -> &'static str {
+    match quota.window {
+        Window::Rolling => "",
+        Window::Fixed { .. } => "@fixed",
+    }
 }
 
 /// The smallest safety margin among rolling quotas (a lease may live half of it); `None` when

@@ -100,10 +100,14 @@ pub struct ScopeTable {
     tick: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     tick: u64,
     hits: u64,
+    /// The scope's bucket key (the limiter builds it once per scope value) and the variant it
+    /// was built for (the window kind, which a reload can change).
+    bucket: String,
+    variant: u8,
 }
 
 impl ScopeTable {
@@ -113,13 +117,29 @@ impl ScopeTable {
 
     /// Records a use of `key`; returns the key evicted to make room, if any.
     pub fn touch(&mut self, key: &QuotaKey) -> Option<QuotaKey> {
+        self.touch_with(key, 0, String::new).1
+    }
+
+    /// [`ScopeTable::touch`], also returning the scope's bucket key: the one stored with it for
+    /// `variant`, or `bucket()` for a scope seen for the first time (or under another variant).
+    pub fn touch_with(
+        &mut self,
+        key: &QuotaKey,
+        variant: u8,
+        bucket: impl FnOnce() -> String,
+    ) -> (String, Option<QuotaKey>) {
         self.tick += 1;
         if let Some(entry) = self.entries.get_mut(key) {
-            self.by_tick.remove(&entry.tick);
+            // Move the key to the newest tick without allocating a copy of it.
+            let moved = self.by_tick.remove(&entry.tick).unwrap_or_else(|| key.clone());
             entry.tick = self.tick;
             entry.hits += 1;
-            self.by_tick.insert(self.tick, key.clone());
-            return None;
+            self.by_tick.insert(self.tick, moved);
+            if entry.variant != variant {
+                entry.bucket = bucket();
+                entry.variant = variant;
+            }
+            return (entry.bucket.clone(), None);
         }
         let evicted = if self.entries.len() >= self.capacity {
             self.by_tick.pop_first().map(|(_, oldest)| {
@@ -129,9 +149,10 @@ impl ScopeTable {
         } else {
             None
         };
-        self.entries.insert(key.clone(), Entry { tick: self.tick, hits: 1 });
+        let bucket = bucket();
+        self.entries.insert(key.clone(), Entry { tick: self.tick, hits: 1, bucket: bucket.clone(), variant });
         self.by_tick.insert(self.tick, key.clone());
-        evicted
+        (bucket, evicted)
     }
 
     pub fn set_capacity(&mut self, capacity: usize) {
