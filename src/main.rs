@@ -5,11 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Every request allocates (header maps, bodies, futures); mimalloc's thread-local free lists
-/// cost less CPU per request than glibc malloc here (see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "A rate-limit-aware egress proxy for CRM vendor APIs")]
 struct Cli {

@@ -3,7 +3,7 @@
 //! trades and why the window promise holds).
 //!
 //! The size of the next ask follows the scope's own recent demand: the units it was admitted
-//! over the last lease lifetime, capped at `store.lease_max`. A scope below 8 units a lifetime
+//! over the last lease lifetime, capped at `store.lease_max`. A scope below 32 units a lifetime
 //! asks for nothing extra, so its decisions stay exact and no token is dropped; a scope at
 //! thousands of requests a second asks for full leases.
 
@@ -20,8 +20,8 @@ use super::gcra::{Decision, Rule, Standing};
 const MAX_ENTRIES: usize = 4096;
 
 /// Units per lease lifetime below which a scope is decided request by request (with the default
-/// 50 ms lifetime: below 160 requests a second per scope and replica).
-const MIN_DEMAND: i64 = 8;
+/// 50 ms lifetime: below 640 requests a second per scope and replica).
+const MIN_DEMAND: i64 = 32;
 
 /// What the store charged for one admitted request.
 #[derive(Debug, Clone, Copy)]
