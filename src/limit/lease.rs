@@ -7,7 +7,7 @@
 //! asks for nothing extra, so its decisions stay exact and no token is dropped; a scope at
 //! thousands of requests a second asks for full leases.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -22,6 +22,9 @@ const MAX_ENTRIES: usize = 4096;
 /// Units per lease lifetime below which a scope is decided request by request (with the default
 /// 50 ms lifetime: below 640 requests a second per scope and replica).
 const MIN_DEMAND: i64 = 32;
+
+/// Grants held at once per scope (a refill arrives while the last one is still being spent).
+const MAX_GRANTS: usize = 4;
 
 /// What the store charged for one admitted request.
 #[derive(Debug, Clone, Copy)]
@@ -44,9 +47,10 @@ struct Lease {
     /// The quota rules the tokens were charged under: a reload or a vendor-lowered limit that
     /// changes them makes the lease void.
     rules: Vec<Rule>,
-    tokens: i64,
-    expires: Instant,
-    /// The scope's standings at the grant, with this replica's unspent tokens counted back in.
+    /// Tokens of each grant still held, oldest first, each with its own expiry: a token must be
+    /// spent within its grant's lifetime, whatever was granted since.
+    grants: VecDeque<(i64, Instant)>,
+    /// The scope's standings at the last grant, with this replica's unspent tokens counted back in.
     standings: Vec<Standing>,
     /// Demand: units admitted since `since`.
     since: Instant,
@@ -71,13 +75,36 @@ impl Leases {
     }
 
     /// Admits `cost` from the lease of `keys`, if one is live under `rules` and holds enough.
+    ///
+    /// When what would be left falls under half the last ask and no ask is in flight, the
+    /// request goes to the store instead (and asks): the refill is on its way while the rest of
+    /// the lease serves the requests that arrive during the round trip.
     pub fn take(&self, keys: &[String], rules: &[(Rule, i64)], cost: i64, now: Instant) -> Option<Decision> {
         let mut entries = self.lock();
         let lease = entries.get_mut(keys)?;
-        if lease.expires <= now || lease.tokens < cost || !same_rules(&lease.rules, rules) {
+        if !same_rules(&lease.rules, rules) {
+            lease.grants.clear();
             return None;
         }
-        lease.tokens -= cost;
+        while lease.grants.front().is_some_and(|(tokens, expires)| *tokens <= 0 || *expires <= now) {
+            lease.grants.pop_front();
+        }
+        let held: i64 = lease.grants.iter().map(|(tokens, _)| *tokens).sum();
+        if held < cost {
+            return None;
+        }
+        if held - cost < lease.ask / 2 && lease.asking_until <= now {
+            return None;
+        }
+        let mut owed = cost;
+        for (tokens, _) in lease.grants.iter_mut() {
+            let taken = owed.min(*tokens);
+            *tokens -= taken;
+            owed -= taken;
+            if owed == 0 {
+                break;
+            }
+        }
         lease.served += cost;
         for standing in &mut lease.standings {
             standing.remaining = (standing.remaining - cost).max(0);
@@ -118,15 +145,16 @@ impl Leases {
         let Grant { cost, charged, standings } = grant;
         let mut entries = self.lock();
         if entries.len() >= MAX_ENTRIES && !entries.contains_key(keys) {
-            entries.retain(|_, lease| lease.expires > now || lease.since + lease_window(lifetime) > now);
+            entries.retain(|_, lease| {
+                lease.grants.iter().any(|(_, expires)| *expires > now) || lease.since + lease_window(lifetime) > now
+            });
             if entries.len() >= MAX_ENTRIES {
                 entries.clear();
             }
         }
         let lease = entries.entry(keys.to_vec()).or_insert_with(|| Lease {
             rules: Vec::new(),
-            tokens: 0,
-            expires: now,
+            grants: VecDeque::new(),
             standings: Vec::new(),
             since: now,
             served: 0,
@@ -141,18 +169,20 @@ impl Leases {
         if extra == 0 {
             return;
         }
-        let live = lease.expires > now && same_rules(&lease.rules, rules);
-        if live {
-            // Tokens of two grants: spend them by the earlier expiry (dropping some is safe).
-            lease.tokens += extra;
-        } else {
-            lease.tokens = extra;
-            lease.expires = now + lifetime;
+        if !same_rules(&lease.rules, rules) {
+            lease.grants.clear();
             lease.rules = rules.iter().map(|(rule, _)| *rule).collect();
         }
+        lease.grants.retain(|(tokens, expires)| *tokens > 0 && *expires > now);
+        if lease.grants.len() >= MAX_GRANTS {
+            // Dropping the oldest tokens is safe: they are simply not spent.
+            lease.grants.pop_front();
+        }
+        lease.grants.push_back((extra, now + lifetime));
+        let held: i64 = lease.grants.iter().map(|(tokens, _)| *tokens).sum();
         lease.standings = standings
             .iter()
-            .map(|standing| Standing { remaining: standing.remaining + lease.tokens, reset_in: standing.reset_in })
+            .map(|standing| Standing { remaining: standing.remaining + held, reset_in: standing.reset_in })
             .collect();
     }
 
@@ -216,13 +246,24 @@ mod tests {
         assert_eq!(leases.ask(&keys, lifetime, now), 63);
         let standings = [Standing { remaining: 100, reset_in: 0 }];
         leases.granted(&keys, &rules(), Grant { cost: 1, charged: 64, standings: &standings }, lifetime, now);
-        for _ in 0..63 {
-            match leases.take(&keys, &rules(), 1, now) {
-                Some(Decision::Allowed { wait: 0, standings }) => assert!(standings[0].remaining >= 100),
-                other => panic!("expected a leased admission, got {other:?}"),
-            }
+        let mut leased = 0;
+        while let Some(Decision::Allowed { wait: 0, standings }) = leases.take(&keys, &rules(), 1, now) {
+            assert!(standings[0].remaining >= 100);
+            leased += 1;
+            assert!(leased <= 63, "never more than the lease");
+        }
+        assert_eq!(leased, 32, "down to half the ask, the next request goes to the store to refill");
+        assert_eq!(leases.ask(&keys, lifetime, now), 63);
+        for _ in 0..31 {
+            let taken = leases.take(&keys, &rules(), 1, now);
+            assert!(taken.is_some(), "while the refill is in flight, the rest of the lease serves");
         }
         assert!(leases.take(&keys, &rules(), 1, now).is_none(), "the lease is spent");
+        // The refill arrives: its tokens live for their own lifetime.
+        let later = now + lifetime / 2;
+        leases.granted(&keys, &rules(), Grant { cost: 1, charged: 64, standings: &standings }, lifetime, later);
+        assert!(leases.take(&keys, &rules(), 1, now + lifetime).is_some(), "the refill outlives the first grant");
+        assert!(leases.take(&keys, &rules(), 1, later + lifetime).is_none(), "and expires on its own");
     }
 
     #[test]
