@@ -177,6 +177,15 @@ async fn two_replicas_leasing_keep_the_window_with_fewer_round_trips() {
         roomy_calls * 4 < roomy_ok as u64,
         "at least 3 in 4 requests were served from leases: {roomy_calls} calls for {roomy_ok} requests"
     );
+    let mut leased = 0.0;
+    for sluice in &replicas {
+        leased += metric_value(
+            &sluice.metrics().await,
+            "sluice_quota_lease_tokens_total",
+            &[("upstream", "roomy"), ("outcome", "leased")],
+        );
+    }
+    assert!(leased > 0.0, "leased tokens are counted in sluice_quota_lease_tokens_total");
     mock.clear();
 
     // Over the limit: the rolling-window promise holds with leases on.

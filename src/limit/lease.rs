@@ -8,7 +8,7 @@
 //! thousands of requests a second asks for full leases.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -29,6 +29,8 @@ const MAX_GRANTS: usize = 4;
 /// What the store charged for one admitted request.
 #[derive(Debug, Clone, Copy)]
 pub struct Grant<'a> {
+    /// The upstream the quotas belong to (for the lease metric).
+    pub upstream: &'a Arc<str>,
     /// The request's own cost.
     pub cost: i64,
     /// Units charged per quota: the cost plus what was leased.
@@ -41,9 +43,12 @@ pub struct Leases {
     max_tokens: i64,
     ttl: Duration,
     entries: Mutex<HashMap<Vec<String>, Lease>>,
+    /// `sluice_quota_lease_tokens_total{upstream, outcome}`.
+    tokens_metric: prometheus::IntCounterVec,
 }
 
 struct Lease {
+    upstream: Arc<str>,
     /// The quota rules the tokens were charged under: a reload or a vendor-lowered limit that
     /// changes them makes the lease void.
     rules: Vec<Rule>,
@@ -63,8 +68,20 @@ struct Lease {
 }
 
 impl Leases {
-    pub fn new(max_tokens: u64, ttl: Duration) -> Self {
-        Self { max_tokens: i64::try_from(max_tokens).unwrap_or(i64::MAX), ttl, entries: Mutex::new(HashMap::new()) }
+    pub fn new(max_tokens: u64, ttl: Duration, tokens_metric: prometheus::IntCounterVec) -> Self {
+        Self {
+            max_tokens: i64::try_from(max_tokens).unwrap_or(i64::MAX),
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+            tokens_metric,
+        }
+    }
+
+    /// Counts `tokens` of `upstream`'s leases under `outcome` (`leased` or `dropped`).
+    fn count(&self, upstream: &str, outcome: &str, tokens: i64) {
+        if tokens > 0 {
+            self.tokens_metric.with_label_values(&[upstream, outcome]).inc_by(u64::try_from(tokens).unwrap_or(0));
+        }
     }
 
     /// How long a lease under `margin` (the tightest rolling quota's safety margin) may live:
@@ -83,10 +100,15 @@ impl Leases {
         let mut entries = self.lock();
         let lease = entries.get_mut(keys)?;
         if !same_rules(&lease.rules, rules) {
-            lease.grants.clear();
+            let dropped: i64 = lease.grants.drain(..).map(|(tokens, _)| tokens).sum();
+            self.count(&lease.upstream, "dropped", dropped);
             return None;
         }
-        while lease.grants.front().is_some_and(|(tokens, expires)| *tokens <= 0 || *expires <= now) {
+        while let Some(&(tokens, expires)) = lease.grants.front() {
+            if tokens > 0 && expires > now {
+                break;
+            }
+            self.count(&lease.upstream, "dropped", tokens);
             lease.grants.pop_front();
         }
         let held: i64 = lease.grants.iter().map(|(tokens, _)| *tokens).sum();
@@ -142,17 +164,26 @@ impl Leases {
     /// Records an admission of `keys` decided by the store: what it charged beyond the request's
     /// cost is spent locally until `lifetime` from now.
     pub fn granted(&self, keys: &[String], rules: &[(Rule, i64)], grant: Grant<'_>, lifetime: Duration, now: Instant) {
-        let Grant { cost, charged, standings } = grant;
+        let Grant { upstream, cost, charged, standings } = grant;
         let mut entries = self.lock();
         if entries.len() >= MAX_ENTRIES && !entries.contains_key(keys) {
             entries.retain(|_, lease| {
-                lease.grants.iter().any(|(_, expires)| *expires > now) || lease.since + lease_window(lifetime) > now
+                let keep = lease.grants.iter().any(|(_, expires)| *expires > now)
+                    || lease.since + lease_window(lifetime) > now;
+                if !keep {
+                    self.count(&lease.upstream, "dropped", held(lease, now));
+                }
+                keep
             });
             if entries.len() >= MAX_ENTRIES {
+                for lease in entries.values() {
+                    self.count(&lease.upstream, "dropped", held(lease, now));
+                }
                 entries.clear();
             }
         }
         let lease = entries.entry(keys.to_vec()).or_insert_with(|| Lease {
+            upstream: upstream.clone(),
             rules: Vec::new(),
             grants: VecDeque::new(),
             standings: Vec::new(),
@@ -170,15 +201,21 @@ impl Leases {
             return;
         }
         if !same_rules(&lease.rules, rules) {
-            lease.grants.clear();
+            let dropped: i64 = lease.grants.drain(..).map(|(tokens, _)| tokens).sum();
+            self.count(upstream, "dropped", dropped);
             lease.rules = rules.iter().map(|(rule, _)| *rule).collect();
         }
+        let expired: i64 = lease.grants.iter().filter(|(_, expires)| *expires <= now).map(|(tokens, _)| *tokens).sum();
+        self.count(upstream, "dropped", expired);
         lease.grants.retain(|(tokens, expires)| *tokens > 0 && *expires > now);
         if lease.grants.len() >= MAX_GRANTS {
             // Dropping the oldest tokens is safe: they are simply not spent.
-            lease.grants.pop_front();
+            if let Some((tokens, _)) = lease.grants.pop_front() {
+                self.count(upstream, "dropped", tokens);
+            }
         }
         lease.grants.push_back((extra, now + lifetime));
+        self.count(upstream, "leased", extra);
         let held: i64 = lease.grants.iter().map(|(tokens, _)| *tokens).sum();
         lease.standings = standings
             .iter()
@@ -188,13 +225,23 @@ impl Leases {
 
     /// Drops every lease (a vendor pause was recorded: nothing more goes out on old tokens).
     pub fn clear(&self) {
-        self.lock().clear();
+        let mut entries = self.lock();
+        let now = Instant::now();
+        for lease in entries.values() {
+            self.count(&lease.upstream, "dropped", held(lease, now));
+        }
+        entries.clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Lease>> {
         // Plain numbers: still consistent if another thread panicked while holding the lock.
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Unspent tokens of `lease` that are still live at `now`.
+fn held(lease: &Lease, now: Instant) -> i64 {
+    lease.grants.iter().filter(|(_, expires)| *expires > now).map(|(tokens, _)| *tokens).sum()
 }
 
 /// How long a demand record is worth keeping after its lease is gone.
@@ -210,42 +257,80 @@ fn same_rules(leased: &[Rule], rules: &[(Rule, i64)]) -> bool {
 mod tests {
     use super::*;
 
+    fn metric() -> prometheus::IntCounterVec {
+        prometheus::IntCounterVec::new(prometheus::Opts::new("leases", "test"), &["upstream", "outcome"]).unwrap()
+    }
+
+    fn upstream() -> Arc<str> {
+        Arc::from("hubspot")
+    }
+
     fn rules() -> Vec<(Rule, i64)> {
         vec![(Rule::rolling(1_000, 10_000_000, 50, 100_000), 1)]
     }
 
     #[test]
     fn quiet_scope_asks_for_nothing() {
-        let leases = Leases::new(64, Duration::from_millis(50));
+        let leases = Leases::new(64, Duration::from_millis(50), metric());
         let keys = vec!["k".to_owned()];
         let start = Instant::now();
         let lifetime = Duration::from_millis(50);
         assert_eq!(leases.ask(&keys, lifetime, start), 0);
-        leases.granted(&keys, &rules(), Grant { cost: 1, charged: 1, standings: &[] }, lifetime, start);
+        leases.granted(
+            &keys,
+            &rules(),
+            Grant { upstream: &upstream(), cost: 1, charged: 1, standings: &[] },
+            lifetime,
+            start,
+        );
         // One request per second: a lease would only be dropped.
         for second in 1..5 {
             let now = start + Duration::from_secs(second);
             assert_eq!(leases.ask(&keys, lifetime, now), 0);
-            leases.granted(&keys, &rules(), Grant { cost: 1, charged: 1, standings: &[] }, lifetime, now);
+            leases.granted(
+                &keys,
+                &rules(),
+                Grant { upstream: &upstream(), cost: 1, charged: 1, standings: &[] },
+                lifetime,
+                now,
+            );
         }
     }
 
     #[test]
     fn busy_scope_asks_up_to_the_cap_and_spends_locally() {
-        let leases = Leases::new(64, Duration::from_millis(50));
+        let leases = Leases::new(64, Duration::from_millis(50), metric());
         let keys = vec!["k".to_owned()];
         let lifetime = Duration::from_millis(50);
         let start = Instant::now();
-        leases.granted(&keys, &rules(), Grant { cost: 1, charged: 1, standings: &[] }, lifetime, start);
+        leases.granted(
+            &keys,
+            &rules(),
+            Grant { upstream: &upstream(), cost: 1, charged: 1, standings: &[] },
+            lifetime,
+            start,
+        );
         // 100 requests within 1 ms: demand is far above the cap.
         for i in 0..100 {
             let now = start + Duration::from_micros(10 * i);
-            leases.granted(&keys, &rules(), Grant { cost: 1, charged: 1, standings: &[] }, lifetime, now);
+            leases.granted(
+                &keys,
+                &rules(),
+                Grant { upstream: &upstream(), cost: 1, charged: 1, standings: &[] },
+                lifetime,
+                now,
+            );
         }
         let now = start + Duration::from_millis(60);
         assert_eq!(leases.ask(&keys, lifetime, now), 63);
         let standings = [Standing { remaining: 100, reset_in: 0 }];
-        leases.granted(&keys, &rules(), Grant { cost: 1, charged: 64, standings: &standings }, lifetime, now);
+        leases.granted(
+            &keys,
+            &rules(),
+            Grant { upstream: &upstream(), cost: 1, charged: 64, standings: &standings },
+            lifetime,
+            now,
+        );
         let mut leased = 0;
         while let Some(Decision::Allowed { wait: 0, standings }) = leases.take(&keys, &rules(), 1, now) {
             assert!(standings[0].remaining >= 100);
@@ -261,21 +346,27 @@ mod tests {
         assert!(leases.take(&keys, &rules(), 1, now).is_none(), "the lease is spent");
         // The refill arrives: its tokens live for their own lifetime.
         let later = now + lifetime / 2;
-        leases.granted(&keys, &rules(), Grant { cost: 1, charged: 64, standings: &standings }, lifetime, later);
+        leases.granted(
+            &keys,
+            &rules(),
+            Grant { upstream: &upstream(), cost: 1, charged: 64, standings: &standings },
+            lifetime,
+            later,
+        );
         assert!(leases.take(&keys, &rules(), 1, now + lifetime).is_some(), "the refill outlives the first grant");
         assert!(leases.take(&keys, &rules(), 1, later + lifetime).is_none(), "and expires on its own");
     }
 
     #[test]
     fn lease_expires_and_follows_rule_changes() {
-        let leases = Leases::new(64, Duration::from_millis(50));
+        let leases = Leases::new(64, Duration::from_millis(50), metric());
         let keys = vec!["k".to_owned()];
         let lifetime = Duration::from_millis(50);
         let now = Instant::now();
         leases.granted(
             &keys,
             &rules(),
-            Grant { cost: 1, charged: 10, standings: &[Standing { remaining: 5, reset_in: 0 }] },
+            Grant { upstream: &upstream(), cost: 1, charged: 10, standings: &[Standing { remaining: 5, reset_in: 0 }] },
             lifetime,
             now,
         );
@@ -283,17 +374,26 @@ mod tests {
         let changed = vec![(Rule::rolling(500, 10_000_000, 50, 100_000), 1)];
         assert!(leases.take(&keys, &changed, 1, now).is_none(), "a reload voids the lease");
         assert!(leases.take(&keys, &rules(), 1, now + lifetime).is_none(), "expired");
-        leases.granted(&keys, &rules(), Grant { cost: 1, charged: 10, standings: &[] }, lifetime, now + lifetime);
+        leases.granted(
+            &keys,
+            &rules(),
+            Grant { upstream: &upstream(), cost: 1, charged: 10, standings: &[] },
+            lifetime,
+            now + lifetime,
+        );
         leases.clear();
         assert!(leases.take(&keys, &rules(), 1, now + lifetime).is_none(), "cleared by a pause");
+        let counted = |outcome: &str| leases.tokens_metric.with_label_values(&["hubspot", outcome]).get();
+        assert_eq!(counted("leased"), 18, "two grants of 9 extra tokens");
+        assert!(counted("dropped") >= 9, "the second grant was dropped unspent by the pause");
     }
 
     #[test]
     fn lifetime_is_capped_by_half_the_margin() {
-        let leases = Leases::new(64, Duration::from_millis(50));
+        let leases = Leases::new(64, Duration::from_millis(50), metric());
         assert_eq!(leases.lifetime(Some(Duration::from_millis(40))), Some(Duration::from_millis(20)));
         assert_eq!(leases.lifetime(Some(Duration::from_secs(1))), Some(Duration::from_millis(50)));
         assert_eq!(leases.lifetime(Some(Duration::ZERO)), None);
-        assert_eq!(Leases::new(1, Duration::from_millis(50)).lifetime(None), None);
+        assert_eq!(Leases::new(1, Duration::from_millis(50), metric()).lifetime(None), None);
     }
 }

@@ -165,7 +165,7 @@ impl Limiter {
             degraded: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             local: MemoryStore::default(),
-            leases: Leases::new(store.lease_max, store.lease_ttl),
+            leases: Leases::new(store.lease_max, store.lease_ttl, metrics.lease_tokens.clone()),
             scopes: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
             vendor_limits: Mutex::new(HashMap::new()),
@@ -608,7 +608,7 @@ impl Limiter {
             match result {
                 Ok(Ok((decision, charged))) => {
                     if let (Some(lifetime), Decision::Allowed { standings, .. }) = (lifetime, &decision) {
-                        let grant = lease::Grant { cost, charged, standings };
+                        let grant = lease::Grant { upstream: &upstream.name, cost, charged, standings };
                         self.leases.granted(keys, &rules, grant, lifetime, started);
                     }
                     return Ok(Some(decision));

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub replicas: IntGauge,
     /// Scope values evicted from a quota's bounded key table.
     pub scope_evictions: IntCounterVec,
+    pub lease_tokens: IntCounterVec,
     /// Vendor pauses recorded, by upstream and reason (`retry_after`, `profile`, `backoff`, `remaining`).
     pub vendor_pauses: IntCounterVec,
     /// Limit in force where the vendor announced a lower one, by upstream and quota.
@@ -173,6 +174,14 @@ impl Metrics {
                 &["upstream", "quota"],
             )
             .expect("static metric definition"),
+            lease_tokens: IntCounterVec::new(
+                Opts::new(
+                    "sluice_quota_lease_tokens_total",
+                    "Tokens leased from the shared store ahead of requests, and leased tokens dropped unspent.",
+                ),
+                &["upstream", "outcome"],
+            )
+            .expect("static metric definition"),
             vendor_pauses: IntCounterVec::new(
                 Opts::new("sluice_vendor_pauses_total", "Vendor pauses recorded, by upstream and reason."),
                 &["upstream", "reason"],
@@ -275,6 +284,7 @@ impl Metrics {
             Box::new(self.store_degraded.clone()),
             Box::new(self.replicas.clone()),
             Box::new(self.scope_evictions.clone()),
+            Box::new(self.lease_tokens.clone()),
             Box::new(self.vendor_pauses.clone()),
             Box::new(self.effective_limit.clone()),
             Box::new(self.vendor_remaining.clone()),
