@@ -92,7 +92,7 @@ async fn script_leases_only_out_of_spare_headroom() {
 
 fn yaml(redis: &RedisServer, mock: &MockCrm) -> String {
     format!(
-        "store: {{ kind: redis, url: '{}', timeout: 1s, heartbeat: 500ms }}
+        "store: {{ kind: redis, url: '{}', timeout: 1s, heartbeat: 500ms, lease_ttl: 400ms }}
 upstreams:
   - name: hubspot
     prefix: /hubspot
@@ -102,7 +102,7 @@ upstreams:
   - name: roomy
     prefix: /roomy
     target: '{}'
-    quotas: [{{ name: burst, limit: 100000000, per: 10s }}]
+    quotas: [{{ name: burst, limit: 100000000, per: 10s, margin: 1s }}]
 ",
         redis.url(),
         mock.url(),
@@ -165,7 +165,8 @@ async fn two_replicas_leasing_keep_the_window_with_fewer_round_trips() {
     let mock = MockCrm::start().await;
     let replicas = [TestSluice::start(&yaml(&redis, &mock)).await, TestSluice::start(&yaml(&redis, &mock)).await];
 
-    // Under the limit: busy scopes are served from leases.
+    // Under the limit: busy scopes are served from leases. The 400 ms lifetime (this quota's
+    // margin is 1 s) makes leasing start at 80 requests a second per replica.
     let calls_before = evalsha_calls(&redis).await;
     let (roomy_ok, roomy_limited) = hammer(&replicas, "/roomy", Duration::from_secs(2)).await;
     let roomy_calls = evalsha_calls(&redis).await - calls_before;
@@ -219,4 +220,47 @@ async fn two_replicas_leasing_keep_the_window_with_fewer_round_trips() {
     for sluice in replicas {
         sluice.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quotas_endpoint_counts_this_replicas_unspent_lease_as_remaining() {
+    let redis = RedisServer::start();
+    let mock = MockCrm::start().await;
+    // burst = limit: the bucket refills one token per 11 s, so `remaining` is limit - admitted.
+    // A 400 ms lease lifetime (margin 1 s) makes leasing start at 80 requests a second, which
+    // a debug build on a busy CI machine reaches with room to spare.
+    let yaml = format!(
+        "store: {{ kind: redis, url: '{}', timeout: 1s, heartbeat: 500ms, lease_ttl: 400ms }}
+upstreams:
+  - name: roomy
+    prefix: /roomy
+    target: '{}'
+    quotas: [{{ name: burst, limit: 100000, per: 10s, burst: 100000, margin: 1s }}]
+",
+        redis.url(),
+        mock.url()
+    );
+    let sluice = TestSluice::start(&yaml).await;
+    let (ok, limited) = hammer(std::slice::from_ref(&sluice), "/roomy", Duration::from_millis(800)).await;
+    assert_eq!(limited, 0);
+    let metrics = sluice.metrics().await;
+    let counted = |outcome: &str| {
+        metric_value(&metrics, "sluice_quota_lease_tokens_total", &[("upstream", "roomy"), ("outcome", outcome)])
+    };
+    let (leased, dropped) = (counted("leased"), counted("dropped"));
+    let quotas: serde_json::Value =
+        direct_client().get(sluice.admin_url("/quotas")).send().await.unwrap().json().await.unwrap();
+    let scope = &quotas["upstreams"][0]["quotas"][0]["scopes"][0];
+    println!("quotas after {ok} requests, {leased} tokens leased, {dropped} dropped so far: {scope}");
+    assert!(leased > 0.0, "the load was enough to lease: {metrics}");
+    assert!(dropped <= 0.1 * ok as f64, "leases are sized to be spent, not dropped: {dropped} of {leased}");
+    // Every token is either admitted, dropped unspent, or still held by this replica (counted
+    // back in by /quotas); what expired after the metrics were read is dropped too.
+    let remaining = scope["remaining"].as_i64().unwrap();
+    let unaccounted = 100_000 - ok as i64 - dropped as i64 - remaining;
+    assert!(
+        (-1..=64).contains(&unaccounted),
+        "remaining {remaining} after {ok} requests and {dropped} dropped: {unaccounted} tokens unaccounted for"
+    );
+    sluice.shutdown().await;
 }

@@ -2,10 +2,11 @@
 //! round trip per lease instead of one per request (see "Leases" in `redis.rs` for what that
 //! trades and why the window promise holds).
 //!
-//! The size of the next ask follows the scope's own recent demand: the units it was admitted
-//! over the last lease lifetime, capped at `store.lease_max`. A scope below 32 units a lifetime
-//! asks for nothing extra, so its decisions stay exact and no token is dropped; a scope at
-//! thousands of requests a second asks for full leases.
+//! The size of the next ask follows the scope's own recent demand: a quarter of the units it
+//! was admitted over the last lease lifetime, capped at `store.lease_max`, so a lease is spent
+//! long before it expires. A scope below 32 units a lifetime asks for nothing extra, so its
+//! decisions stay exact and no token is dropped; a scope at thousands of requests a second asks
+//! for full leases.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,9 @@ const MAX_ENTRIES: usize = 4096;
 /// Units per lease lifetime below which a scope is decided request by request (with the default
 /// 50 ms lifetime: below 640 requests a second per scope and replica).
 const MIN_DEMAND: i64 = 32;
+
+/// An ask is a lifetime's demand divided by this.
+const SPEND_WITHIN: i64 = 4;
 
 /// Grants held at once per scope (a refill arrives while the last one is still being spent).
 const MAX_GRANTS: usize = 4;
@@ -60,6 +64,8 @@ struct Lease {
     /// Demand: units admitted since `since`.
     since: Instant,
     served: i64,
+    /// Units per lifetime, as last estimated.
+    demand: i64,
     /// The last ask's size (extra tokens).
     ask: i64,
     /// While an ask is in flight, concurrent decisions ask for nothing: one lease at a time
@@ -149,14 +155,18 @@ impl Leases {
             lease.served = 0;
             per_lifetime.ceil() as i64
         } else {
-            // Not a lifetime yet: demand is at least what was served so far, and the last ask.
-            lease.served.max(lease.ask)
+            // Not a lifetime yet: demand is at least what was served so far, and the last estimate.
+            lease.served.max(lease.demand)
         };
-        lease.ask = demand.clamp(0, self.max_tokens.saturating_sub(1));
+        lease.demand = demand;
         // A scope this quiet costs Redis little; leasing it would only drop tokens.
-        if lease.ask < MIN_DEMAND {
+        if demand < MIN_DEMAND {
+            lease.ask = 0;
             return 0;
         }
+        // A quarter of a lifetime's demand: with the refill at half a lease, what is held lasts
+        // well under a lifetime, so few tokens expire unspent when demand holds.
+        lease.ask = (demand / SPEND_WITHIN).clamp(1, self.max_tokens.saturating_sub(1).max(1));
         lease.asking_until = now + lifetime;
         lease.ask
     }
@@ -189,6 +199,7 @@ impl Leases {
             standings: Vec::new(),
             since: now,
             served: 0,
+            demand: 0,
             ask: 0,
             asking_until: now,
         });
@@ -221,6 +232,11 @@ impl Leases {
             .iter()
             .map(|standing| Standing { remaining: standing.remaining + held, reset_in: standing.reset_in })
             .collect();
+    }
+
+    /// Unspent leased tokens of every lease that includes the bucket `key` (for `/quotas`).
+    pub fn held_for(&self, key: &str, now: Instant) -> i64 {
+        self.lock().iter().filter(|(keys, _)| keys.iter().any(|k| k == key)).map(|(_, lease)| held(lease, now)).sum()
     }
 
     /// Drops every lease (a vendor pause was recorded: nothing more goes out on old tokens).
@@ -310,8 +326,8 @@ mod tests {
             lifetime,
             start,
         );
-        // 100 requests within 1 ms: demand is far above the cap.
-        for i in 0..100 {
+        // 400 requests within 4 ms: a quarter of the demand per lifetime is far above the cap.
+        for i in 0..400 {
             let now = start + Duration::from_micros(10 * i);
             leases.granted(
                 &keys,

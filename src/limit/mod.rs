@@ -761,16 +761,20 @@ impl Limiter {
                 let keys: Vec<String> = busiest.iter().map(|(key, _)| self.bucket_key(upstream, quota, key)).collect();
                 let states = self.states_for(&keys).await;
                 let rule = rules(std::slice::from_ref(quota), 1, now, self.local_divisor())[0].0;
+                let shared = matches!(self.mode(), Mode::Shared);
                 let scopes: Vec<Value> = busiest
                     .iter()
                     .zip(states)
-                    .map(|((key, hits), state)| {
+                    .zip(&keys)
+                    .map(|(((key, hits), state), bucket)| {
                         let standing = gcra::standing(&rule, &state, now);
                         let next_free_in = next_free_in(&rule, &state, now);
+                        // Tokens this replica leased and has not spent are still this scope's.
+                        let leased = if shared { self.leases.held_for(bucket, Instant::now()) } else { 0 };
                         json!({
                             "scope": key.0,
                             "requests": hits,
-                            "remaining": standing.remaining,
+                            "remaining": standing.remaining + leased,
                             "next_free_in_ms": next_free_in / 1000,
                             "full_in_ms": standing.reset_in.max(0) / 1000,
                         })
