@@ -264,3 +264,74 @@ upstreams:
     );
     sluice.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leased_tokens_stop_flowing_within_a_lifetime_of_a_vendor_pause() {
+    let redis = RedisServer::start();
+    let mock = MockCrm::start().await;
+    // Default lease_ttl (50 ms) and margin (1% of 10 s): leases live 50 ms.
+    let yaml = format!(
+        "store: {{ kind: redis, url: '{}', timeout: 1s, heartbeat: 500ms }}
+upstreams:
+  - name: roomy
+    prefix: /roomy
+    target: '{}'
+    over_limit: reject
+    quotas: [{{ name: burst, limit: 100000000, per: 10s }}]
+",
+        redis.url(),
+        mock.url()
+    );
+    let replicas = [TestSluice::start(&yaml).await, TestSluice::start(&yaml).await];
+    // The 400th request is refused with a 2 s pause; every other one is fine.
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    mock.set_handler(move |_| {
+        if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == 400 {
+            http::Response::builder()
+                .status(429)
+                .header("retry-after", "2")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{\"message\":\"slow down\"}")))
+                .unwrap()
+        } else {
+            support::mock_crm::json(http::StatusCode::OK, serde_json::json!({"ok": true}))
+        }
+    });
+    let (ok, limited) = hammer(&replicas, "/roomy", Duration::from_millis(2500)).await;
+
+    let requests = mock.requests();
+    let refused_at = requests.get(399).map(|r| r.at).expect("the vendor saw its 400th request");
+    let mut leased = 0.0;
+    for sluice in &replicas {
+        leased += metric_value(
+            &sluice.metrics().await,
+            "sluice_quota_lease_tokens_total",
+            &[("upstream", "roomy"), ("outcome", "leased")],
+        );
+    }
+    // In flight when the vendor refused (see vendor_feedback's IN_FLIGHT_TOLERANCE: 100 ms),
+    // plus one lease lifetime (50 ms) on the replica that learns of the pause from Redis.
+    let tolerance = Duration::from_millis(150);
+    let inside: Vec<Duration> = requests
+        .iter()
+        .map(|r| r.at.saturating_duration_since(refused_at))
+        .filter(|after| *after > tolerance && *after < Duration::from_millis(1900))
+        .collect();
+    let last_late = requests
+        .iter()
+        .map(|r| r.at.saturating_duration_since(refused_at))
+        .filter(|after| *after < Duration::from_secs(2))
+        .max()
+        .unwrap_or_default();
+    println!(
+        "pause with leases: {ok} x 200, {limited} x 429, {leased} tokens leased, \
+         last arrival {last_late:?} after the refusal, {} inside the pause past {tolerance:?}",
+        inside.len()
+    );
+    assert!(leased > 0.0, "the load was enough to lease");
+    assert!(limited > 0, "the pause answered callers at once (reject mode)");
+    assert!(inside.is_empty(), "arrivals inside the vendor's pause: {inside:?}");
+    for sluice in replicas {
+        sluice.shutdown().await;
+    }
+}
