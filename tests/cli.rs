@@ -115,6 +115,30 @@ fn check_names_a_semantic_error_key_and_line() {
 }
 
 #[test]
+fn check_names_bad_lease_settings_and_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "bad.yaml",
+        "listen: { proxy: 127.0.0.1:3128, admin: 127.0.0.1:9901 }\n\
+         store:\n\
+         \x20 kind: redis\n\
+         \x20 url: redis://127.0.0.1:6379/0\n\
+         \x20 lease_max: 20000\n\
+         \x20 lease_ttl: 5s\n\
+         upstreams:\n\
+         \x20 - name: hubspot\n\
+         \x20   prefix: /hubspot\n\
+         \x20   target: https://api.hubapi.com\n",
+    );
+    let finished = sluice(&["check", "-c", path.to_str().unwrap()]);
+    assert!(!finished.success(), "{}", describe(&finished));
+    for expected in ["store.lease_max", "line 5", "store.lease_ttl", "line 6"] {
+        assert!(finished.stderr.contains(expected), "{expected}: {}", describe(&finished));
+    }
+}
+
+#[test]
 fn check_reports_every_problem_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(
