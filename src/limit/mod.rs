@@ -304,20 +304,15 @@ impl Limiter {
                     }
                 }
                 Some(Decision::Rejected { retry_after, limiting, standings }) => {
-                    let limiting = limiting.min(limits.quotas.len().saturating_sub(1));
-                    let quota = &limits.quotas[limiting];
-                    match counters.get(limiting) {
-                        Some(counter) => counter.rejected.inc(),
-                        None => self
-                            .metrics
-                            .quota_decisions
-                            .with_label_values(&[&upstream.name, &quota.name, "rejected"])
-                            .inc(),
+                    // `counters` holds one entry per quota, so the limiting quota always has one.
+                    if let Some(counter) = counters.get(limiting) {
+                        counter.rejected.inc();
                     }
+                    let quota = limits.quotas.get(limiting).map_or("quota", |quota| &*quota.name);
                     let retry_after = Duration::from_micros(u64::try_from(retry_after).unwrap_or(0));
                     return Err(ProxyError::new(
                         ErrorKind::RateLimited {
-                            quota: quota.name.to_string(),
+                            quota: quota.to_owned(),
                             retry_after,
                             rate_limit: headers::rate_limit(&limits.quotas, &standings),
                             policy: headers::rate_limit_policy(&limits.quotas),
