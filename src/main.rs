@@ -5,6 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Every request allocates (header maps, bodies, boxed futures). mimalloc's free lists cost less
+/// CPU per request than glibc malloc on sluice's single-threaded runtime; built with `no_thp`,
+/// so it does not back the heap with transparent huge pages (that cost 8 MiB of idle RSS).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "A rate-limit-aware egress proxy for CRM vendor APIs")]
 struct Cli {
@@ -79,9 +85,15 @@ fn run(config_path: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // One worker is the sidecar's setting: the single-threaded scheduler skips work stealing and
+    // cross-thread wake-ups, measurably less CPU per request (BENCHMARKS.md).
+    let mut builder = if worker_threads == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     builder.enable_all().thread_name("sluice-worker");
-    if let Some(threads) = worker_threads {
+    if let Some(threads) = worker_threads.filter(|threads| *threads > 1) {
         builder.worker_threads(threads);
     }
     let runtime = match builder.build() {
