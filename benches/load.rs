@@ -18,6 +18,12 @@
 //! counts) of the proxy, the upstream and Redis is read, giving CPU seconds per request.
 //! sluice's idle RSS is read from `/proc/<pid>/status` after start and one request.
 //!
+//! Two more phases measure the floor that sluice's building blocks set, with none of sluice's
+//! code: this bench binary re-runs itself as a minimal hyper reverse proxy (`--floor-proxy`, one
+//! thread, mimalloc, the same hyper settings as sluice). (g) forwards through hyper-util's
+//! pooled client, as sluice does; (h) gives each client connection its own upstream connection
+//! (`hyper::client::conn::http1`), the cheapest hyper can do.
+//!
 //! Settings (environment): `SLUICE_BENCH_SECONDS` (10), `SLUICE_BENCH_WARMUP` (2),
 //! `SLUICE_BENCH_CONNECTIONS` (32), `SLUICE_BENCH_ROUNDS` (3).
 //!
@@ -38,8 +44,19 @@ const PATH: &str = "/crm/v3/objects/contacts?limit=1";
 /// The vendor host forward-proxy requests name.
 const VENDOR_HOST: &str = "api.hubapi.com";
 
+/// The floor proxies run on the same allocator as the sluice binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
-    if !std::env::args().any(|arg| arg == "--bench") {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|arg| arg == "--floor-proxy") {
+        let mode = args[at + 1].clone();
+        let (listen, upstream) = (args[at + 2].parse().unwrap(), args[at + 3].parse().unwrap());
+        floor::run(&mode, listen, upstream);
+        return;
+    }
+    if !args.iter().any(|arg| arg == "--bench") {
         println!("skipped (run with cargo bench)");
         return;
     }
@@ -117,6 +134,8 @@ fn run(settings: &Settings) {
     let idle_rss = vm_status_kib(plain.service.pid(), "VmRSS:");
     let memory = start_sluice(dir.path(), "memory", upstream_port, Limiter::Memory);
     let shared = start_sluice(dir.path(), "redis", upstream_port, Limiter::Redis(redis_port));
+    let floor_pooled = start_floor(dir.path(), "pooled", upstream_port);
+    let floor_direct = start_floor(dir.path(), "per-connection", upstream_port);
     println!(
         "sluice idle RSS after start and one request: {:.1} MiB (pid {})",
         idle_rss as f64 / 1024.0,
@@ -183,6 +202,22 @@ fn run(settings: &Settings) {
             script: headers.clone(),
             proxy: Some(shared.service.pgid()),
             redis: Some(redis.pgid()),
+        },
+        Phase {
+            key: "floor-pooled",
+            title: "(g) hyper floor: pooled client, no sluice code",
+            url: format!("http://127.0.0.1:{}/hubspot{PATH}", floor_pooled.1),
+            script: headers.clone(),
+            proxy: Some(floor_pooled.0.pgid()),
+            redis: None,
+        },
+        Phase {
+            key: "floor-direct",
+            title: "(h) hyper floor: one upstream conn per client conn",
+            url: format!("http://127.0.0.1:{}/hubspot{PATH}", floor_direct.1),
+            script: headers.clone(),
+            proxy: Some(floor_direct.0.pgid()),
+            redis: None,
         },
     ];
 
@@ -271,7 +306,7 @@ fn run(settings: &Settings) {
 
     summarize(&phases, &samples, idle_rss as f64 / 1024.0, settings);
     println!("\nload average at the end: {}", load_average());
-    drop((plain, memory, shared, nginx, upstream, redis));
+    drop((plain, memory, shared, floor_pooled, floor_direct, nginx, upstream, redis));
 }
 
 fn summarize(phases: &[Phase], samples: &BTreeMap<&'static str, Vec<Sample>>, idle_rss_mib: f64, settings: &Settings) {
@@ -343,6 +378,16 @@ fn summarize(phases: &[Phase], samples: &BTreeMap<&'static str, Vec<Sample>>, id
     println!("| limiter on (memory) / off >= 0.8 | {ratio:.2} | {} |", verdict(ratio >= 0.8));
     let ratio = rps("sluice-quota-redis") / rps("sluice-reverse");
     println!("| limiter on (Redis) / off >= 0.8 | {ratio:.2} | {} |", verdict(ratio >= 0.8));
+    println!("\nThe floor (no sluice code), against nginx:\n");
+    for key in ["floor-pooled", "floor-direct"] {
+        println!(
+            "  {key}: req/s {:.2}x nginx, CPU/req {:.1} us ({:.2}x nginx's); sluice reverse adds {:.1} us/req to it",
+            rps(key) / rps("nginx"),
+            cpu(key),
+            cpu(key) / cpu("nginx"),
+            cpu("sluice-reverse") - cpu(key)
+        );
+    }
 
     println!("\nraw rounds (req/s):");
     for phase in phases {
@@ -570,6 +615,133 @@ shutdown_grace: 1s
     let (status, body) = http_get(port, &format!("/hubspot{PATH}"), "127.0.0.1");
     assert_eq!(status, 200, "sluice ({name}) first request: {body}");
     Sluice { name, service, port, admin }
+}
+
+/// Starts this binary as a floor proxy (`--floor-proxy MODE LISTEN UPSTREAM`).
+fn start_floor(dir: &Path, mode: &str, upstream: u16) -> (Service, u16) {
+    let port = free_port();
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command.args(["--floor-proxy", mode, &port.to_string(), &upstream.to_string()]);
+    let mut service = Service::spawn(&format!("floor proxy ({mode})"), command, dir.join(format!("floor-{mode}.log")));
+    service.wait_for_port(port);
+    (service, port)
+}
+
+/// The minimal hyper reverse proxies behind phases (g) and (h): what sluice's building blocks
+/// cost with nothing of sluice (no routing table, layers, metrics or header hygiene). Each strips
+/// the `/hubspot` prefix and relays the answer; errors end the connection.
+mod floor {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use std::convert::Infallible;
+
+    use http::{HeaderValue, Request, Response, Uri};
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tokio::net::{TcpListener, TcpStream};
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    type Body = BoxBody<Bytes, BoxError>;
+
+    fn boxed(body: Incoming) -> Body {
+        body.map_err(|error| Box::new(error) as BoxError).boxed()
+    }
+
+    /// A failed exchange ends as a bare 502 (the bench counts non-2xx answers).
+    fn answer(result: Result<Response<Incoming>, String>) -> Result<Response<Body>, Infallible> {
+        Ok(match result {
+            Ok(response) => response.map(boxed),
+            Err(error) => {
+                let mut response = Response::new(Full::new(Bytes::from(error)).map_err(|never| match never {}).boxed());
+                *response.status_mut() = http::StatusCode::BAD_GATEWAY;
+                response
+            }
+        })
+    }
+
+    fn path_of(request: &Request<Incoming>) -> String {
+        let path = request.uri().path_and_query().map_or("/", |path| path.as_str());
+        let rest = path.strip_prefix("/hubspot").unwrap_or(path);
+        if rest.starts_with('/') {
+            rest.to_owned()
+        } else {
+            format!("/{rest}")
+        }
+    }
+
+    pub fn run(mode: &str, listen: u16, upstream: u16) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let pooled = mode == "pooled";
+        runtime.block_on(async move {
+            let listener = TcpListener::bind(("127.0.0.1", listen)).await.unwrap();
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            let client: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .http1_writev(false)
+                .build(connector);
+            let authority: Arc<str> = format!("127.0.0.1:{upstream}").into();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let _ = stream.set_nodelay(true);
+                let (client, authority) = (client.clone(), authority.clone());
+                tokio::spawn(async move {
+                    let mut server = hyper::server::conn::http1::Builder::new();
+                    server.timer(TokioTimer::new()).writev(false);
+                    if pooled {
+                        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                            let client = client.clone();
+                            let uri: Result<Uri, _> = format!("http://{authority}{}", path_of(&request)).parse();
+                            async move {
+                                let (mut parts, body) = request.into_parts();
+                                parts.uri = match uri {
+                                    Ok(uri) => uri,
+                                    Err(error) => return answer(Err(error.to_string())),
+                                };
+                                let sent = client.request(Request::from_parts(parts, boxed(body))).await;
+                                answer(sent.map_err(|error| error.to_string()))
+                            }
+                        });
+                        let _ = server.serve_connection(TokioIo::new(stream), service).await;
+                        return;
+                    }
+                    let Ok(upstream) = TcpStream::connect(&*authority).await else { return };
+                    let _ = upstream.set_nodelay(true);
+                    let handshake =
+                        hyper::client::conn::http1::Builder::new().writev(false).handshake(TokioIo::new(upstream));
+                    let Ok((sender, connection)) = handshake.await else { return };
+                    tokio::spawn(connection);
+                    // HTTP/1 serves one request at a time per client connection: the lock never waits.
+                    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+                    let host = HeaderValue::from_str(&authority).unwrap();
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let (sender, host) = (sender.clone(), host.clone());
+                        let uri: Result<Uri, _> = path_of(&request).parse();
+                        async move {
+                            let (mut parts, body) = request.into_parts();
+                            parts.uri = match uri {
+                                Ok(uri) => uri,
+                                Err(error) => return answer(Err(error.to_string())),
+                            };
+                            parts.headers.insert(http::header::HOST, host);
+                            let mut sender = sender.lock().await;
+                            if let Err(error) = sender.ready().await {
+                                return answer(Err(error.to_string()));
+                            }
+                            let sent = sender.send_request(Request::from_parts(parts, boxed(body))).await;
+                            answer(sent.map_err(|error| error.to_string()))
+                        }
+                    });
+                    let _ = server.serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+    }
 }
 
 // ---- measuring ----

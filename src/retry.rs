@@ -68,6 +68,13 @@ where
     }
 
     fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+        // Nothing to retry and no deadline from the caller: the inner service (made ready by
+        // our caller) answers directly, with no clone of the stack below and no extra future.
+        let routed = request.extensions().get::<Routed>();
+        let retries = routed.is_some_and(|routed| routed.upstream.retry.is_some_and(|retry| retry.attempts > 1));
+        if !retries && !request.headers().contains_key(DEADLINE_HEADER) {
+            return Box::pin(self.inner.call(request));
+        }
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();

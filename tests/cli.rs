@@ -461,6 +461,40 @@ async fn json_log_format_writes_one_json_object_per_line() {
     assert!(serving, "the start-up line is among them: {lines:?}");
 }
 
+/// `worker_threads: 1` runs tokio's single-threaded scheduler: proxying, reload (file reads)
+/// and a graceful SIGTERM must all work on it.
+#[tokio::test]
+async fn one_worker_thread_proxies_reloads_and_exits_cleanly() {
+    let mock = MockCrm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "sluice.yaml",
+        &format!(
+            "listen: {{ proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }}\nruntime: {{ worker_threads: 1 }}\n\
+             upstreams:\n  - {{ name: hubspot, prefix: /hubspot, target: '{}' }}\n",
+            mock.url()
+        ),
+    );
+    let mut process = SluiceProcess::run(&path, &[]);
+    let (proxy, admin) = process.addresses(WAIT).await;
+    let client = direct_client();
+    let ready = eventually(WAIT, || async {
+        client.get(format!("http://{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "{}", process.stderr_text());
+    for _ in 0..20 {
+        assert_eq!(client.get(format!("http://{proxy}/hubspot/one-thread")).send().await.unwrap().status(), 200);
+    }
+    let reload = client.post(format!("http://{admin}/reload")).send().await.unwrap();
+    assert_eq!(reload.status(), 200, "{}", process.stderr_text());
+    assert_eq!(client.get(format!("http://{proxy}/hubspot/after-reload")).send().await.unwrap().status(), 200);
+    process.signal("TERM");
+    let status = process.wait_exit(WAIT).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}: {}", process.stderr_text());
+}
+
 #[test]
 fn version_and_help() {
     let version = sluice(&["--version"]);

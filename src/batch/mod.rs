@@ -87,12 +87,12 @@ where
     }
 
     fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+        let Some(candidate) = Candidate::of(&request) else {
+            // Not batchable: straight to the inner service, which our caller made ready.
+            return Box::pin(self.inner.call(request));
+        };
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let Some(candidate) = Candidate::of(&request) else {
-            let response: BoxFuture<_> = Box::pin(inner.oneshot(request));
-            return response;
-        };
         let batcher = self.batcher.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();

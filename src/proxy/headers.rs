@@ -80,14 +80,30 @@ pub fn trace_id(headers: &HeaderMap) -> Option<&str> {
 
 /// A new request id: 128 random bits, hex.
 pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let id: u128 = rand::random();
-    // 32 hex digits are always a valid header value.
-    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // 32 lowercase hex digits, written in place (no formatter, one allocation): always a valid value.
+    let mut digits = [0u8; 32];
+    for (at, digit) in digits.iter_mut().enumerate() {
+        *digit = HEX[((id >> (124 - 4 * at)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&digits).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_32_lowercase_hex_digits_and_differ() {
+        let (first, second) = (new_request_id(), new_request_id());
+        for id in [&first, &second] {
+            let text = id.to_str().unwrap();
+            assert_eq!(text.len(), 32, "{text}");
+            assert!(text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{text}");
+        }
+        assert_ne!(first, second);
+    }
 
     #[test]
     fn strips_fixed_and_connection_named_headers() {

@@ -12,11 +12,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 use crate::body::ProxyBody;
 use crate::listen::connect;
@@ -105,7 +106,8 @@ impl std::fmt::Debug for ConnectionSlot {
 pub struct ProxyService {
     shared: Arc<Shared>,
     conn: Arc<ClientConn>,
-    stack: HttpStack,
+    /// This connection's journey. Locked only to call it (HTTP/2 streams share it); see `call`.
+    stack: Arc<std::sync::Mutex<HttpStack>>,
     /// Set when the first request head on this connection has been read.
     started: Arc<AtomicBool>,
     /// Set once a CONNECT on this connection is answered: from then on it carries a tunnel.
@@ -118,7 +120,7 @@ impl ProxyService {
         Self {
             shared,
             conn: Arc::new(conn),
-            stack,
+            stack: Arc::new(std::sync::Mutex::new(stack)),
             started: Arc::new(AtomicBool::new(false)),
             tunnelled: Arc::new(AtomicBool::new(false)),
         }
@@ -164,7 +166,15 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         }
         parts.extensions.insert(generation);
         let body = Limited::new(body, limit).boxed();
-        let stack = self.stack.clone();
-        Box::pin(stack.oneshot(Request::from_parts(parts, body)))
+        let request = Request::from_parts(parts, body);
+        // Every layer is ready at once (none holds requests back in `poll_ready`), so the shared
+        // stack is called in place: no per-request clone of its services, no `Oneshot`. Should a
+        // layer ever not be ready, the request waits on its own clone, as tower intends.
+        let mut stack = self.stack.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match stack.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
+            Poll::Ready(Ok(())) => stack.call(request),
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => Box::pin(stack.clone().oneshot(request)),
+        }
     }
 }

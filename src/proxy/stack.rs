@@ -31,7 +31,7 @@ use crate::respond;
 use crate::retry::{Retry, RetryBudgets, RetryLayer};
 use crate::security::clients::ClientIdentity;
 use crate::state::Generation;
-use crate::telemetry::metrics::{method_label, status_class, NO_UPSTREAM};
+use crate::telemetry::metrics::{method_label, NO_UPSTREAM};
 use crate::telemetry::Metrics;
 use crate::vendor::feedback::{Feedback, FeedbackLayer, PauseKey};
 
@@ -135,6 +135,7 @@ where
             }
         };
         let method = method_label(request.method());
+        let request_method = request.method().clone();
         let span = tracing::info_span!(
             "request",
             request_id = request_id.to_str().unwrap_or("-"),
@@ -156,8 +157,7 @@ where
                 let upstream_label = upstream.as_deref().unwrap_or(NO_UPSTREAM);
                 let status = response.status().as_u16();
                 let elapsed = started.elapsed();
-                metrics.requests.with_label_values(&[upstream_label, method, status_class(status)]).inc();
-                metrics.request_duration.with_label_values(&[upstream_label]).observe(elapsed.as_secs_f64());
+                metrics.observe_request(upstream_label, &request_method, status, elapsed.as_secs_f64());
                 tracing::info!(
                     upstream = upstream_label,
                     status,
@@ -440,7 +440,7 @@ impl Service<Request<ProxyBody>> for Forward {
             let client = generation.clients.get(&name).ok_or_else(|| internal("no client for upstream"))?;
             let started = Instant::now();
             let result = client.forward(request, routed, generation.config.limits.max_body_bytes).await;
-            metrics.upstream_duration.with_label_values(&[&name]).observe(started.elapsed().as_secs_f64());
+            metrics.observe_upstream(&name, started.elapsed().as_secs_f64());
             let mut response = result?;
             response.extensions_mut().insert(UpstreamName(name));
             Ok(response)

@@ -6,8 +6,12 @@
 
 #![allow(clippy::expect_used)] // Metric definitions are static: a bad one fails every test, never a request.
 
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
+
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 const LATENCY_BUCKETS: &[f64] =
@@ -84,12 +88,35 @@ pub struct Metrics {
     pub batch_calls_saved: IntCounterVec,
     /// Batched calls whose own answer was an error, by upstream.
     pub batch_item_errors: IntCounterVec,
+    /// Handles to the per-request series, by upstream name (see [`UpstreamSeries`]).
+    series: Arc<RwLock<HashMap<Arc<str>, Arc<UpstreamSeries>>>>,
+}
+
+/// At most this many upstream names keep cached handles; names come from config, so only a
+/// long run of reloads renaming upstreams could reach it, and then lookups go by label again.
+const MAX_CACHED_UPSTREAMS: usize = 1024;
+
+/// How many methods `sluice_requests_total` tells apart (see `method_label`), and status classes.
+const METHOD_LABELS: usize = 10;
+const STATUS_CLASSES: usize = 5;
+
+/// One upstream's per-request series, created on first use.
+///
+/// Why: `with_label_values` hashes every label value and takes the vector's lock, three times a
+/// request (count, request time, upstream time). One lookup by upstream name here replaces
+/// them, and a series still appears in `/metrics` only once it has been used.
+#[derive(Default)]
+pub struct UpstreamSeries {
+    requests: [[OnceLock<IntCounter>; STATUS_CLASSES]; METHOD_LABELS],
+    request_duration: OnceLock<Histogram>,
+    upstream_duration: OnceLock<Histogram>,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let metrics = Self {
+            series: Arc::default(),
             requests: IntCounterVec::new(
                 Opts::new("sluice_requests_total", "Requests answered, by upstream, method and status class."),
                 &["upstream", "method", "status_class"],
@@ -305,6 +332,51 @@ impl Metrics {
         }
     }
 
+    /// Counts one answered request and its duration as the client saw it.
+    pub fn observe_request(&self, upstream: &str, method: &http::Method, status: u16, seconds: f64) {
+        let Some(series) = self.series_of(upstream) else {
+            self.requests.with_label_values(&[upstream, method_label(method), status_class(status)]).inc();
+            self.request_duration.with_label_values(&[upstream]).observe(seconds);
+            return;
+        };
+        let (method_at, class_at) = (method_index(method), status_class_index(status));
+        let counter = series.requests.get(method_at).and_then(|classes| classes.get(class_at)).map(|slot| {
+            slot.get_or_init(|| {
+                self.requests.with_label_values(&[upstream, method_label(method), status_class(status)])
+            })
+        });
+        match counter {
+            Some(counter) => counter.inc(),
+            None => self.requests.with_label_values(&[upstream, method_label(method), status_class(status)]).inc(),
+        }
+        series.request_duration.get_or_init(|| self.request_duration.with_label_values(&[upstream])).observe(seconds);
+    }
+
+    /// Records the time from sending upstream to the response head.
+    pub fn observe_upstream(&self, upstream: &str, seconds: f64) {
+        match self.series_of(upstream) {
+            Some(series) => series
+                .upstream_duration
+                .get_or_init(|| self.upstream_duration.with_label_values(&[upstream]))
+                .observe(seconds),
+            None => self.upstream_duration.with_label_values(&[upstream]).observe(seconds),
+        }
+    }
+
+    fn series_of(&self, upstream: &str) -> Option<Arc<UpstreamSeries>> {
+        {
+            let cached = self.series.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(series) = cached.get(upstream) {
+                return Some(series.clone());
+            }
+        }
+        let mut cached = self.series.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cached.len() >= MAX_CACHED_UPSTREAMS {
+            return None;
+        }
+        Some(cached.entry(Arc::from(upstream)).or_default().clone())
+    }
+
     /// The registry, for later features that add their own metrics.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -336,6 +408,32 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+fn status_class_index(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+/// Where `method_label(method)` sits in [`METHOD_LABELS`].
+fn method_index(method: &http::Method) -> usize {
+    match *method {
+        http::Method::GET => 0,
+        http::Method::POST => 1,
+        http::Method::PUT => 2,
+        http::Method::PATCH => 3,
+        http::Method::DELETE => 4,
+        http::Method::HEAD => 5,
+        http::Method::OPTIONS => 6,
+        http::Method::CONNECT => 7,
+        http::Method::TRACE => 8,
+        _ => 9,
+    }
+}
+
 /// Method as a bounded label: the standard ones by name, anything else `other`.
 pub fn method_label(method: &http::Method) -> &'static str {
     match *method {
@@ -349,5 +447,36 @@ pub fn method_label(method: &http::Method) -> &'static str {
         http::Method::CONNECT => "CONNECT",
         http::Method::TRACE => "TRACE",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_series_count_like_labelled_lookups() {
+        let metrics = Metrics::new();
+        metrics.observe_request("hubspot", &http::Method::GET, 200, 0.01);
+        metrics.observe_request("hubspot", &http::Method::GET, 204, 0.02);
+        metrics.observe_request("hubspot", &http::Method::from_bytes(b"PROPFIND").unwrap(), 503, 0.03);
+        metrics.observe_upstream("hubspot", 0.005);
+        assert_eq!(metrics.requests.with_label_values(&["hubspot", "GET", "2xx"]).get(), 2);
+        assert_eq!(metrics.requests.with_label_values(&["hubspot", "other", "5xx"]).get(), 1);
+        assert_eq!(metrics.request_duration.with_label_values(&["hubspot"]).get_sample_count(), 3);
+        assert_eq!(metrics.upstream_duration.with_label_values(&["hubspot"]).get_sample_count(), 1);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(!text.contains("method=\"POST\""), "unused series stay out of /metrics: {text}");
+    }
+
+    #[test]
+    fn method_index_matches_method_label() {
+        let labels = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "CONNECT", "TRACE"];
+        for (at, label) in labels.iter().enumerate() {
+            let method = http::Method::from_bytes(label.as_bytes()).unwrap();
+            assert_eq!((method_index(&method), method_label(&method)), (at, *label));
+        }
+        let other = http::Method::from_bytes(b"PURGE").unwrap();
+        assert_eq!((method_index(&other), method_label(&other)), (METHOD_LABELS - 1, "other"));
     }
 }
