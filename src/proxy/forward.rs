@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::HOST;
+use http::header::{HeaderValue, HOST};
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
@@ -92,8 +92,16 @@ impl UpstreamClient {
         let (mut parts, body) = request.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::append_via(&mut parts.headers, parts.version);
-        // The Host header follows the target; hyper derives it from the URI.
-        parts.headers.remove(HOST);
+        // The Host header follows the target. It is overwritten in place: removing it and letting
+        // the client derive a new one grew the header map on every request.
+        match host_header(&routed.uri) {
+            Some(host) => {
+                parts.headers.insert(HOST, host);
+            }
+            None => {
+                parts.headers.remove(HOST);
+            }
+        }
         parts.uri = routed.uri;
         parts.version = Version::HTTP_11;
         let outgoing = Request::from_parts(parts, body);
@@ -114,6 +122,17 @@ impl UpstreamClient {
         headers::append_via(&mut parts.headers, parts.version);
         Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
     }
+}
+
+/// `Host` for a request to `uri`: its authority, without the scheme's default port.
+fn host_header(uri: &http::Uri) -> Option<HeaderValue> {
+    let authority = uri.authority()?;
+    let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) { 443 } else { 80 };
+    let text = match authority.port_u16() {
+        Some(port) if port == default_port => authority.host(),
+        _ => authority.as_str(),
+    };
+    HeaderValue::from_str(text).ok()
 }
 
 fn read_pem(path: Option<&std::path::Path>) -> Option<Arc<[u8]>> {
@@ -164,4 +183,20 @@ fn classify(error: &hyper_util::client::legacy::Error, upstream: &Upstream, max_
         return ProxyError::new(ErrorKind::Unreachable { detail }, name);
     }
     ProxyError::new(ErrorKind::UpstreamProtocol { detail }, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_header_is_the_authority_without_a_default_port() {
+        let host = |uri: &str| host_header(&uri.parse().unwrap()).unwrap();
+        assert_eq!(host("https://api.hubapi.com/crm"), "api.hubapi.com");
+        assert_eq!(host("https://api.hubapi.com:443/crm"), "api.hubapi.com");
+        assert_eq!(host("http://api.hubapi.com:80/crm"), "api.hubapi.com");
+        assert_eq!(host("http://127.0.0.1:8080/crm"), "127.0.0.1:8080");
+        assert_eq!(host("https://[::1]:8443/x"), "[::1]:8443");
+        assert_eq!(host("https://login.salesforce.com:80/x"), "login.salesforce.com:80");
+    }
 }

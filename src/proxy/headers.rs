@@ -1,15 +1,10 @@
 //! Header hygiene at the proxy boundary (RFC 9110 §7.6): hop-by-hop fields never cross sluice,
 //! `Via` records it, and every request carries an id both sides can log.
 
-use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
-    TRANSFER_ENCODING, UPGRADE, VIA,
-};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, VIA};
 use http::Version;
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers vendors use for their own request id, in the order sluice looks for them.
 pub const VENDOR_REQUEST_ID_HEADERS: &[&str] = &[
@@ -24,34 +19,43 @@ pub const VENDOR_REQUEST_ID_HEADERS: &[&str] = &[
 
 /// Removes hop-by-hop fields: the fixed set, any listed in `Connection`, and sluice's own
 /// request controls (`Sluice-*`), which are for this hop only.
+///
+/// One pass over the names finds them; a message that has none (most requests) costs no lookup.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let mut doomed: Vec<HeaderName> =
+        headers.keys().filter(|name| is_hop_by_hop(name) || name.as_str().starts_with("sluice-")).cloned().collect();
+    if doomed.is_empty() {
+        return;
+    }
+    // Names listed in `Connection` are hop-by-hop too (read before `Connection` itself goes).
+    let named = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
+    doomed.extend(named);
+    for name in doomed {
         headers.remove(name);
     }
-    for name in [
-        &CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &PROXY_AUTHENTICATE,
-        &PROXY_AUTHORIZATION,
-        &TE,
-        &TRAILER,
-        &TRANSFER_ENCODING,
-        &UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    let own: Vec<HeaderName> = headers.keys().filter(|name| name.as_str().starts_with("sluice-")).cloned().collect();
-    for name in own {
-        headers.remove(name);
-    }
+}
+
+/// The fixed hop-by-hop fields (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
+/// `Proxy-Connection`, and the proxy authentication pair meant for sluice itself).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    // Names are lowercase; a string match is a length switch and one compare.
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Appends this hop to `Via`.
@@ -93,6 +97,7 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::{TE, TRANSFER_ENCODING};
 
     #[test]
     fn request_ids_are_32_lowercase_hex_digits_and_differ() {
@@ -118,6 +123,29 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert_eq!(trace_id(&headers), Some("0af7651916cd43dd8448eb211c80319c"));
+    }
+
+    #[test]
+    fn strips_own_controls_and_every_connection_line_and_keeps_the_rest() {
+        let mut headers = HeaderMap::new();
+        headers.append(CONNECTION, HeaderValue::from_static("x-one"));
+        headers.append(CONNECTION, HeaderValue::from_static("X-Two , close"));
+        headers.insert("x-one", HeaderValue::from_static("1"));
+        headers.insert("x-two", HeaderValue::from_static("2"));
+        headers.insert("sluice-deadline", HeaderValue::from_static("2s"));
+        headers.insert("sluice-tenant", HeaderValue::from_static("acme"));
+        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.append("x-kept", HeaderValue::from_static("a"));
+        headers.append("x-kept", HeaderValue::from_static("b"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+        assert_eq!(headers.get_all("x-kept").iter().count(), 2);
+
+        let mut clean = HeaderMap::new();
+        clean.insert("x-tenant-id", HeaderValue::from_static("acme"));
+        clean.insert(http::header::HOST, HeaderValue::from_static("api.hubapi.com"));
+        strip_hop_by_hop(&mut clean);
+        assert_eq!(clean.len(), 2);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
+use http::uri::{PathAndQuery, Scheme as UriScheme, Uri};
 use http::{Request, Version};
 
 use crate::config::{Scheme, Target, Upstream};
@@ -135,8 +135,12 @@ impl RouteTable {
                         Some(upstream.name.clone()),
                     ));
                 }
-                let rest = if rest.is_empty() || rest.starts_with('?') { format!("/{rest}") } else { rest.to_owned() };
-                Ok(Routed { uri: join(target, &rest)?, upstream: upstream.clone() })
+                let uri = if rest.is_empty() || rest.starts_with('?') {
+                    join(target, &format!("/{rest}"))?
+                } else {
+                    join(target, rest)?
+                };
+                Ok(Routed { uri, upstream: upstream.clone() })
             }
             None => Err(ProxyError::new(ErrorKind::NoRoute { path: uri.path().to_owned() }, None)),
         }
@@ -169,16 +173,13 @@ fn join(target: &Target, path_and_query: &str) -> Result<Uri, ProxyError> {
         Scheme::Http => UriScheme::HTTP,
         Scheme::Https => UriScheme::HTTPS,
     };
-    let authority: Authority = target.authority.clone();
-    let path: PathAndQuery = path_and_query
-        .parse()
+    let path = PathAndQuery::try_from(path_and_query)
         .map_err(|_| ProxyError::new(ErrorKind::Malformed { detail: "invalid request path".into() }, None))?;
-    Uri::builder()
-        .scheme(scheme)
-        .authority(authority)
-        .path_and_query(path)
-        .build()
-        .map_err(|error| ProxyError::new(ErrorKind::Malformed { detail: error.to_string() }, None))
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(target.authority.clone());
+    parts.path_and_query = Some(path);
+    Uri::from_parts(parts).map_err(|error| ProxyError::new(ErrorKind::Malformed { detail: error.to_string() }, None))
 }
 
 #[cfg(test)]
