@@ -269,15 +269,17 @@ upstreams:
 async fn leased_tokens_stop_flowing_within_a_lifetime_of_a_vendor_pause() {
     let redis = RedisServer::start();
     let mock = MockCrm::start().await;
-    // Default lease_ttl (50 ms) and margin (1% of 10 s): leases live 50 ms.
+    // Leases live 400 ms (lease_ttl; the margin, 1% of 100 s, would allow 500 ms), so a scope
+    // is busy enough to lease from 80 requests/s per replica: reached even when a loaded CI
+    // machine runs this debug build slowly (at 50 ms it took 640/s, which such a machine missed).
     let yaml = format!(
-        "store: {{ kind: redis, url: '{}', timeout: 1s, heartbeat: 500ms }}
+        "store: {{ kind: redis, url: '{}', timeout: 1s, heartbeat: 500ms, lease_ttl: 400ms }}
 upstreams:
   - name: roomy
     prefix: /roomy
     target: '{}'
     over_limit: reject
-    quotas: [{{ name: burst, limit: 100000000, per: 10s }}]
+    quotas: [{{ name: burst, limit: 100000000, per: 100s }}]
 ",
         redis.url(),
         mock.url()
@@ -303,8 +305,8 @@ upstreams:
     let refused_at = requests.get(399).map(|r| r.at).expect("the vendor saw its 400th request");
     let leased = lease_tokens(&replicas, "leased").await;
     // In flight when the vendor refused (see vendor_feedback's IN_FLIGHT_TOLERANCE: 100 ms),
-    // plus one lease lifetime (50 ms) on the replica that learns of the pause from Redis.
-    let tolerance = Duration::from_millis(150);
+    // plus one lease lifetime (400 ms) on the replica that learns of the pause from Redis.
+    let tolerance = Duration::from_millis(500);
     let inside: Vec<Duration> = requests
         .iter()
         .map(|r| r.at.saturating_duration_since(refused_at))
