@@ -25,7 +25,9 @@
 //! (`hyper::client::conn::http1`), the cheapest hyper can do.
 //!
 //! Settings (environment): `SLUICE_BENCH_SECONDS` (10), `SLUICE_BENCH_WARMUP` (2),
-//! `SLUICE_BENCH_CONNECTIONS` (32), `SLUICE_BENCH_ROUNDS` (3).
+//! `SLUICE_BENCH_CONNECTIONS` (32), `SLUICE_BENCH_ROUNDS` (3), and `SLUICE_BENCH_BASELINE`: the
+//! path of another sluice binary (an earlier build), run as phase (c0) next to (c) so a change
+//! is measured against what it replaced in the same run, on the same machine.
 //!
 //! Needs Linux `/proc`, `nginx`, `wrk` and `redis-server` on PATH
 //! (`apt-get install -y nginx wrk redis-server`). Without `--bench` (as `cargo test --all-targets`
@@ -134,6 +136,9 @@ fn run(settings: &Settings) {
     let idle_rss = vm_status_kib(plain.service.pid(), "VmRSS:");
     let memory = start_sluice(dir.path(), "memory", upstream_port, Limiter::Memory);
     let shared = start_sluice(dir.path(), "redis", upstream_port, Limiter::Redis(redis_port));
+    let baseline = std::env::var_os("SLUICE_BENCH_BASELINE").map(|binary| {
+        start_sluice_binary(dir.path(), "baseline", upstream_port, Limiter::Off, Path::new(&binary))
+    });
     let floor_pooled = start_floor(dir.path(), "pooled", upstream_port);
     let floor_direct = start_floor(dir.path(), "per-connection", upstream_port);
     println!(
@@ -154,7 +159,7 @@ fn run(settings: &Settings) {
     )
     .unwrap();
 
-    let phases = [
+    let mut phases = vec![
         Phase {
             key: "direct",
             title: "(a) direct to the upstream",
@@ -220,6 +225,17 @@ fn run(settings: &Settings) {
             redis: None,
         },
     ];
+    if let Some(baseline) = &baseline {
+        let phase = Phase {
+            key: "baseline-reverse",
+            title: "(c0) baseline binary, reverse (prefix)",
+            url: format!("http://127.0.0.1:{}/hubspot{PATH}", baseline.port),
+            script: headers.clone(),
+            proxy: Some(baseline.service.pgid()),
+            redis: None,
+        };
+        phases.insert(2, phase);
+    }
 
     // Every front door answers before any load: a broken setup fails here, not as 0 req/s.
     for phase in &phases {
@@ -306,7 +322,7 @@ fn run(settings: &Settings) {
 
     summarize(&phases, &samples, idle_rss as f64 / 1024.0, settings);
     println!("\nload average at the end: {}", load_average());
-    drop((plain, memory, shared, floor_pooled, floor_direct, nginx, upstream, redis));
+    drop((plain, memory, shared, baseline, floor_pooled, floor_direct, nginx, upstream, redis));
 }
 
 fn summarize(phases: &[Phase], samples: &BTreeMap<&'static str, Vec<Sample>>, idle_rss_mib: f64, settings: &Settings) {
@@ -378,6 +394,15 @@ fn summarize(phases: &[Phase], samples: &BTreeMap<&'static str, Vec<Sample>>, id
     println!("| limiter on (memory) / off >= 0.8 | {ratio:.2} | {} |", verdict(ratio >= 0.8));
     let ratio = rps("sluice-quota-redis") / rps("sluice-reverse");
     println!("| limiter on (Redis) / off >= 0.8 | {ratio:.2} | {} |", verdict(ratio >= 0.8));
+    if samples.contains_key("baseline-reverse") {
+        println!(
+            "\nsluice reverse against the baseline binary: req/s {:.2}x, CPU/req {:.1} us vs {:.1} us ({:.2}x)",
+            rps("sluice-reverse") / rps("baseline-reverse"),
+            cpu("sluice-reverse"),
+            cpu("baseline-reverse"),
+            cpu("sluice-reverse") / cpu("baseline-reverse")
+        );
+    }
     println!("\nThe floor (no sluice code), against nginx:\n");
     for key in ["floor-pooled", "floor-direct"] {
         println!(
@@ -575,6 +600,10 @@ struct Sluice {
 }
 
 fn start_sluice(dir: &Path, name: &'static str, upstream: u16, limiter: Limiter) -> Sluice {
+    start_sluice_binary(dir, name, upstream, limiter, Path::new(env!("CARGO_BIN_EXE_sluice")))
+}
+
+fn start_sluice_binary(dir: &Path, name: &'static str, upstream: u16, limiter: Limiter, binary: &Path) -> Sluice {
     let (port, admin) = (free_port(), free_port());
     let store = match limiter {
         Limiter::Redis(redis) => {
@@ -608,7 +637,7 @@ shutdown_grace: 1s
     );
     let path = dir.join(format!("sluice-{name}.yaml"));
     std::fs::write(&path, config).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    let mut command = Command::new(binary);
     command.arg("run").arg("-c").arg(&path).current_dir(dir).env("SLUICE_LOG", "warn");
     let mut service = Service::spawn(&format!("sluice ({name})"), command, dir.join(format!("sluice-{name}.log")));
     service.wait_for_port(port);
