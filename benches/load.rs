@@ -136,9 +136,8 @@ fn run(settings: &Settings) {
     let idle_rss = vm_status_kib(plain.service.pid(), "VmRSS:");
     let memory = start_sluice(dir.path(), "memory", upstream_port, Limiter::Memory);
     let shared = start_sluice(dir.path(), "redis", upstream_port, Limiter::Redis(redis_port));
-    let baseline = std::env::var_os("SLUICE_BENCH_BASELINE").map(|binary| {
-        start_sluice_binary(dir.path(), "baseline", upstream_port, Limiter::Off, Path::new(&binary))
-    });
+    let baseline = std::env::var_os("SLUICE_BENCH_BASELINE")
+        .map(|binary| start_sluice_binary(dir.path(), "baseline", upstream_port, Limiter::Off, Path::new(&binary)));
     let floor_pooled = start_floor(dir.path(), "pooled", upstream_port);
     let floor_direct = start_floor(dir.path(), "per-connection", upstream_port);
     println!(
