@@ -399,6 +399,18 @@ fn run_fails_when_its_port_is_taken() {
     drop(taken);
 }
 
+/// The started process's proxy and admin addresses, once `/readyz` answers 200.
+async fn serving(process: &mut SluiceProcess) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    let (proxy, admin) = process.addresses(WAIT).await;
+    let client = direct_client();
+    let ready = eventually(WAIT, || async {
+        client.get(format!("http://{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "{}", process.stderr_text());
+    (proxy, admin)
+}
+
 #[tokio::test]
 async fn run_takes_its_config_from_sluice_config() {
     let dir = tempfile::tempdir().unwrap();
@@ -408,13 +420,7 @@ async fn run_takes_its_config_from_sluice_config() {
         &[("SLUICE_CONFIG", path.to_str().unwrap()), ("SLUICE_LOG", "info")],
         dir.path(),
     );
-    let (_, admin) = process.addresses(WAIT).await;
-    let client = direct_client();
-    let ready = eventually(WAIT, || async {
-        client.get(format!("http://{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "{}", process.stderr_text());
+    serving(&mut process).await;
     process.signal("TERM");
     let status = process.wait_exit(WAIT).await;
     assert!(status.is_some_and(|s| s.success()), "{status:?}: {}", process.stderr_text());
@@ -433,13 +439,8 @@ async fn json_log_format_writes_one_json_object_per_line() {
         ),
     );
     let mut process = SluiceProcess::run(&path, &[("SLUICE_LOG_FORMAT", "json")]);
-    let (proxy, admin) = process.addresses(WAIT).await;
+    let (proxy, _) = serving(&mut process).await;
     let client = direct_client();
-    let ready = eventually(WAIT, || async {
-        client.get(format!("http://{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "{}", process.stderr_text());
     assert_eq!(client.get(format!("http://{proxy}/hubspot/logged")).send().await.unwrap().status(), 200);
     process.signal("TERM");
     let status = process.wait_exit(WAIT).await;
@@ -477,13 +478,8 @@ async fn one_worker_thread_proxies_reloads_and_exits_cleanly() {
         ),
     );
     let mut process = SluiceProcess::run(&path, &[]);
-    let (proxy, admin) = process.addresses(WAIT).await;
+    let (proxy, admin) = serving(&mut process).await;
     let client = direct_client();
-    let ready = eventually(WAIT, || async {
-        client.get(format!("http://{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "{}", process.stderr_text());
     for _ in 0..20 {
         assert_eq!(client.get(format!("http://{proxy}/hubspot/one-thread")).send().await.unwrap().status(), 200);
     }
