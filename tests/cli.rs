@@ -399,6 +399,16 @@ fn run_fails_when_its_port_is_taken() {
     drop(taken);
 }
 
+/// A config on ephemeral ports with one reverse-mode upstream (`/hubspot`) at `target`, plus
+/// `extra` top-level lines.
+fn write_reverse_config(dir: &Path, target: &str, extra: &str) -> PathBuf {
+    let yaml = format!(
+        "listen: {{ proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }}\n{extra}\
+         upstreams:\n  - {{ name: hubspot, prefix: /hubspot, target: '{target}' }}\n"
+    );
+    write(dir, "sluice.yaml", &yaml)
+}
+
 /// The started process's proxy and admin addresses, once `/readyz` answers 200.
 async fn serving(process: &mut SluiceProcess) -> (std::net::SocketAddr, std::net::SocketAddr) {
     let (proxy, admin) = process.addresses(WAIT).await;
@@ -430,14 +440,7 @@ async fn run_takes_its_config_from_sluice_config() {
 async fn json_log_format_writes_one_json_object_per_line() {
     let mock = MockCrm::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
-        dir.path(),
-        "sluice.yaml",
-        &format!(
-            "listen: {{ proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }}\nupstreams:\n  - {{ name: hubspot, prefix: /hubspot, target: '{}' }}\n",
-            mock.url()
-        ),
-    );
+    let path = write_reverse_config(dir.path(), &mock.url(), "");
     let mut process = SluiceProcess::run(&path, &[("SLUICE_LOG_FORMAT", "json")]);
     let (proxy, _) = serving(&mut process).await;
     let client = direct_client();
@@ -468,15 +471,7 @@ async fn json_log_format_writes_one_json_object_per_line() {
 async fn one_worker_thread_proxies_reloads_and_exits_cleanly() {
     let mock = MockCrm::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
-        dir.path(),
-        "sluice.yaml",
-        &format!(
-            "listen: {{ proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }}\nruntime: {{ worker_threads: 1 }}\n\
-             upstreams:\n  - {{ name: hubspot, prefix: /hubspot, target: '{}' }}\n",
-            mock.url()
-        ),
-    );
+    let path = write_reverse_config(dir.path(), &mock.url(), "runtime: { worker_threads: 1 }\n");
     let mut process = SluiceProcess::run(&path, &[]);
     let (proxy, admin) = serving(&mut process).await;
     let client = direct_client();

@@ -285,6 +285,11 @@ mod tests {
         vec![(Rule::rolling(1_000, 10_000_000, 50, 100_000), 1)]
     }
 
+    /// Records one admission of cost 1 that the store charged `charged` units for.
+    fn grant(leases: &Leases, keys: &[String], charged: i64, standings: &[Standing], lifetime: Duration, at: Instant) {
+        leases.granted(keys, &rules(), Grant { upstream: &upstream(), cost: 1, charged, standings }, lifetime, at);
+    }
+
     #[test]
     fn quiet_scope_asks_for_nothing() {
         let leases = Leases::new(64, Duration::from_millis(50), metric());
@@ -292,24 +297,12 @@ mod tests {
         let start = Instant::now();
         let lifetime = Duration::from_millis(50);
         assert_eq!(leases.ask(&keys, lifetime, start), 0);
-        leases.granted(
-            &keys,
-            &rules(),
-            Grant { upstream: &upstream(), cost: 1, charged: 1, standings: &[] },
-            lifetime,
-            start,
-        );
+        grant(&leases, &keys, 1, &[], lifetime, start);
         // One request per second: a lease would only be dropped.
         for second in 1..5 {
             let now = start + Duration::from_secs(second);
             assert_eq!(leases.ask(&keys, lifetime, now), 0);
-            leases.granted(
-                &keys,
-                &rules(),
-                Grant { upstream: &upstream(), cost: 1, charged: 1, standings: &[] },
-                lifetime,
-                now,
-            );
+            grant(&leases, &keys, 1, &[], lifetime, now);
         }
     }
 
@@ -319,34 +312,16 @@ mod tests {
         let keys = vec!["k".to_owned()];
         let lifetime = Duration::from_millis(50);
         let start = Instant::now();
-        leases.granted(
-            &keys,
-            &rules(),
-            Grant { upstream: &upstream(), cost: 1, charged: 1, standings: &[] },
-            lifetime,
-            start,
-        );
+        grant(&leases, &keys, 1, &[], lifetime, start);
         // 400 requests within 4 ms: a quarter of the demand per lifetime is far above the cap.
         for i in 0..400 {
             let now = start + Duration::from_micros(10 * i);
-            leases.granted(
-                &keys,
-                &rules(),
-                Grant { upstream: &upstream(), cost: 1, charged: 1, standings: &[] },
-                lifetime,
-                now,
-            );
+            grant(&leases, &keys, 1, &[], lifetime, now);
         }
         let now = start + Duration::from_millis(60);
         assert_eq!(leases.ask(&keys, lifetime, now), 63);
         let standings = [Standing { remaining: 100, reset_in: 0 }];
-        leases.granted(
-            &keys,
-            &rules(),
-            Grant { upstream: &upstream(), cost: 1, charged: 64, standings: &standings },
-            lifetime,
-            now,
-        );
+        grant(&leases, &keys, 64, &standings, lifetime, now);
         let mut leased = 0;
         while let Some(Decision::Allowed { wait: 0, standings }) = leases.take(&keys, &rules(), 1, now) {
             assert!(standings[0].remaining >= 100);
@@ -362,13 +337,7 @@ mod tests {
         assert!(leases.take(&keys, &rules(), 1, now).is_none(), "the lease is spent");
         // The refill arrives: its tokens live for their own lifetime.
         let later = now + lifetime / 2;
-        leases.granted(
-            &keys,
-            &rules(),
-            Grant { upstream: &upstream(), cost: 1, charged: 64, standings: &standings },
-            lifetime,
-            later,
-        );
+        grant(&leases, &keys, 64, &standings, lifetime, later);
         assert!(leases.take(&keys, &rules(), 1, now + lifetime).is_some(), "the refill outlives the first grant");
         assert!(leases.take(&keys, &rules(), 1, later + lifetime).is_none(), "and expires on its own");
     }
@@ -379,24 +348,12 @@ mod tests {
         let keys = vec!["k".to_owned()];
         let lifetime = Duration::from_millis(50);
         let now = Instant::now();
-        leases.granted(
-            &keys,
-            &rules(),
-            Grant { upstream: &upstream(), cost: 1, charged: 10, standings: &[Standing { remaining: 5, reset_in: 0 }] },
-            lifetime,
-            now,
-        );
+        grant(&leases, &keys, 10, &[Standing { remaining: 5, reset_in: 0 }], lifetime, now);
         assert!(leases.take(&keys, &rules(), 1, now).is_some());
         let changed = vec![(Rule::rolling(500, 10_000_000, 50, 100_000), 1)];
         assert!(leases.take(&keys, &changed, 1, now).is_none(), "a reload voids the lease");
         assert!(leases.take(&keys, &rules(), 1, now + lifetime).is_none(), "expired");
-        leases.granted(
-            &keys,
-            &rules(),
-            Grant { upstream: &upstream(), cost: 1, charged: 10, standings: &[] },
-            lifetime,
-            now + lifetime,
-        );
+        grant(&leases, &keys, 10, &[], lifetime, now + lifetime);
         leases.clear();
         assert!(leases.take(&keys, &rules(), 1, now + lifetime).is_none(), "cleared by a pause");
         let counted = |outcome: &str| leases.tokens_metric.with_label_values(&["hubspot", outcome]).get();
