@@ -4,8 +4,8 @@
 //! headers, and splitting a HubSpot batch answer.
 //!
 //! `cargo bench --bench limiter` measures; `cargo test --all-targets` runs each function once
-//! (criterion's test mode). The batch split reads the shared HubSpot fixtures
-//! (`../shared/crm-fixtures/hubspot/`) and is left out, with a note, when they are missing.
+//! (criterion's test mode). The batch split reads the HubSpot fixtures the project carries
+//! (`tests/fixtures/crm/hubspot/`).
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -210,15 +210,13 @@ fn observe(c: &mut Criterion) {
 }
 
 fn batch_split(c: &mut Criterion) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/crm-fixtures/hubspot");
-    let read =
-        |name: &str| -> Option<Value> { serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok() };
-    let (Some(request), Some(response)) =
-        (read("batch-create.request.json"), read("batch-create.response.success.json"))
-    else {
-        println!("batch::codec::split: skipped, HubSpot fixtures not found in {}", dir.display());
-        return;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/crm/hubspot");
+    let read = |name: &str| -> Value {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     };
+    let (request, response) = (read("batch-create.request.json"), read("batch-create.response.success.json"));
     let items: Vec<Item> = request["request"]["body"]["inputs"]
         .as_array()
         .unwrap()

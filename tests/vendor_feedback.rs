@@ -438,7 +438,7 @@ async fn hubspot_daily_429_holds_instead_of_hammering() {
 
 /// The fixture's Salesforce over-limit answer: 403 `REQUEST_LIMIT_EXCEEDED`, no Retry-After.
 fn salesforce_403() -> http::Response<http_body_util::Full<bytes::Bytes>> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/crm-fixtures/salesforce/over-limit.403.response.json");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/crm/salesforce/over-limit.403.response.json");
     let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let response = &fixture["response"];
     assert_eq!(response["status"], 403);

@@ -1,4 +1,4 @@
-//! Bulk bodies in, single answers out: pure functions, no I/O, tested on the shared fixtures.
+//! Bulk bodies in, single answers out: pure functions, no I/O, tested on the vendor fixtures in `tests/fixtures/crm/`.
 //!
 //! HubSpot promises no result order, so every input carries a unique `objectWriteTraceId` (which
 //! also turns on 207 multi-status answers) and results are matched on it, or on `id`. Salesforce
@@ -218,7 +218,7 @@ mod tests {
     use super::*;
 
     fn fixture(path: &str) -> Value {
-        let full = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/crm-fixtures").join(path);
+        let full = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/crm").join(path);
         serde_json::from_str(&std::fs::read_to_string(full).expect("fixture present")).expect("fixture JSON")
     }
 

@@ -75,7 +75,7 @@ mod tests {
     use crate::vendor::fixtures;
 
     fn parse_fixture(name: &str) -> Observation {
-        let (status, headers, body) = fixtures::response(name).expect("fixture present in ../shared/crm-fixtures");
+        let (status, headers, body) = fixtures::response(name).expect("fixture present in tests/fixtures/crm");
         parse(&Response { status, headers: &headers, body: Some(&body), now: SystemTime::now() })
     }
 

@@ -211,11 +211,11 @@ pub fn until_epoch(epoch_seconds: u64, now: SystemTime) -> Option<Duration> {
 
 #[cfg(test)]
 pub(crate) mod fixtures {
-    //! The shared vendor fixtures (`../shared/crm-fixtures`), loaded for parser tests.
+    //! The vendor fixtures the project carries (`tests/fixtures/crm`), loaded for parser tests.
     use std::path::PathBuf;
 
     pub fn load(relative: &str) -> Option<serde_json::Value> {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/crm-fixtures").join(relative);
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/crm").join(relative);
         let text = std::fs::read_to_string(path).ok()?;
         serde_json::from_str(&text).ok()
     }

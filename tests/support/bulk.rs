@@ -1,6 +1,6 @@
 //! A bulk-capable mock vendor, installable as a [`MockCrm`] handler: HubSpot CRM v3 objects (single
 //! and `batch/create|read|update|archive`) and Salesforce REST (single sObject create/update and
-//! sObject Collections), with the shapes of `../shared/crm-vendors.md` §3.1, §3.2 and the fixtures.
+//! sObject Collections), with the shapes of the vendors' bulk documentation (see `tests/fixtures/crm/README.md`) and the fixtures.
 //!
 //! HubSpot:
 //! - `POST /crm/v3/objects/{t}` -> 201 `SimplePublicObject`; 409 CONFLICT for an email starting

@@ -1,5 +1,5 @@
 //! A mock CRM vendor: a hyper server on an ephemeral loopback port (plain HTTP, or TLS with its
-//! own CA) that records every request and answers like the vendors in `../shared/crm-vendors.md`.
+//! own CA) that records every request and answers like the vendors document (the shapes in `tests/fixtures/crm/`).
 //!
 //! Built-in routes (any prefix path works for the echo):
 //! - `POST /crm/v3/objects/{type}`: HubSpot single create, 201 `SimplePublicObject` + rate headers;
