@@ -7,9 +7,10 @@
 //! `cargo bench --bench decisions` starts a `redis-server` on a free port, then:
 //!
 //! 1. one in-process [`RedisStore`] (`RedisStore::new`, `connect`), and 64 tokio tasks calling
-//!    `RedisStore::decide` back to back for 10 s (after a 2 s warm-up) with two quotas (a scoped
-//!    ten-secondly one, spread over 1,000 scopes, and an upstream-wide daily one) whose limits
-//!    are never reached, so every decision runs the whole script and is allowed;
+//!    `RedisStore::decide` back to back for 10 s (after a 2 s warm-up) with two rolling quotas:
+//!    a scoped ten-secondly one of 1,000 (an exact log, a sorted set per scope), spread over
+//!    1,000 scopes, and an upstream-wide daily one of 10^9 (counters per 1/100 of the day), so
+//!    every decision runs the whole script and nearly all are allowed;
 //! 2. `SCRIPT LOAD` of the same `decide.lua`, then `redis-benchmark -c 64 -n 200000 -r 1000
 //!    EVALSHA <sha> 3 <keys> <argv>` with the same keys and arguments, without pipelining (the
 //!    64 clients each wait for their answer) and with `-P 16` (the server's own ceiling).
@@ -26,10 +27,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice::config::{OnFailure, Store, StoreKind};
-use sluice::limit::gcra::{Decision, Rule};
+use sluice::limit::decide::{Decision, Rule};
 use sluice::limit::redis::RedisStore;
 
-const DECIDE_SCRIPT: &str = include_str!("../src/limit/decide.lua");
+const DECIDE_SCRIPT: &str = concat!(include_str!("../src/limit/quota.lua"), include_str!("../src/limit/decide.lua"));
 const SEC: i64 = 1_000_000;
 
 fn main() {
@@ -68,10 +69,11 @@ fn main() {
     );
     println!("redis-server on 127.0.0.1:{port}; {tasks} tasks, {scopes} scopes, {seconds} s");
 
-    // Two quotas never reached: the burst one scoped per tenant, the daily one upstream-wide.
+    // The default shape, as a HubSpot-like config has it: a per-tenant ten-secondly window
+    // (an exact log) and an upstream-wide daily budget (counters).
     let rules = [
-        (Rule::rolling(100_000_000, 10 * SEC, 5_000_000, 100_000), 1i64),
-        (Rule::rolling(1_000_000_000, 86_400 * SEC, 50_000_000, 250_000), 1i64),
+        (Rule::rolling(1_000, 10 * SEC, 100_000), 1i64),
+        (Rule::rolling(1_000_000_000, 86_400 * SEC, 250_000), 1i64),
     ];
     let keys: Arc<Vec<(Vec<String>, String)>> = Arc::new(
         (0..scopes)
@@ -134,7 +136,8 @@ fn main() {
     });
 
     // The same call as RedisStore::decide makes: KEYS = burst, daily, pause; ARGV = max_wait,
-    // now (0: Redis TIME), n, then kind, cost, interval, tolerance, -, -, - per quota.
+    // now (0: Redis TIME), n, then kind, cost, limit, span, width, -, - per quota, then no
+    // lease (0 0) and a nonce naming the log's members (random here, as redis-benchmark can).
     let mut argv: Vec<String> = vec![
         "EVALSHA".into(),
         sha.clone(),
@@ -147,9 +150,10 @@ fn main() {
         "2".into(),
     ];
     for (rule, cost) in &rules {
-        let Rule::Rolling { interval, tolerance } = rule else { unreachable!("rolling rules only") };
-        argv.extend([0, *cost, *interval, *tolerance, 0, 0, 0].map(|n| n.to_string()));
+        let Rule::Rolling(window) = rule else { unreachable!("rolling rules only") };
+        argv.extend([2, *cost, window.limit, window.span, window.width, 0, 0].map(|n| n.to_string()));
     }
+    argv.extend(["0".into(), "0".into(), "n__rand_int__".into()]);
     for pipeline in [1u32, 16] {
         let redis_before = group_ticks(redis.pgid());
         let output = Command::new("redis-benchmark")

@@ -53,6 +53,8 @@ pub enum ErrorKind {
     StoreUnavailable,
     #[error("circuit open: the upstream is failing; retry in {}", humantime::format_duration(whole_seconds(*retry_after)))]
     BreakerOpen { retry_after: Duration },
+    #[error("the vendor is failing and asked to retry in {}", humantime::format_duration(whole_seconds(*retry_after)))]
+    VendorUnavailable { retry_after: Duration },
     #[error("sluice is shutting down")]
     ShuttingDown,
     #[error("proxy authentication required")]
@@ -73,7 +75,9 @@ impl ProxyError {
     /// When the caller may try again, for `Retry-After`.
     pub fn retry_after(&self) -> Option<Duration> {
         match *self.kind {
-            ErrorKind::RateLimited { retry_after, .. } | ErrorKind::BreakerOpen { retry_after } => Some(retry_after),
+            ErrorKind::RateLimited { retry_after, .. }
+            | ErrorKind::BreakerOpen { retry_after }
+            | ErrorKind::VendorUnavailable { retry_after } => Some(retry_after),
             ErrorKind::ConcurrencyLimited { .. } | ErrorKind::StoreUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -92,9 +96,10 @@ impl ProxyError {
             }
             ErrorKind::ConnectTimeout { .. } | ErrorKind::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::RateLimited { .. } | ErrorKind::ConcurrencyLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::StoreUnavailable | ErrorKind::ShuttingDown | ErrorKind::BreakerOpen { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorKind::StoreUnavailable
+            | ErrorKind::ShuttingDown
+            | ErrorKind::BreakerOpen { .. }
+            | ErrorKind::VendorUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -117,6 +122,7 @@ impl ProxyError {
             ErrorKind::ConcurrencyLimited { .. } => "concurrency_limited",
             ErrorKind::StoreUnavailable => "store_unavailable",
             ErrorKind::BreakerOpen { .. } => "circuit_open",
+            ErrorKind::VendorUnavailable { .. } => "vendor_unavailable",
             ErrorKind::ShuttingDown => "shutting_down",
             ErrorKind::Internal { .. } => "internal_error",
         }
@@ -139,7 +145,7 @@ impl ProxyError {
             ErrorKind::ResponseTimeout { .. } => "http_response_timeout",
             ErrorKind::UpstreamProtocol { .. } => "http_protocol_error",
             ErrorKind::RateLimited { .. } | ErrorKind::ConcurrencyLimited { .. } => "http_request_denied",
-            ErrorKind::BreakerOpen { .. } => "destination_unavailable",
+            ErrorKind::BreakerOpen { .. } | ErrorKind::VendorUnavailable { .. } => "destination_unavailable",
             ErrorKind::StoreUnavailable | ErrorKind::ShuttingDown | ErrorKind::Internal { .. } => {
                 "proxy_internal_error"
             }

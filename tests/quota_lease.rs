@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use sluice::config::{OnFailure, Store, StoreKind};
-use sluice::limit::gcra::{Decision, Micros, Rule};
+use sluice::limit::decide::{Decision, Micros, Rule};
 use sluice::limit::redis::{LeaseRequest, RedisStore};
 use sluice::limit::window;
 use support::redis::RedisServer;
@@ -46,34 +46,40 @@ async fn script_leases_only_out_of_spare_headroom() {
     let server = RedisServer::start();
     let redis = RedisStore::new(store_settings(&server));
     redis.connect().await.expect("connects to redis-server");
-    let keys = vec!["lease:{hubspot}:burst:acme".to_owned()];
     let pause = "lease:{hubspot}:!pause:acme";
-    // 1000 per 10 s with a burst of 200: T = 10.1 s / 801 ≈ 12.6 ms.
-    let rules = vec![(Rule::rolling(1000, 10 * SEC, 200, 100_000), 1)];
     let now: Micros = 1_900_000_000 * SEC;
     let ask = LeaseRequest { extra: 63, lasts: 50_000 };
-
-    let mut charged_total = 0;
-    let mut grants = Vec::new();
-    for _ in 0..40 {
-        let (decision, charged) = redis.decide_leasing(&keys, pause, &rules, 0, now, ask).await.unwrap();
-        match decision {
-            Decision::Allowed { wait: 0, standings } => {
-                charged_total += charged;
-                grants.push(charged);
-                // What is left after the lease is at least the lease again (or the lease was cut).
-                assert!(standings[0].remaining >= 0);
+    // 1000 per 10 s paced with a burst of 200 (T = 10.1 s / 801 ≈ 12.6 ms), and a rolling window
+    // of 200 per 10 s: either way at most 200 can go at one instant.
+    let shapes = [
+        ("smooth", "lease:{hubspot}:burst:acme", Rule::smooth(1000, 10 * SEC, 200, 100_000)),
+        ("rolling", "lease:{hubspot}:burst@roll:acme", Rule::rolling(200, 10 * SEC, 100_000)),
+    ];
+    for (shape, key, rule) in shapes {
+        let keys = vec![key.to_owned()];
+        let rules = vec![(rule, 1)];
+        let mut charged_total = 0;
+        let mut grants = Vec::new();
+        for _ in 0..40 {
+            let (decision, charged) = redis.decide_leasing(&keys, pause, &rules, 0, now, ask).await.unwrap();
+            match decision {
+                Decision::Allowed { wait: 0, standings } => {
+                    charged_total += charged;
+                    grants.push(charged);
+                    // What is left after the lease is at least the lease again (or the lease was cut).
+                    assert!(standings[0].remaining >= 0);
+                }
+                Decision::Rejected { .. } => break,
+                other => panic!("unexpected {other:?}"),
             }
-            Decision::Rejected { .. } => break,
-            other => panic!("unexpected {other:?}"),
         }
+        println!("{shape}: grants at one instant: {grants:?}, total {charged_total}");
+        assert_eq!(grants[0], 64, "{shape}: a fresh bucket has room for a full lease");
+        assert!(grants.windows(2).all(|pair| pair[1] <= pair[0]), "{shape}: grants shrink as headroom does: {grants:?}");
+        assert_eq!(*grants.last().unwrap(), 1, "{shape}: near the limit every decision is exact again: {grants:?}");
+        assert!(charged_total <= 200, "{shape}: never more than 200 at one instant: {charged_total}");
+        assert!(charged_total >= 195, "{shape}: the lease rule leaves little unused: {charged_total}");
     }
-    println!("grants at one instant: {grants:?}, total {charged_total}");
-    assert_eq!(grants[0], 64, "a fresh bucket has room for a full lease");
-    assert!(grants.windows(2).all(|pair| pair[1] <= pair[0]), "grants shrink as headroom does: {grants:?}");
-    assert_eq!(*grants.last().unwrap(), 1, "near the limit every decision is exact again: {grants:?}");
-    assert!(charged_total <= 200, "never more than the burst at one instant: {charged_total}");
-    assert!(charged_total >= 195, "the lease rule leaves little unused: {charged_total}");
 
     // A fixed window that ends within the lease's life grants nothing extra.
     let fixed_keys = vec!["lease:{hubspot}:daily@fixed:acme".to_owned()];

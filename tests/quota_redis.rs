@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sluice::config::{OnFailure, Store, StoreKind};
-use sluice::limit::gcra::{self, Decision, Micros, Rule, State};
+use sluice::limit::decide::{self, Decision, Micros, Rule, State};
+use sluice::limit::rolling;
 use sluice::limit::memory::MemoryStore;
 use sluice::limit::redis::RedisStore;
 use sluice::limit::window;
@@ -426,7 +427,11 @@ impl Lcg {
 
 #[derive(Clone, Copy)]
 enum Kind {
-    Rolling { limit: u64, per: Micros, burst: u64, margin: Micros },
+    /// The vendor's rolling window, as an exact log.
+    Rolling { limit: u64, per: Micros, margin: Micros },
+    /// The same, recorded as counters per 1/100 of the window (as a large limit would be).
+    Counted { limit: u64, per: Micros, margin: Micros },
+    Smooth { limit: u64, per: Micros, burst: u64, margin: Micros },
     Fixed { limit: u64, per: Micros },
 }
 
@@ -435,7 +440,12 @@ fn rules_at(kinds: &[Kind], cost: i64, now: Micros) -> Vec<(Rule, i64)> {
         .iter()
         .map(|kind| {
             let rule = match *kind {
-                Kind::Rolling { limit, per, burst, margin } => Rule::rolling(limit, per, burst, margin),
+                Kind::Rolling { limit, per, margin } => Rule::rolling(limit, per, margin),
+                Kind::Counted { limit, per, margin } => {
+                    let exact = rolling::Window::new(limit, per, margin);
+                    Rule::Rolling(rolling::Window { width: (exact.span + 99) / 100, ..exact })
+                }
+                Kind::Smooth { limit, per, burst, margin } => Rule::smooth(limit, per, burst, margin),
                 Kind::Fixed { limit, per } => {
                     Rule::Fixed { limit: i64::try_from(limit).unwrap(), bounds: window::bounds(per, None, now) }
                 }
@@ -446,7 +456,7 @@ fn rules_at(kinds: &[Kind], cost: i64, now: Micros) -> Vec<(Rule, i64)> {
 }
 
 /// Plays `steps` pinned decisions against Redis (the Lua script), the memory store and
-/// `gcra::decide` on plain states; returns the decisions once all three agreed on every step.
+/// `decide::decide` on plain states; returns the decisions once all three agreed on every step.
 async fn play_parity(
     redis: &RedisStore,
     name: &str,
@@ -473,12 +483,12 @@ async fn play_parity(
         let from_redis =
             normalized(redis.decide(&keys, &pause_key, &rules, max_wait, now).await.expect("script runs"), never);
         let from_memory = normalized(memory.decide(&keys, &pause_key, &rules, now, max_wait), never);
-        let from_gcra = normalized(gcra::decide(&rules, &mut states, now, max_wait), never);
+        let from_rust = normalized(decide::decide(&rules, &mut states, now, max_wait), never);
         assert_eq!(
             from_redis, from_memory,
             "{name} step {step}: now {now}, cost {cost}, max_wait {max_wait}: Lua and Rust disagree"
         );
-        assert_eq!(from_memory, from_gcra, "{name} step {step}: memory store and gcra::decide disagree");
+        assert_eq!(from_memory, from_rust, "{name} step {step}: memory store and decide::decide disagree");
         out.push(from_redis);
     }
     out
@@ -509,16 +519,23 @@ async fn lua_script_and_rust_maths_decide_identically_with_pinned_clocks() {
     let redis = RedisStore::new(store_settings(&server));
     redis.connect().await.expect("connects to redis-server");
 
-    let rolling = Kind::Rolling { limit: 6, per: 2 * SEC, burst: 3, margin: 20_000 };
-    let tight = Kind::Rolling { limit: 3, per: SEC, burst: 1, margin: 0 };
+    let rolling = Kind::Rolling { limit: 6, per: 2 * SEC, margin: 20_000 };
+    let counted = Kind::Counted { limit: 8, per: 2 * SEC, margin: 20_000 };
+    let smooth = Kind::Smooth { limit: 6, per: 2 * SEC, burst: 3, margin: 20_000 };
+    let tight = Kind::Smooth { limit: 3, per: SEC, burst: 1, margin: 0 };
     let fixed = Kind::Fixed { limit: 7, per: 3 * SEC };
     let small_fixed = Kind::Fixed { limit: 4, per: SEC };
-    let cases: [(&str, Vec<Kind>); 5] = [
+    let short = Kind::Rolling { limit: 3, per: SEC, margin: 0 };
+    let cases: [(&str, Vec<Kind>); 9] = [
         ("rolling", vec![rolling]),
+        ("counted", vec![counted]),
+        ("smooth", vec![smooth]),
         ("fixed", vec![fixed]),
         ("rolling-fixed", vec![rolling, fixed]),
-        ("fixed-rolling-fixed", vec![small_fixed, rolling, fixed]),
+        ("short-rolling-counted", vec![short, rolling, counted]),
+        ("fixed-smooth-rolling", vec![small_fixed, smooth, rolling]),
         ("tight-fixed", vec![tight, small_fixed]),
+        ("smooth-counted-fixed", vec![smooth, counted, fixed]),
     ];
     for (index, (name, kinds)) in cases.iter().enumerate() {
         let costs: &[i64] = if name.starts_with("tight") { &[1] } else { &[1, 1, 2, 3] };
@@ -534,9 +551,11 @@ async fn lua_script_and_rust_maths_agree_on_never_conforming_costs() {
     let server = RedisServer::start();
     let redis = RedisStore::new(store_settings(&server));
     redis.connect().await.expect("connects to redis-server");
-    // cost 3 against burst 2 (rolling) and against limit 2 (fixed): never.
-    let rolling = Kind::Rolling { limit: 6, per: 2 * SEC, burst: 2, margin: 0 };
+    // cost 3 against burst 2 (smooth), limit 2 (rolling) and limit 2 (fixed): never.
+    let smooth = Kind::Smooth { limit: 6, per: 2 * SEC, burst: 2, margin: 0 };
+    let rolling = Kind::Rolling { limit: 2, per: 2 * SEC, margin: 0 };
     let fixed = Kind::Fixed { limit: 2, per: SEC };
-    play_parity(&redis, "never-rolling", &[rolling], 40, 5, &[1, 3], false).await;
+    play_parity(&redis, "never-smooth", &[smooth], 40, 5, &[1, 3], false).await;
+    play_parity(&redis, "never-rolling", &[rolling], 40, 7, &[1, 3], false).await;
     play_parity(&redis, "never-fixed", &[fixed], 40, 6, &[1, 3], false).await;
 }

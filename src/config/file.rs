@@ -389,7 +389,12 @@ pub struct QuotaFile {
     /// Scope: one bucket per distinct value of these (`header:NAME`, `client_ip`, `proxy_user`).
     #[serde(default)]
     pub key: Vec<String>,
-    /// Rolling windows: how many requests may go back to back. Default: 5% of `limit`, at least 1.
+    /// Rolling windows: `burst` (the default) admits all of `limit` back to back, as the
+    /// vendor's own rolling window does; `smooth` paces requests (GCRA) with `burst` at once.
+    #[serde(default)]
+    pub shape: Option<ShapeKind>,
+    /// `shape: smooth` only: how many requests may go back to back. Default: 5% of `limit`,
+    /// at least 1. Given without `shape`, it implies `shape: smooth`.
     #[serde(default)]
     pub burst: Option<u64>,
     #[serde(default)]
@@ -404,6 +409,15 @@ pub struct QuotaFile {
     /// Most distinct scope values tracked; the least recently used is evicted past this.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShapeKind {
+    /// A full burst of `limit`, then one request per slot freed (the vendor's rolling window).
+    Burst,
+    /// Paced: `burst` at once, then evenly spaced (GCRA).
+    Smooth,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -10,8 +10,8 @@ use http::header::HeaderName;
 use http::Method;
 
 use super::file::{
-    BreakerFile, LimitHeadersFile, OnFailure, OverLimit, QuotaFile, RetryFile, RouteFile, StoreFile, StoreKind,
-    WindowKind,
+    BreakerFile, LimitHeadersFile, OnFailure, OverLimit, QuotaFile, RetryFile, RouteFile, ShapeKind, StoreFile,
+    StoreKind, WindowKind,
 };
 use super::Problem;
 use crate::vendor::{ProfileKind, ResetUnit};
@@ -22,6 +22,7 @@ pub struct Quota {
     pub name: Arc<str>,
     pub limit: u64,
     pub per: Duration,
+    /// `shape: smooth` only: requests allowed back to back.
     pub burst: u64,
     pub margin: Duration,
     pub window: Window,
@@ -31,7 +32,10 @@ pub struct Quota {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Window {
+    /// The vendor's rolling window: a full burst of `limit`, then a slot per admission that leaves.
     Rolling,
+    /// Rolling, paced with GCRA (`shape: smooth`): `burst` at once, then evenly spaced.
+    Smooth,
     /// Fixed windows of `per`, aligned to `resets_at` when given, else to the Unix epoch.
     Fixed {
         resets_at: Option<ResetsAt>,
@@ -281,7 +285,20 @@ pub fn validate_quota(raw: &QuotaFile, key: &str, problems: &mut Vec<Problem>) -
             if raw.resets_at.is_some() {
                 problems.push(Problem::new(format!("{key}.resets_at"), "only for `window: fixed`"));
             }
-            Window::Rolling
+            // `burst` without a shape keeps the pacing it asked for before `shape` existed.
+            match raw.shape {
+                Some(ShapeKind::Smooth) => Window::Smooth,
+                None if raw.burst.is_some() => Window::Smooth,
+                Some(ShapeKind::Burst) | None => {
+                    if raw.burst.is_some() {
+                        problems.push(Problem::new(
+                            format!("{key}.burst"),
+                            "only with `shape: smooth` (`shape: burst` admits all of `limit` back to back)",
+                        ));
+                    }
+                    Window::Rolling
+                }
+            }
         }
         WindowKind::Fixed => {
             let resets_at = match raw.resets_at.as_deref().map(parse_resets_at) {
@@ -300,11 +317,18 @@ pub fn validate_quota(raw: &QuotaFile, key: &str, problems: &mut Vec<Problem>) -
             if raw.burst.is_some() {
                 problems.push(Problem::new(format!("{key}.burst"), "only for rolling windows"));
             }
+            if raw.shape.is_some() {
+                problems.push(Problem::new(format!("{key}.shape"), "only for rolling windows"));
+            }
             Window::Fixed { resets_at }
         }
     };
-    let burst = raw.burst.unwrap_or_else(|| (raw.limit / 20).max(1));
-    if raw.window == WindowKind::Rolling && (burst == 0 || burst > raw.limit) {
+    let burst = match window {
+        Window::Smooth => raw.burst.unwrap_or_else(|| (raw.limit / 20).max(1)),
+        // A full burst: what the vendor's rolling window accepts.
+        _ => raw.limit,
+    };
+    if window == Window::Smooth && (burst == 0 || burst > raw.limit) {
         problems.push(Problem::new(format!("{key}.burst"), "must be between 1 and limit"));
     }
     let margin = raw.margin.unwrap_or_else(|| (raw.per / 100).min(Duration::from_millis(250)));

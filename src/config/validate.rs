@@ -294,13 +294,13 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
     let routes = super::policy::validate_routes(&raw.routes, key, problems);
     if let Some(cost) = routes.iter().map(|route| route.cost).max() {
         for (at, quota) in quotas.iter().enumerate() {
-            let capacity = match quota.window {
-                super::policy::Window::Rolling => quota.burst,
-                super::policy::Window::Fixed { .. } => quota.limit,
+            let (capacity, field) = match quota.window {
+                super::policy::Window::Smooth => (quota.burst, "burst"),
+                super::policy::Window::Rolling | super::policy::Window::Fixed { .. } => (quota.limit, "limit"),
             };
             if cost > capacity {
                 problems.push(Problem::new(
-                    format!("{key}.quotas[{at}].burst"),
+                    format!("{key}.quotas[{at}].{field}"),
                     format!("a route costs {cost} tokens but this quota never holds more than {capacity}"),
                 ));
             }

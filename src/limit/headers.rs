@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use sfv::{Integer, KeyRef, ListSerializer, StringRef};
 
-use super::gcra::Standing;
+use super::decide::Standing;
 use crate::config::Quota;
 
 fn seconds_ceil(micros: i64) -> i64 {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::gcra::{Decision, Rule, Standing};
+use super::decide::{Decision, Rule, Standing};
 
 /// Lease entries kept at most; past it, expired ones are swept, and if that is not enough the
 /// table starts over (dropping unspent tokens: under-use, never over-use).
@@ -282,7 +282,7 @@ mod tests {
     }
 
     fn rules() -> Vec<(Rule, i64)> {
-        vec![(Rule::rolling(1_000, 10_000_000, 50, 100_000), 1)]
+        vec![(Rule::smooth(1_000, 10_000_000, 50, 100_000), 1)]
     }
 
     /// Records one admission of cost 1 that the store charged `charged` units for.
@@ -350,7 +350,7 @@ mod tests {
         let now = Instant::now();
         grant(&leases, &keys, 10, &[Standing { remaining: 5, reset_in: 0 }], lifetime, now);
         assert!(leases.take(&keys, &rules(), 1, now).is_some());
-        let changed = vec![(Rule::rolling(500, 10_000_000, 50, 100_000), 1)];
+        let changed = vec![(Rule::smooth(500, 10_000_000, 50, 100_000), 1)];
         assert!(leases.take(&keys, &changed, 1, now).is_none(), "a reload voids the lease");
         assert!(leases.take(&keys, &rules(), 1, now + lifetime).is_none(), "expired");
         grant(&leases, &keys, 10, &[], lifetime, now + lifetime);

@@ -30,10 +30,25 @@
 //! - `RateLimit` on a leased admission reports the scope as of the lease, less what this
 //!   replica has spent since.
 //!
+//! - In a rolling window, a leased token is recorded at the end of its lease's life: it counts
+//!   as admitted from its grant until the last moment it could be spent has left the window.
+//!   A token dropped unspent therefore stays in the window for `per + margin + lease_ttl`:
+//!   that, and the window's margin, is the utilisation leases cost.
+//!
 //! # Keys
-//! `<prefix>:{<upstream>}:<quota>:<scope>`: the hash tag `{<upstream>}` puts all keys of one
-//! request in one slot, so the script runs on Redis Cluster too. A rolling bucket's key expires
-//! when the bucket is full again, so idle scopes cost nothing.
+//! `<prefix>:{<upstream>}:<quota><shape>:<scope>`: the hash tag `{<upstream>}` puts all keys of
+//! one request in one slot, so the script runs on Redis Cluster too. Each shape has its own type
+//! and tag (`@roll` a sorted set, `@rollb` a hash of counters, `@fixed` a hash of windows, none
+//! for a paced TAT string), so a reload that changes the shape starts a fresh bucket instead of
+//! failing with WRONGTYPE. Every key expires when its state can no longer affect a decision, so
+//! idle scopes cost nothing.
+//!
+//! # Connections that heal
+//! A connection that goes silent (a failover that leaves the old address dead, a frozen
+//! middlebox) is never trusted again: when a decision, heartbeat or probe fails, the limiter
+//! degrades and the probe builds a *new* connection for every attempt, swapping it in once it
+//! answers. Sockets carry TCP keepalive and a user timeout so the kernel also gives up on a dead
+//! peer within seconds, not the 15 minutes of the default retransmission timeout.
 //!
 //! # Replicas
 //! Each replica writes a heartbeat into a sorted set every `store.heartbeat`; the live count
@@ -47,11 +62,16 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
+use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+use redis::IntoConnectionInfo;
 
-use super::gcra::{Decision, Micros, Rule, Standing};
+use super::decide::{Decision, Micros, Rule, Standing, State};
+use super::rolling::Admissions;
 use crate::config::Store;
 
-const DECIDE_SCRIPT: &str = include_str!("decide.lua");
+const DECIDE_SCRIPT: &str = concat!(include_str!("quota.lua"), include_str!("decide.lua"));
+const ADOPT_SCRIPT: &str = concat!(include_str!("quota.lua"), include_str!("adopt.lua"));
+const MERGE_SCRIPT: &str = concat!(include_str!("quota.lua"), include_str!("merge.lua"));
 
 const HEARTBEAT_SCRIPT: &str = r"
 local t = redis.call('TIME')
@@ -62,16 +82,29 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 return redis.call('ZCARD', KEYS[1])
 ";
 
+/// Extends a vendor pause (never shortens it). ARGV[1]: how long (us, capped here too, as
+/// every path is); ARGV[2]: 1 when the vendor was failing (the mark sticks while it holds).
 const PAUSE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local until_at = now + tonumber(ARGV[1])
-local current = tonumber(redis.call('GET', KEYS[1]) or nil)
-if until_at > now and (current == nil or until_at > current) then
-  redis.call('SET', KEYS[1], string.format('%.0f', until_at), 'PX', math.ceil((until_at - now) / 1000) + 1000)
-  return 1
+local hold = math.min(tonumber(ARGV[1]), tonumber(ARGV[3]))
+local until_at = now + hold
+local outage = ARGV[2] == '1'
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local current = tonumber(string.match(raw, '^%d+'))
+  if current and current > now then
+    local was_outage = string.find(raw, 'o', 1, true) ~= nil
+    if until_at <= current and (was_outage or not outage) then return 0 end
+    until_at = math.max(until_at, current)
+    outage = outage or was_outage
+  end
 end
-return 0
+if hold <= 0 then return 0 end
+local value = string.format('%.0f', until_at)
+if outage then value = value .. 'o' end
+redis.call('SET', KEYS[1], value, 'PX', math.ceil((until_at - now) / 1000) + 1000)
+return 1
 ";
 
 /// Tokens a decision may take ahead for this replica (see "Leases" in the module doc).
@@ -114,14 +147,37 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
+impl Conn {
+    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(manager) => command.query_async(&mut manager.clone()).await,
+            Conn::Cluster(cluster) => command.query_async(&mut cluster.clone()).await,
+        }
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(&self, invocation: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await,
+            Conn::Cluster(cluster) => invocation.invoke_async(&mut cluster.clone()).await,
+        }
+    }
+}
+
 pub struct RedisStore {
     settings: Store,
     conn: ArcSwapOption<Conn>,
     decide: redis::Script,
+    adopt: redis::Script,
+    merge: redis::Script,
     heartbeat: redis::Script,
     pause: redis::Script,
     replica_id: String,
+    /// Names each call's rolling-log members uniquely (with a per-process random part).
+    calls: AtomicU64,
+    nonce_base: String,
     replicas: AtomicU64,
+    /// Connections built so far (the first, and one per healing).
+    connections: AtomicU64,
 }
 
 impl RedisStore {
@@ -132,10 +188,15 @@ impl RedisStore {
             settings,
             conn: ArcSwapOption::empty(),
             decide: redis::Script::new(DECIDE_SCRIPT),
+            adopt: redis::Script::new(ADOPT_SCRIPT),
+            merge: redis::Script::new(MERGE_SCRIPT),
             heartbeat: redis::Script::new(HEARTBEAT_SCRIPT),
             pause: redis::Script::new(PAUSE_SCRIPT),
             replica_id,
+            calls: AtomicU64::new(0),
+            nonce_base: format!("{:016x}", rand::random::<u64>()),
             replicas: AtomicU64::new(1),
+            connections: AtomicU64::new(0),
         })
     }
 
@@ -147,24 +208,50 @@ impl RedisStore {
         self.conn.load().is_some()
     }
 
-    /// Opens the connection (single node or cluster). Called at start and by the health task
-    /// until it succeeds; once made, the connection reconnects by itself.
+    /// How many connections this store has built (the first one, then one per healing).
+    pub fn connections_made(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Opens the connection if there is none. Once made, it is kept until [`RedisStore::reconnect`]
+    /// replaces it.
     pub async fn connect(&self) -> Result<(), StoreError> {
         if self.is_connected() {
             return Ok(());
         }
+        self.reconnect().await
+    }
+
+    /// Builds a brand-new connection (single node or cluster) and swaps it in for the old one,
+    /// which is dropped: a connection that went silent is never asked again.
+    pub async fn reconnect(&self) -> Result<(), StoreError> {
+        let conn = self.open().await?;
+        self.conn.store(Some(Arc::new(conn)));
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Drops the current connection (it failed): the next use must build a new one.
+    pub fn drop_connection(&self) {
+        self.conn.store(None);
+    }
+
+    async fn open(&self) -> Result<Conn, StoreError> {
         let url = self.settings.url.clone().ok_or(StoreError::NotConnected)?;
         let timeout = self.settings.timeout.max(Duration::from_millis(250));
+        let tcp = tcp_settings(timeout);
         let conn = match cluster_nodes(&url) {
             Some(nodes) => {
                 let client = redis::cluster::ClusterClient::builder(nodes)
                     .connection_timeout(timeout)
                     .response_timeout(timeout * 4)
+                    .tcp_settings(tcp)
                     .build()?;
                 Conn::Cluster(client.get_async_connection().await?)
             }
             None => {
-                let client = redis::Client::open(url.as_str())?;
+                let info = url.as_str().into_connection_info()?.set_tcp_settings(tcp);
+                let client = redis::Client::open(info)?;
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout * 4))
@@ -173,8 +260,15 @@ impl RedisStore {
                 Conn::Single(client.get_connection_manager_with_config(config).await?)
             }
         };
-        self.conn.store(Some(Arc::new(conn)));
-        Ok(())
+        Ok(conn)
+    }
+
+    fn conn(&self) -> Result<Arc<Conn>, StoreError> {
+        self.conn.load_full().ok_or(StoreError::NotConnected)
+    }
+
+    fn nonce(&self) -> String {
+        format!("{}{:x}", self.nonce_base, self.calls.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Runs the decision script for `keys` / `rules`; the caller bounds it with `store.timeout`.
@@ -202,7 +296,7 @@ impl RedisStore {
         now_override: Micros,
         lease: LeaseRequest,
     ) -> Result<(Decision, i64), StoreError> {
-        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let conn = self.conn()?;
         let mut invocation = self.decide.prepare_invoke();
         for key in keys {
             invocation.key(key);
@@ -210,103 +304,113 @@ impl RedisStore {
         invocation.key(pause_key);
         invocation.arg(max_wait).arg(now_override).arg(rules.len());
         for (rule, cost) in rules {
-            match rule {
-                Rule::Rolling { interval, tolerance } => {
-                    invocation.arg(0).arg(*cost).arg(*interval).arg(*tolerance).arg(0).arg(0).arg(0);
-                }
-                Rule::Fixed { limit, bounds } => {
-                    invocation
-                        .arg(1)
-                        .arg(*cost)
-                        .arg(*limit)
-                        .arg(bounds[0])
-                        .arg(bounds[1])
-                        .arg(bounds[2])
-                        .arg(bounds[3]);
-                }
-            }
+            rule_args(&mut invocation, rule, *cost);
         }
-        invocation.arg(lease.extra.max(0)).arg(lease.lasts.max(0));
-        let reply: Vec<i64> = match &*conn {
-            Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await?,
-            Conn::Cluster(cluster) => invocation.invoke_async(&mut cluster.clone()).await?,
-        };
+        invocation.arg(lease.extra.max(0)).arg(lease.lasts.max(0)).arg(self.nonce());
+        let reply: Vec<i64> = conn.invoke(&invocation).await?;
         let cost = rules.first().map_or(1, |rule| rule.1);
         parse_reply(&reply, rules.len(), cost).ok_or(StoreError::BadReply)
     }
 
-    /// Extends the vendor pause at `key` to `for_micros` from now in Redis time (never shortens
-    /// it: the longest word wins).
-    pub async fn pause(&self, key: &str, for_micros: Micros) -> Result<(), StoreError> {
-        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
-        let mut invocation = self.pause.prepare_invoke();
-        invocation.key(key).arg(for_micros);
-        let _: i64 = match &*conn {
-            Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await?,
-            Conn::Cluster(cluster) => invocation.invoke_async(&mut cluster.clone()).await?,
+    /// The vendor says `remaining` are left for the quota `rule` at `key`: where the shared
+    /// record believes more, it follows the vendor for the rest of the window. Whether it changed.
+    pub async fn adopt(&self, key: &str, rule: &Rule, remaining: i64, now_override: Micros) -> Result<bool, StoreError> {
+        let conn = self.conn()?;
+        let mut invocation = self.adopt.prepare_invoke();
+        invocation.key(key).arg(now_override);
+        rule_args(&mut invocation, rule, 1);
+        invocation.arg(remaining.max(0)).arg(self.nonce());
+        let changed: i64 = conn.invoke(&invocation).await?;
+        Ok(changed == 1)
+    }
+
+    /// Folds a local share's state (what this replica admitted while Redis was away) into the
+    /// shared record of `key`. Returns the tokens added.
+    pub async fn merge(&self, key: &str, rule: &Rule, state: &State, now_override: Micros) -> Result<i64, StoreError> {
+        let pairs: Vec<(Micros, i64)> = match state {
+            State::Empty => return Ok(0),
+            State::Tat(tat) => vec![(*tat, 0)],
+            State::Counts { first, second } => vec![*first, *second],
+            State::Admissions(record) => record.entries.clone(),
         };
+        let conn = self.conn()?;
+        let mut invocation = self.merge.prepare_invoke();
+        invocation.key(key).arg(now_override);
+        rule_args(&mut invocation, rule, 1);
+        invocation.arg(self.nonce());
+        for (at, tokens) in pairs {
+            invocation.arg(at).arg(tokens);
+        }
+        Ok(conn.invoke(&invocation).await?)
+    }
+
+    /// Extends the vendor pause at `key` to `for_micros` from now in Redis time (never shortens
+    /// it: the longest word wins; capped at `max_micros`). `outage`: the vendor was failing.
+    pub async fn pause(&self, key: &str, for_micros: Micros, outage: bool, max_micros: Micros) -> Result<(), StoreError> {
+        let conn = self.conn()?;
+        let mut invocation = self.pause.prepare_invoke();
+        invocation.key(key).arg(for_micros).arg(u8::from(outage)).arg(max_micros);
+        let _: i64 = conn.invoke(&invocation).await?;
         Ok(())
     }
 
-    /// Time left on the vendor pause at `key`, if one is in force (Redis time).
-    pub async fn pause_remaining(&self, key: &str) -> Result<Option<Micros>, StoreError> {
-        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+    /// Time left on the vendor pause at `key`, and whether it is an outage, if one is in force
+    /// (Redis time).
+    pub async fn pause_remaining(&self, key: &str) -> Result<Option<(Micros, bool)>, StoreError> {
+        let conn = self.conn()?;
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(key).cmd("TIME");
-        let (until, (seconds, micros)): (Option<i64>, (i64, i64)) = match &*conn {
+        let (raw, (seconds, micros)): (Option<String>, (i64, i64)) = match &*conn {
             Conn::Single(manager) => pipe.query_async(&mut manager.clone()).await?,
             Conn::Cluster(cluster) => pipe.query_async(&mut cluster.clone()).await?,
         };
         let now = seconds * 1_000_000 + micros;
-        Ok(until.filter(|until| *until > now).map(|until| until - now))
+        Ok(raw.and_then(|raw| parse_pause(&raw)).filter(|(until, _)| *until > now).map(|(until, outage)| (until - now, outage)))
     }
 
-    /// Reads raw states for `/quotas`: TATs of rolling buckets (fixed ones report their hash).
-    pub async fn peek_tats(&self, keys: &[String]) -> Result<Vec<Option<i64>>, StoreError> {
-        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
-        let mut values = Vec::with_capacity(keys.len());
-        for key in keys {
-            let value: Option<String> = match &*conn {
-                Conn::Single(manager) => {
-                    redis::cmd("GET").arg(key).query_async(&mut manager.clone()).await.unwrap_or(None)
-                }
-                Conn::Cluster(cluster) => {
-                    redis::cmd("GET").arg(key).query_async(&mut cluster.clone()).await.unwrap_or(None)
-                }
-            };
-            values.push(value.and_then(|text| text.parse().ok()));
-        }
-        Ok(values)
-    }
-
-    /// Reads raw states for `/quotas`: a rolling bucket's TAT (a string), a fixed bucket's two
-    /// most recent window counts (a hash).
-    pub async fn peek_states(&self, keys: &[String]) -> Result<Vec<super::gcra::State>, StoreError> {
-        use super::gcra::State;
-        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
-        async fn query<T: redis::FromRedisValue>(conn: &Conn, command: &redis::Cmd) -> redis::RedisResult<T> {
-            match conn {
-                Conn::Single(manager) => command.query_async(&mut manager.clone()).await,
-                Conn::Cluster(cluster) => command.query_async(&mut cluster.clone()).await,
-            }
-        }
+    /// Reads raw states for `/quotas`: a rolling log (sorted set), rolling counters or fixed
+    /// windows (hashes, told apart by the counters' `w` field), a paced TAT (a string).
+    pub async fn peek_states(&self, keys: &[String]) -> Result<Vec<State>, StoreError> {
+        let conn = self.conn()?;
         let mut states = Vec::with_capacity(keys.len());
         for key in keys {
-            let kind: String = query(&conn, redis::cmd("TYPE").arg(key)).await?;
+            let kind: String = conn.query(redis::cmd("TYPE").arg(key)).await?;
             let state = match kind.as_str() {
                 "string" => {
-                    let text: Option<String> = query(&conn, redis::cmd("GET").arg(key)).await?;
+                    let text: Option<String> = conn.query(redis::cmd("GET").arg(key)).await?;
                     text.and_then(|text| text.parse().ok()).map_or(State::Empty, State::Tat)
                 }
+                "zset" => {
+                    let tokens: Vec<(String, f64)> =
+                        conn.query(redis::cmd("ZRANGE").arg(key).arg(0).arg(-1).arg("WITHSCORES")).await?;
+                    let mut record = Admissions { width: 1, entries: Vec::new() };
+                    for (_, score) in tokens {
+                        let at = score as Micros;
+                        match record.entries.last_mut() {
+                            Some((start, count)) if *start == at => *count += 1,
+                            _ => record.entries.push((at, 1)),
+                        }
+                    }
+                    State::Admissions(record)
+                }
                 "hash" => {
-                    let fields: Vec<(String, i64)> = query(&conn, redis::cmd("HGETALL").arg(key)).await?;
+                    let fields: Vec<(String, i64)> = conn.query(redis::cmd("HGETALL").arg(key)).await?;
+                    let width = fields.iter().find(|(name, _)| name == "w").map(|(_, width)| *width);
                     let mut counts: Vec<(Micros, i64)> =
                         fields.into_iter().filter_map(|(start, count)| Some((start.parse().ok()?, count))).collect();
-                    counts.sort_unstable_by_key(|count| std::cmp::Reverse(count.0));
-                    match counts.as_slice() {
-                        [] => State::Empty,
-                        [first] => State::Counts { first: *first, second: (0, 0) },
-                        [first, second, ..] => State::Counts { first: *first, second: *second },
+                    match width {
+                        Some(width) => {
+                            counts.sort_unstable();
+                            State::Admissions(Admissions { width, entries: counts })
+                        }
+                        None => {
+                            counts.sort_unstable_by_key(|count| std::cmp::Reverse(count.0));
+                            match counts.as_slice() {
+                                [] => State::Empty,
+                                [first] => State::Counts { first: *first, second: (0, 0) },
+                                [first, second, ..] => State::Counts { first: *first, second: *second },
+                            }
+                        }
                     }
                 }
                 _ => State::Empty,
@@ -318,54 +422,73 @@ impl RedisStore {
 
     /// Redis `TIME` in microseconds (for `/quotas`, so reported times match the script's).
     pub async fn time(&self) -> Result<Micros, StoreError> {
-        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
-        let (seconds, micros): (i64, i64) = match &*conn {
-            Conn::Single(manager) => redis::cmd("TIME").query_async(&mut manager.clone()).await?,
-            Conn::Cluster(cluster) => redis::cmd("TIME").query_async(&mut cluster.clone()).await?,
-        };
+        let (seconds, micros): (i64, i64) = self.conn()?.query(&redis::cmd("TIME")).await?;
         Ok(seconds * 1_000_000 + micros)
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
-        let _: String = match &*conn {
-            Conn::Single(manager) => redis::cmd("PING").query_async(&mut manager.clone()).await?,
-            Conn::Cluster(cluster) => redis::cmd("PING").query_async(&mut cluster.clone()).await?,
-        };
+        let _: String = self.conn()?.query(&redis::cmd("PING")).await?;
         Ok(())
     }
 
     /// Announces this replica and refreshes the live replica count.
     pub async fn heartbeat(&self) -> Result<u64, StoreError> {
-        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let conn = self.conn()?;
         let key = format!("{}:replicas", self.settings.key_prefix);
         let window_ms = u64::try_from(self.settings.heartbeat.as_millis() * 5).unwrap_or(u64::MAX);
         let mut invocation = self.heartbeat.prepare_invoke();
         invocation.key(&key).arg(&self.replica_id).arg(window_ms);
-        let count: u64 = match &*conn {
-            Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await?,
-            Conn::Cluster(cluster) => invocation.invoke_async(&mut cluster.clone()).await?,
-        };
+        let count: u64 = conn.invoke(&invocation).await?;
         self.replicas.store(count.max(1), Ordering::Relaxed);
         Ok(count)
     }
 
     /// Removes this replica from the live set (at shutdown), so the others' shares grow at once.
     pub async fn leave(&self) {
-        let Some(conn) = self.conn.load_full() else { return };
+        let Ok(conn) = self.conn() else { return };
         let key = format!("{}:replicas", self.settings.key_prefix);
         let mut command = redis::cmd("ZREM");
         command.arg(&key).arg(&self.replica_id);
-        let _: Result<i64, _> = match &*conn {
-            Conn::Single(manager) => command.query_async(&mut manager.clone()).await,
-            Conn::Cluster(cluster) => command.query_async(&mut cluster.clone()).await,
-        };
+        let _: Result<i64, _> = conn.query(&command).await;
     }
 
     /// The last known number of live replicas (at least 1).
     pub fn replicas(&self) -> u64 {
         self.replicas.load(Ordering::Relaxed).max(1)
     }
+}
+
+/// TCP keepalive and a user timeout: a peer that stops answering is given up on in seconds.
+fn tcp_settings(timeout: Duration) -> TcpSettings {
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(3);
+    TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive)
+        .set_user_timeout((timeout * 20).clamp(Duration::from_secs(2), Duration::from_secs(10)))
+}
+
+/// The 7 script arguments of one rule (see `quota.lua`).
+fn rule_args(invocation: &mut redis::ScriptInvocation<'_>, rule: &Rule, cost: i64) {
+    match rule {
+        Rule::Smooth(pace) => {
+            invocation.arg(0).arg(cost).arg(pace.interval).arg(pace.tolerance).arg(0).arg(0).arg(0);
+        }
+        Rule::Fixed { limit, bounds } => {
+            invocation.arg(1).arg(cost).arg(*limit).arg(bounds[0]).arg(bounds[1]).arg(bounds[2]).arg(bounds[3]);
+        }
+        Rule::Rolling(window) => {
+            invocation.arg(2).arg(cost).arg(window.limit).arg(window.span).arg(window.width).arg(0).arg(0);
+        }
+    }
+}
+
+/// A pause key's value: `<until>` or `<until>o` (an outage).
+fn parse_pause(raw: &str) -> Option<(Micros, bool)> {
+    let digits = raw.trim_end_matches('o');
+    Some((digits.parse().ok()?, digits.len() != raw.len()))
 }
 
 /// `redis+cluster://a:1,b:2` (or `rediss+cluster://`) to node URLs.
@@ -403,7 +526,7 @@ fn parse_reply(reply: &[i64], quotas: usize, cost: i64) -> Option<(Decision, i64
     let limiting = usize::try_from(reply[2]).ok()?;
     Some(match reply[0] {
         1 => (Decision::Allowed { wait: reply[1], standings }, charged),
-        2 => (Decision::Paused { remaining: reply[1], standings }, 0),
+        2 => (Decision::Paused { remaining: reply[1], outage: reply[2] == 1, standings }, 0),
         _ => (Decision::Rejected { retry_after: reply[1], limiting, standings }, 0),
     })
 }
@@ -432,5 +555,12 @@ mod tests {
             Some(vec!["rediss://:pw@a:1".to_string(), "rediss://:pw@b:2".to_string()])
         );
         assert_eq!(cluster_nodes("redis://127.0.0.1:6379/0"), None);
+    }
+
+    #[test]
+    fn pause_values() {
+        assert_eq!(parse_pause("1700000000000000"), Some((1_700_000_000_000_000, false)));
+        assert_eq!(parse_pause("1700000000000000o"), Some((1_700_000_000_000_000, true)));
+        assert_eq!(parse_pause("garbage"), None);
     }
 }

@@ -75,6 +75,31 @@ pub fn proxy_user(headers: &HeaderMap) -> Option<String> {
     None
 }
 
+/// Headers that carry the caller's (or the injected) credential to the vendor.
+pub const AUTH_HEADERS: &[&str] = &["authorization", "x-api-key", "api-key", "x-hubspot-api-key"];
+
+/// Which vendor account a request spends: a hash of every auth-bearing header it carries to the
+/// vendor (`extra`: the upstream's own `credentials.header`), or `_all` when it carries none.
+/// Vendor pauses are keyed by it: a caller cannot dodge a pause by changing a scope header, and
+/// one account's throttle does not hold another's.
+pub fn account_key(headers: &HeaderMap, extra: Option<&str>) -> String {
+    let mut material = String::new();
+    for name in AUTH_HEADERS.iter().copied().chain(extra.filter(|extra| !AUTH_HEADERS.contains(extra))) {
+        for value in headers.get_all(name) {
+            material.push_str(name);
+            material.push('=');
+            material.push_str(&String::from_utf8_lossy(value.as_bytes()));
+            material.push('\n');
+        }
+    }
+    if material.is_empty() {
+        return "_all".to_owned();
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, material.as_bytes());
+    let hex: String = digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("a-{hex}")
+}
+
 fn safe_component(value: &str) -> String {
     let plain = value.len() <= 64
         && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'@' | b':'));
@@ -155,6 +180,11 @@ impl ScopeTable {
         (bucket, evicted)
     }
 
+    /// Whether `key` is in the table now.
+    pub fn contains(&self, key: &QuotaKey) -> bool {
+        self.entries.contains_key(key)
+    }
+
     pub fn set_capacity(&mut self, capacity: usize) {
         self.capacity = capacity.max(1);
     }
@@ -193,6 +223,23 @@ mod tests {
         assert_eq!(quota_key(&[], &headers, None).0, "_all");
         let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
         assert_eq!(quota_key(&[ScopeKey::ClientIp], &headers, Some(peer)).0, "10.1.2.3");
+    }
+
+    #[test]
+    fn account_keys_follow_credentials_not_scope_headers() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(account_key(&headers, None), "_all");
+        headers.insert("authorization", HeaderValue::from_static("Bearer one"));
+        headers.insert("x-tenant-id", HeaderValue::from_static("a"));
+        let first = account_key(&headers, None);
+        headers.insert("x-tenant-id", HeaderValue::from_static("b"));
+        assert_eq!(account_key(&headers, None), first, "a scope header does not change the account");
+        headers.insert("authorization", HeaderValue::from_static("Bearer two"));
+        assert_ne!(account_key(&headers, None), first);
+        let mut custom = HeaderMap::new();
+        custom.insert("x-vendor-token", HeaderValue::from_static("t"));
+        assert_eq!(account_key(&custom, None), "_all");
+        assert_ne!(account_key(&custom, Some("x-vendor-token")), "_all");
     }
 
     #[test]

@@ -1,4 +1,8 @@
-//! Fixed-window calendars: where the windows of a `window: fixed` quota start.
+//! `window: fixed`: a counter per calendar window, and where those windows start.
+//!
+//! Daily vendor quotas often reset at a fixed instant (HubSpot: midnight in the account's time
+//! zone). A fixed quota is a counter per window `[start, next_start)`; a request conforms in the
+//! first window (current or next) whose count stays within L.
 //!
 //! Boundaries are absolute instants, so they can be computed from the local clock and still be
 //! judged against Redis time: the store is handed four consecutive starts around now and picks
@@ -7,7 +11,7 @@
 use jiff::civil::Date;
 use jiff::Timestamp;
 
-use super::gcra::Micros;
+use super::decide::{Micros, Standing, State};
 use crate::config::policy::ResetsAt;
 
 /// Four consecutive window starts: the previous window, the current one, the next, and its end.
@@ -22,6 +26,78 @@ pub fn bounds(per_micros: i64, resets_at: Option<&ResetsAt>, now: Micros) -> [Mi
             // Out of the calendar's range (it is not, for real clocks): fall back to epoch days.
             bounds(per_micros, None, now)
         }),
+    }
+}
+
+/// Earliest time >= `at` at which `cost` fits in a window (current or next); `None` if never.
+pub fn earliest(limit: i64, bounds: &[Micros; 4], state: &State, cost: i64, at: Micros) -> Option<Micros> {
+    if cost > limit {
+        return None;
+    }
+    let first = window_index(bounds, at);
+    bounds[first..3].iter().map(|&start| (start, at.max(start))).find_map(|(start, when)| {
+        (count_in(state, start) + cost <= limit).then_some(when)
+    })
+}
+
+/// The state after charging `cost` at `at` (which must conform).
+pub fn charge(bounds: &[Micros; 4], state: &State, cost: i64, at: Micros) -> State {
+    let start = bounds[window_index(bounds, at)];
+    let count = count_in(state, start) + cost;
+    // Keep this window and the most recent other one: a reservation in the next window
+    // must not forget the current window's count.
+    let other = match state {
+        State::Counts { first, second } => {
+            [*first, *second].into_iter().filter(|(s, c)| *s != start && *c > 0).max_by_key(|(s, _)| *s)
+        }
+        _ => None,
+    };
+    State::Counts { first: (start, count), second: other.unwrap_or((0, 0)) }
+}
+
+/// Where the quota stands at `now`.
+pub fn standing(limit: i64, bounds: &[Micros; 4], state: &State, now: Micros) -> Standing {
+    let index = window_index(bounds, now);
+    let remaining = (limit - count_in(state, bounds[index])).max(0);
+    Standing { remaining, reset_in: bounds[index + 1] - now }
+}
+
+/// Lowers the current window's remaining to `remaining` (the vendor's figure); whether it changed.
+pub fn adopt(limit: i64, bounds: &[Micros; 4], state: &mut State, remaining: i64, now: Micros) -> bool {
+    let start = bounds[window_index(bounds, now)];
+    let used = count_in(state, start);
+    let missing = (limit - remaining.clamp(0, limit)) - used;
+    if missing <= 0 {
+        return false;
+    }
+    *state = charge(bounds, state, missing, now);
+    true
+}
+
+/// When the newest window this state counts in ends: after that the state is a fresh one.
+pub fn ends(bounds: &[Micros; 4], state: &State) -> Option<Micros> {
+    let State::Counts { first, second } = state else { return None };
+    let newest = first.0.max(second.0);
+    let index = bounds[..3].iter().position(|&start| start == newest)?;
+    Some(bounds[index + 1])
+}
+
+fn window_index(bounds: &[Micros; 4], at: Micros) -> usize {
+    (0..3).rev().find(|&index| bounds[index] <= at).unwrap_or(0)
+}
+
+fn count_in(state: &State, start: Micros) -> i64 {
+    match state {
+        State::Counts { first, second } => {
+            if first.0 == start {
+                first.1
+            } else if second.0 == start {
+                second.1
+            } else {
+                0
+            }
+        }
+        _ => 0,
     }
 }
 

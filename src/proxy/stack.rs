@@ -33,7 +33,7 @@ use crate::security::clients::ClientIdentity;
 use crate::state::Generation;
 use crate::telemetry::metrics::{method_label, NO_UPSTREAM};
 use crate::telemetry::Metrics;
-use crate::vendor::feedback::{Feedback, FeedbackLayer, PauseKey};
+use crate::vendor::feedback::{Feedback, FeedbackLayer};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -392,10 +392,12 @@ where
             let peer = request.extensions().get::<std::net::SocketAddr>().copied();
             let opened = request.extensions().get::<BreakerHandle>().map(|handle| handle.0.opened());
             let client = request.extensions().get::<ClientIdentity>().map(|identity| identity.name.clone());
-            let caller = limit::Caller { headers: request.headers(), peer, client: client.as_deref() };
+            let host = routed.uri.host().map(str::to_owned);
+            let caller =
+                limit::Caller { headers: request.headers(), peer, client: client.as_deref(), host: host.as_deref() };
             let mut admission = limiter.admit(&upstream, request.method(), &path, caller, opened).await?;
-            if let Some(key) = admission.pause_key.take() {
-                request.extensions_mut().insert(PauseKey(key));
+            if let Some(scope) = admission.scope.take() {
+                request.extensions_mut().insert(scope);
             }
             let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(inner.call(request));
             let mut response = response.await?;

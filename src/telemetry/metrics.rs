@@ -66,6 +66,8 @@ pub struct Metrics {
     pub effective_limit: IntGaugeVec,
     /// Requests left in a vendor window, as the vendor last reported, by upstream and window.
     pub vendor_remaining: IntGaugeVec,
+    /// Times the vendor reported fewer left than sluice believed and its figure was adopted.
+    pub vendor_adopted: IntCounterVec,
     /// Vendor rate-limit headers present but unparseable, by upstream.
     pub vendor_header_errors: IntCounterVec,
     /// Vendor refusals for quota reasons, by upstream and class.
@@ -224,6 +226,14 @@ impl Metrics {
                 &["upstream", "window"],
             )
             .expect("static metric definition"),
+            vendor_adopted: IntCounterVec::new(
+                Opts::new(
+                    "sluice_vendor_remaining_adopted_total",
+                    "Vendor reports of fewer requests left than sluice believed, adopted for the rest of the window.",
+                ),
+                &["upstream", "quota"],
+            )
+            .expect("static metric definition"),
             vendor_header_errors: IntCounterVec::new(
                 Opts::new("sluice_vendor_header_errors_total", "Vendor rate-limit headers that could not be parsed."),
                 &["upstream"],
@@ -315,6 +325,7 @@ impl Metrics {
             Box::new(self.vendor_pauses.clone()),
             Box::new(self.effective_limit.clone()),
             Box::new(self.vendor_remaining.clone()),
+            Box::new(self.vendor_adopted.clone()),
             Box::new(self.vendor_header_errors.clone()),
             Box::new(self.vendor_throttles.clone()),
             Box::new(self.retries.clone()),

@@ -4,9 +4,19 @@
 //!
 //! - the vendor's remaining quota is exported (`sluice_vendor_remaining`);
 //! - a limit lower than configured becomes the effective limit (and lifts when the vendor says so);
-//! - remaining at or under `pause_at_remaining` with a known reset pauses the scope until then;
-//! - a throttle (429/503, or the profile's own signal such as Salesforce's 403) pauses the scope
-//!   for Retry-After, else the profile's window, else exponential backoff with full jitter.
+//! - a remaining figure lower than sluice's own record (someone else spends the same account) is
+//!   adopted, in the shared store, for the rest of that window; `Remaining: 0` on a rolling
+//!   window with no reset therefore holds the scope only until sluice's oldest admission leaves
+//!   the window, not for a whole window (and is no pause at all when sluice spent the quota
+//!   itself, as it should);
+//! - remaining at or under `pause_at_remaining` with a known reset (or a window no quota
+//!   follows) pauses the scope until then;
+//! - a throttle (429, or the profile's own signal such as Salesforce's 403) pauses the scope
+//!   for Retry-After, else the profile's window, else exponential backoff with full jitter;
+//! - a 5xx is the breaker's business, not a throttle: only with Retry-After does it also pause
+//!   the scope, marked as an outage so callers refused meanwhile get 503, never 429.
+//!
+//! Every pause is capped at 26 h.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,7 +33,7 @@ use tower::{Layer, Service};
 use super::{observe, ThrottleClass};
 use crate::body::{self, ProxyBody};
 use crate::error::ProxyError;
-use crate::limit::{watches_vendor, Limiter};
+use crate::limit::{watches_vendor, Limiter, VendorScope};
 use crate::proxy::route::Routed;
 use crate::telemetry::Metrics;
 
@@ -34,10 +44,6 @@ const MAX_ERROR_BODY: u64 = 64 * 1024;
 
 /// How long a daily-class throttle holds before one request probes whether quota is back.
 const DAILY_PROBE_EVERY: Duration = Duration::from_secs(60);
-
-/// Where the limiter keeps the pause of this request's upstream and scope.
-#[derive(Debug, Clone)]
-pub struct PauseKey(pub String);
 
 /// A vendor's window name as a metric label: its own words, but bounded in length and alphabet
 /// (an IETF policy name is whatever the vendor sends).
@@ -105,7 +111,7 @@ where
 
     fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
         let upstream = request.extensions().get::<Routed>().map(|routed| routed.upstream.clone());
-        let pause_key = request.extensions().get::<PauseKey>().cloned();
+        let scope = request.extensions().get::<VendorScope>().cloned();
         let response: BoxFuture<_> = Box::pin(self.inner.call(request));
         let layer = self.layer.clone();
         Box::pin(async move {
@@ -147,30 +153,50 @@ where
                     layer.limiter.vendor_limit(&upstream, window.window, &window.name, limit);
                 }
             }
-            if let Some(PauseKey(key)) = &pause_key {
-                if let Some(throttle) = observation.throttle {
-                    metrics.vendor_throttles.with_label_values(&[&upstream.name, throttle.class.as_str()]).inc();
-                    let has_retry_after = parts.headers.contains_key(http::header::RETRY_AFTER);
-                    let (hold, reason) = match (throttle.pause, throttle.class) {
-                        (Some(pause), _) => (pause, if has_retry_after { "retry_after" } else { "profile" }),
-                        (None, ThrottleClass::Daily) => (DAILY_PROBE_EVERY, "daily"),
-                        (None, _) => (layer.limiter.backoff(&upstream), "backoff"),
-                    };
-                    layer.limiter.pause(&upstream, key, hold, reason).await;
-                } else if status.is_success() || status.is_redirection() {
-                    layer.limiter.vendor_ok(&upstream);
-                    let exhausted = observation
-                        .windows
-                        .iter()
-                        .filter(|window| window.remaining.is_some_and(|r| r <= feedback.pause_at_remaining))
-                        // A rolling window with no reset (HubSpot) frees up within its length.
-                        .filter_map(|window| {
-                            window.reset_in.or_else(|| window.window.map(|w| w.min(DAILY_PROBE_EVERY)))
-                        })
-                        .max();
-                    if let Some(reset_in) = exhausted {
-                        layer.limiter.pause(&upstream, key, reset_in, "remaining").await;
+            let Some(scope) = &scope else { return Ok(Response::from_parts(parts, body)) };
+            if let Some(throttle) = observation.throttle {
+                metrics.vendor_throttles.with_label_values(&[&upstream.name, throttle.class.as_str()]).inc();
+                let has_retry_after = parts.headers.contains_key(http::header::RETRY_AFTER);
+                let (hold, reason) = match (throttle.pause, throttle.class) {
+                    (Some(pause), _) => (pause, if has_retry_after { "retry_after" } else { "profile" }),
+                    (None, ThrottleClass::Daily) => (DAILY_PROBE_EVERY, "daily"),
+                    (None, _) => (layer.limiter.backoff(&upstream), "backoff"),
+                };
+                let outage = status.is_server_error();
+                layer.limiter.pause(&upstream, &scope.pause_key, hold, reason, outage).await;
+            } else if status.is_success() || status.is_redirection() {
+                layer.limiter.vendor_ok(&upstream);
+                let mut pause_for: Option<Duration> = None;
+                for window in &observation.windows {
+                    let Some(remaining) = window.remaining else { continue };
+                    let quota = Limiter::quota_for_window(&upstream, window.window, &window.name);
+                    // Follow the vendor's figure where it is lower than sluice's own record (less
+                    // what `pause_at_remaining` keeps in reserve); the record then says when
+                    // slots free up.
+                    let kept = remaining.saturating_sub(feedback.pause_at_remaining);
+                    if let Some(index) = quota {
+                        let believed = scope.standings.get(index).map_or(i64::MAX, |standing| standing.remaining);
+                        if i64::try_from(kept).unwrap_or(i64::MAX) < believed {
+                            layer.limiter.adopt(&upstream, scope, index, kept).await;
+                        }
                     }
+                    // Exhausted: hold until the reset the vendor named, or, for a window no quota
+                    // keeps a record of, until it frees up within its length.
+                    if remaining <= feedback.pause_at_remaining {
+                        let until = window.reset_in.or_else(|| {
+                            if quota.is_some() {
+                                None
+                            } else {
+                                window.window.map(|length| length.min(DAILY_PROBE_EVERY))
+                            }
+                        });
+                        if let Some(until) = until {
+                            pause_for = Some(pause_for.map_or(until, |longest| longest.max(until)));
+                        }
+                    }
+                }
+                if let Some(until) = pause_for {
+                    layer.limiter.pause(&upstream, &scope.pause_key, until, "remaining", false).await;
                 }
             }
             Ok(Response::from_parts(parts, body))

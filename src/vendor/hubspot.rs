@@ -13,7 +13,9 @@ pub fn parse(response: &Response<'_>) -> Observation {
     let headers = response.headers;
     let mut observation = Observation::default();
     let bad = &mut observation.malformed;
-    let interval = header_u64(headers, "x-hubspot-ratelimit-interval-milliseconds", bad).map(Duration::from_millis);
+    // Capped like every other pause: a garbled interval must not hold traffic for millennia.
+    let interval = header_u64(headers, "x-hubspot-ratelimit-interval-milliseconds", bad)
+        .map(|ms| Duration::from_millis(ms.min(super::MAX_PAUSE_SECS * 1000)));
     let max = header_u64(headers, "x-hubspot-ratelimit-max", bad);
     let remaining = header_u64(headers, "x-hubspot-ratelimit-remaining", bad);
     if max.is_some() || remaining.is_some() {

@@ -47,7 +47,7 @@ pub fn parse(response: &Response<'_>) -> Observation {
                         name: "default".into(),
                         limit: int("limit"),
                         remaining: int("remaining"),
-                        reset_in: int("reset").map(Duration::from_secs),
+                        reset_in: int("reset").map(|s| Duration::from_secs(s.min(super::MAX_PAUSE_SECS))),
                         window,
                     });
                 }

@@ -146,9 +146,12 @@ pub fn observe(profile: ProfileKind, reset_unit: ResetUnit, response: &Response<
         ProfileKind::Zendesk => zendesk::parse(response),
         ProfileKind::None => Observation::default(),
     };
-    // 429 and 503 are throttles for every profile; Retry-After (RFC 9110) takes precedence.
+    // A 429 is a throttle for every profile. A 5xx is a failure (the breaker's business), not a
+    // throttle: only with a Retry-After does it also hold the scope for that long. Retry-After
+    // (RFC 9110) takes precedence over what a profile derived.
     let retry_after = retry_after(response.headers, response.now, &mut observation.malformed);
-    let generic = matches!(response.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE);
+    let generic = response.status == StatusCode::TOO_MANY_REQUESTS
+        || (response.status.is_server_error() && retry_after.is_some());
     match (&mut observation.throttle, generic) {
         (Some(throttle), _) => {
             if let Some(wait) = retry_after {
@@ -269,6 +272,34 @@ mod tests {
         assert_eq!(bad, 4);
         let huge = headers(&[("retry-after", "99999999999999999999999")]);
         assert_eq!(retry_after(&huge, now, &mut bad), Some(Duration::from_secs(MAX_PAUSE_SECS)));
+    }
+
+    #[test]
+    fn a_bare_5xx_is_a_failure_not_a_throttle() {
+        let map = headers(&[]);
+        for status in [StatusCode::SERVICE_UNAVAILABLE, StatusCode::BAD_GATEWAY, StatusCode::INTERNAL_SERVER_ERROR] {
+            let response = Response { status, headers: &map, body: None, now: SystemTime::now() };
+            assert_eq!(observe(ProfileKind::None, ResetUnit::Seconds, &response).throttle, None, "{status}");
+        }
+        let response =
+            Response { status: StatusCode::TOO_MANY_REQUESTS, headers: &map, body: None, now: SystemTime::now() };
+        assert!(observe(ProfileKind::Hubspot, ResetUnit::Seconds, &response).throttle.is_some());
+    }
+
+    #[test]
+    fn absurd_vendor_times_are_capped() {
+        let cap = Duration::from_secs(MAX_PAUSE_SECS);
+        let map = headers(&[("ratelimit", "limit=100, remaining=0, reset=9223372036854775807")]);
+        let response = Response { status: StatusCode::OK, headers: &map, body: None, now: SystemTime::now() };
+        let observation = observe(ProfileKind::Ietf, ResetUnit::Seconds, &response);
+        assert!(observation.windows.iter().all(|w| w.reset_in.is_none_or(|r| r <= cap)), "{observation:?}");
+        let map = headers(&[("x-hubspot-ratelimit-interval-milliseconds", "9999999999999")]);
+        let body = br#"{"policyName":"TEN_SECONDLY_ROLLING"}"#;
+        let response =
+            Response { status: StatusCode::TOO_MANY_REQUESTS, headers: &map, body: Some(body), now: SystemTime::now() };
+        let observation = observe(ProfileKind::Hubspot, ResetUnit::Seconds, &response);
+        assert!(observation.throttle.and_then(|t| t.pause).is_some_and(|p| p <= cap), "{observation:?}");
+        assert!(observation.windows.iter().all(|w| w.window.is_none_or(|w| w <= cap)));
     }
 
     #[test]
