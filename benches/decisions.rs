@@ -71,10 +71,8 @@ fn main() {
 
     // The default shape, as a HubSpot-like config has it: a per-tenant ten-secondly window
     // (an exact log) and an upstream-wide daily budget (counters).
-    let rules = [
-        (Rule::rolling(1_000, 10 * SEC, 100_000), 1i64),
-        (Rule::rolling(1_000_000_000, 86_400 * SEC, 250_000), 1i64),
-    ];
+    let rules =
+        [(Rule::rolling(1_000, 10 * SEC, 100_000), 1i64), (Rule::rolling(1_000_000_000, 86_400 * SEC, 250_000), 1i64)];
     let keys: Arc<Vec<(Vec<String>, String)>> = Arc::new(
         (0..scopes)
             .map(|scope| {

@@ -20,8 +20,8 @@ use sluice::config::file_types::BatchFormat;
 use sluice::config::policy::BatchOp;
 use sluice::config::{Config, ScopeKey};
 use sluice::limit::decide::{self, Rule, State};
-use sluice::limit::rolling::Admissions;
 use sluice::limit::memory::MemoryStore;
+use sluice::limit::rolling::Admissions;
 use sluice::limit::scope;
 use sluice::proxy::headers::strip_hop_by_hop;
 use sluice::proxy::route::{RouteTable, Via};
@@ -47,7 +47,10 @@ fn daily_rule() -> Rule {
 
 /// A ten-secondly log holding `n` admissions spread over the last 10 s.
 fn busy_log(n: i64) -> State {
-    State::Admissions(Admissions { width: 1, entries: (0..n).map(|i| (NOW - 10 * SEC + i * (10 * SEC / n), 1)).collect() })
+    State::Admissions(Admissions {
+        width: 1,
+        entries: (0..n).map(|i| (NOW - 10 * SEC + i * (10 * SEC / n), 1)).collect(),
+    })
 }
 
 fn quota_decide(c: &mut Criterion) {

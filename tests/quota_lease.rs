@@ -75,7 +75,10 @@ async fn script_leases_only_out_of_spare_headroom() {
         }
         println!("{shape}: grants at one instant: {grants:?}, total {charged_total}");
         assert_eq!(grants[0], 64, "{shape}: a fresh bucket has room for a full lease");
-        assert!(grants.windows(2).all(|pair| pair[1] <= pair[0]), "{shape}: grants shrink as headroom does: {grants:?}");
+        assert!(
+            grants.windows(2).all(|pair| pair[1] <= pair[0]),
+            "{shape}: grants shrink as headroom does: {grants:?}"
+        );
         assert_eq!(*grants.last().unwrap(), 1, "{shape}: near the limit every decision is exact again: {grants:?}");
         assert!(charged_total <= 200, "{shape}: never more than 200 at one instant: {charged_total}");
         assert!(charged_total >= 195, "{shape}: the lease rule leaves little unused: {charged_total}");

@@ -12,9 +12,9 @@ use std::time::Duration;
 use serde_json::Value;
 use sluice::config::{OnFailure, Store, StoreKind};
 use sluice::limit::decide::{self, Decision, Micros, Rule, State};
-use sluice::limit::rolling;
 use sluice::limit::memory::MemoryStore;
 use sluice::limit::redis::RedisStore;
+use sluice::limit::rolling;
 use sluice::limit::window;
 use support::redis::RedisServer;
 use support::{direct_client, eventually, metric_value, MockCrm, TestSluice};
@@ -428,11 +428,27 @@ impl Lcg {
 #[derive(Clone, Copy)]
 enum Kind {
     /// The vendor's rolling window, as an exact log.
-    Rolling { limit: u64, per: Micros, margin: Micros },
+    Rolling {
+        limit: u64,
+        per: Micros,
+        margin: Micros,
+    },
     /// The same, recorded as counters per 1/100 of the window (as a large limit would be).
-    Counted { limit: u64, per: Micros, margin: Micros },
-    Smooth { limit: u64, per: Micros, burst: u64, margin: Micros },
-    Fixed { limit: u64, per: Micros },
+    Counted {
+        limit: u64,
+        per: Micros,
+        margin: Micros,
+    },
+    Smooth {
+        limit: u64,
+        per: Micros,
+        burst: u64,
+        margin: Micros,
+    },
+    Fixed {
+        limit: u64,
+        per: Micros,
+    },
 }
 
 fn rules_at(kinds: &[Kind], cost: i64, now: Micros) -> Vec<(Rule, i64)> {

@@ -244,8 +244,14 @@ async fn three_replicas_hold_through_every_announced_pause() {
         arrived.iter().filter(|arrival| !arrival.accepted && arrival.at > first + IN_FLIGHT_TOLERANCE).count()
     });
     let in_flight = refused - later;
-    assert!(in_flight <= 3 * CLIENTS_PER_REPLICA + 1, "{in_flight} refused around the first 429: more than were in flight");
-    assert!(later * 20 < arrivals, "after the first 429, {later} of {arrivals} requests at the vendor were refused: not under 5%");
+    assert!(
+        in_flight <= 3 * CLIENTS_PER_REPLICA + 1,
+        "{in_flight} refused around the first 429: more than were in flight"
+    );
+    assert!(
+        later * 20 < arrivals,
+        "after the first 429, {later} of {arrivals} requests at the vendor were refused: not under 5%"
+    );
     assert!(fleet_metric(&replicas, "sluice_vendor_pauses_total", &[("reason", "retry_after")]).await >= 1.0);
     assert_eq!(fleet_metric(&replicas, "sluice_store_degraded", &[]).await, 0.0, "Redis stayed shared");
     for sluice in replicas {

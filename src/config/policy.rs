@@ -37,9 +37,7 @@ pub enum Window {
     /// Rolling, paced with GCRA (`shape: smooth`): `burst` at once, then evenly spaced.
     Smooth,
     /// Fixed windows of `per`, aligned to `resets_at` when given, else to the Unix epoch.
-    Fixed {
-        resets_at: Option<ResetsAt>,
-    },
+    Fixed { resets_at: Option<ResetsAt> },
 }
 
 /// `"HH:MM Area/City"`: the daily instant a fixed window resets, in the vendor account's zone.

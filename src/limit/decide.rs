@@ -287,11 +287,17 @@ mod tests {
     fn cost_beyond_what_the_quota_can_take_is_never_allowed() {
         let smooth = Rule::smooth(10, SEC, 2, 0);
         let mut state = [State::Empty];
-        assert!(matches!(decide(&[(smooth, 3)], &mut state, 0, 100 * SEC), Decision::Rejected { retry_after: NEVER, .. }));
+        assert!(matches!(
+            decide(&[(smooth, 3)], &mut state, 0, 100 * SEC),
+            Decision::Rejected { retry_after: NEVER, .. }
+        ));
         assert!(matches!(decide(&[(smooth, 2)], &mut state, 0, 0), Decision::Allowed { .. }));
         let rolling = Rule::rolling(10, SEC, 0);
         let mut state = [State::Empty];
-        assert!(matches!(decide(&[(rolling, 11)], &mut state, 0, 100 * SEC), Decision::Rejected { retry_after: NEVER, .. }));
+        assert!(matches!(
+            decide(&[(rolling, 11)], &mut state, 0, 100 * SEC),
+            Decision::Rejected { retry_after: NEVER, .. }
+        ));
         assert!(matches!(decide(&[(rolling, 10)], &mut state, 0, 0), Decision::Allowed { wait: 0, .. }));
     }
 

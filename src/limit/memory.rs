@@ -60,11 +60,8 @@ impl MemoryStore {
         let mut states: Vec<State> = taken.iter_mut().map(|(_, state)| std::mem::take(state)).collect();
         let decision = match buckets.pauses.get(pause_key).copied() {
             Some((until, outage)) if until > now => {
-                let standings = rules
-                    .iter()
-                    .zip(&states)
-                    .map(|((rule, _), state)| decide::standing(rule, state, now))
-                    .collect();
+                let standings =
+                    rules.iter().zip(&states).map(|((rule, _), state)| decide::standing(rule, state, now)).collect();
                 Decision::Paused { remaining: until - now, outage, standings }
             }
             paused => {

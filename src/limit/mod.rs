@@ -255,6 +255,7 @@ impl Limiter {
             let connect_wait = (limiter.store.timeout * 20).max(Duration::from_secs(1));
             match tokio::time::timeout(connect_wait, redis.connect()).await {
                 Ok(Ok(())) => {
+                    limiter.metrics.store_connections.inc();
                     let _ = tokio::time::timeout(limiter.store.timeout * 4, redis.heartbeat()).await;
                     tracing::info!(replicas = redis.replicas(), "Connected to Redis; quotas are shared.");
                 }
@@ -540,7 +541,12 @@ impl Limiter {
         if changed {
             self.leases.clear();
             self.metrics.vendor_adopted.with_label_values(&[&upstream.name, &quota.name]).inc();
-            tracing::debug!(upstream = &*upstream.name, quota = &*quota.name, remaining, "Following the vendor's remaining quota.");
+            tracing::debug!(
+                upstream = &*upstream.name,
+                quota = &*quota.name,
+                remaining,
+                "Following the vendor's remaining quota."
+            );
         }
     }
 
@@ -819,6 +825,7 @@ impl Limiter {
     /// Redis answers again on a new connection: fold what the local shares admitted into the
     /// shared record, then decide in Redis again.
     async fn recover(&self) {
+        self.metrics.store_connections.inc();
         if let Some(redis) = &self.redis {
             let drained = self.local.drain_prefix(LOCAL, now_micros());
             let rules: Vec<Option<Rule>> = {

@@ -155,7 +155,10 @@ impl Conn {
         }
     }
 
-    async fn invoke<T: redis::FromRedisValue>(&self, invocation: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> redis::RedisResult<T> {
         match self {
             Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await,
             Conn::Cluster(cluster) => invocation.invoke_async(&mut cluster.clone()).await,
@@ -314,7 +317,13 @@ impl RedisStore {
 
     /// The vendor says `remaining` are left for the quota `rule` at `key`: where the shared
     /// record believes more, it follows the vendor for the rest of the window. Whether it changed.
-    pub async fn adopt(&self, key: &str, rule: &Rule, remaining: i64, now_override: Micros) -> Result<bool, StoreError> {
+    pub async fn adopt(
+        &self,
+        key: &str,
+        rule: &Rule,
+        remaining: i64,
+        now_override: Micros,
+    ) -> Result<bool, StoreError> {
         let conn = self.conn()?;
         let mut invocation = self.adopt.prepare_invoke();
         invocation.key(key).arg(now_override);
@@ -346,7 +355,13 @@ impl RedisStore {
 
     /// Extends the vendor pause at `key` to `for_micros` from now in Redis time (never shortens
     /// it: the longest word wins; capped at `max_micros`). `outage`: the vendor was failing.
-    pub async fn pause(&self, key: &str, for_micros: Micros, outage: bool, max_micros: Micros) -> Result<(), StoreError> {
+    pub async fn pause(
+        &self,
+        key: &str,
+        for_micros: Micros,
+        outage: bool,
+        max_micros: Micros,
+    ) -> Result<(), StoreError> {
         let conn = self.conn()?;
         let mut invocation = self.pause.prepare_invoke();
         invocation.key(key).arg(for_micros).arg(u8::from(outage)).arg(max_micros);
@@ -365,7 +380,10 @@ impl RedisStore {
             Conn::Cluster(cluster) => pipe.query_async(&mut cluster.clone()).await?,
         };
         let now = seconds * 1_000_000 + micros;
-        Ok(raw.and_then(|raw| parse_pause(&raw)).filter(|(until, _)| *until > now).map(|(until, outage)| (until - now, outage)))
+        Ok(raw
+            .and_then(|raw| parse_pause(&raw))
+            .filter(|(until, _)| *until > now)
+            .map(|(until, outage)| (until - now, outage)))
     }
 
     /// Reads raw states for `/quotas`: a rolling log (sorted set), rolling counters or fixed
@@ -460,10 +478,8 @@ impl RedisStore {
 
 /// TCP keepalive and a user timeout: a peer that stops answering is given up on in seconds.
 fn tcp_settings(timeout: Duration) -> TcpSettings {
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(5))
-        .with_interval(Duration::from_secs(1))
-        .with_retries(3);
+    let keepalive =
+        TcpKeepalive::new().with_time(Duration::from_secs(5)).with_interval(Duration::from_secs(1)).with_retries(3);
     TcpSettings::default()
         .set_nodelay(true)
         .set_keepalive(keepalive)

@@ -105,13 +105,7 @@ impl Window {
     /// Tokens whose latest possible time is after `x`.
     pub fn count_after(&self, record: &Admissions, x: Micros) -> i64 {
         let width = self.width_of(record);
-        record
-            .entries
-            .iter()
-            .rev()
-            .take_while(|(start, _)| start + width - 1 > x)
-            .map(|(_, tokens)| *tokens)
-            .sum()
+        record.entries.iter().rev().take_while(|(start, _)| start + width - 1 > x).map(|(_, tokens)| *tokens).sum()
     }
 
     /// Earliest time >= `at` at which `cost` conforms; `None` if it never can (cost > limit).

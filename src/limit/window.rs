@@ -35,9 +35,10 @@ pub fn earliest(limit: i64, bounds: &[Micros; 4], state: &State, cost: i64, at: 
         return None;
     }
     let first = window_index(bounds, at);
-    bounds[first..3].iter().map(|&start| (start, at.max(start))).find_map(|(start, when)| {
-        (count_in(state, start) + cost <= limit).then_some(when)
-    })
+    bounds[first..3]
+        .iter()
+        .map(|&start| (start, at.max(start)))
+        .find_map(|(start, when)| (count_in(state, start) + cost <= limit).then_some(when))
 }
 
 /// The state after charging `cost` at `at` (which must conform).

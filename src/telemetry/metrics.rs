@@ -55,6 +55,8 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     /// 1 while Redis is unreachable and `on_failure` applies.
     pub store_degraded: IntGauge,
+    /// Connections to the quota store built: the first, then one per healing.
+    pub store_connections: IntCounter,
     /// Live sluice replicas sharing the quota store.
     pub replicas: IntGauge,
     /// Scope values evicted from a quota's bounded key table.
@@ -196,6 +198,11 @@ impl Metrics {
             .expect("static metric definition"),
             store_degraded: IntGauge::new("sluice_store_degraded", "1 while the quota store is unreachable.")
                 .expect("static metric definition"),
+            store_connections: IntCounter::new(
+                "sluice_store_connections_total",
+                "Connections to the quota store built: the first, then one each time a silent or failed one is replaced.",
+            )
+            .expect("static metric definition"),
             replicas: IntGauge::new("sluice_replicas", "Live sluice replicas sharing the quota store.")
                 .expect("static metric definition"),
             scope_evictions: IntCounterVec::new(
@@ -319,6 +326,7 @@ impl Metrics {
             Box::new(self.store_latency.clone()),
             Box::new(self.store_errors.clone()),
             Box::new(self.store_degraded.clone()),
+            Box::new(self.store_connections.clone()),
             Box::new(self.replicas.clone()),
             Box::new(self.scope_evictions.clone()),
             Box::new(self.lease_tokens.clone()),

@@ -3,12 +3,14 @@
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bulk;
+pub mod cluster;
 pub mod curl;
 pub mod mock_crm;
 pub mod mtls;
 pub mod process;
 pub mod raw_http;
 pub mod redis;
+pub mod relay;
 pub mod vendor;
 
 use std::path::{Path, PathBuf};

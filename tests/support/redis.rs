@@ -55,6 +55,13 @@ impl RedisServer {
         }
     }
 
+    /// Starts a killed server again on the same port (empty: Redis keeps nothing on disk here).
+    pub fn revive(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
+
     /// Starts it again on the same port (empty: Redis keeps nothing on disk here).
     pub fn restart(&mut self) {
         self.kill();
