@@ -297,3 +297,67 @@ async fn a_redis_connection_that_goes_silent_is_replaced() {
     assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
     sluice.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_follows_a_lower_remaining_the_vendor_reports() {
+    let redis = RedisServer::start();
+    let mock = MockCrm::start().await;
+    // Someone else spends the same HubSpot app: on the first call the vendor has 2 left of 10.
+    mock.set_handler(|_| {
+        let mut ok = support::mock_crm::json(http::StatusCode::OK, serde_json::json!({"ok": true}));
+        let headers = ok.headers_mut();
+        headers.insert("x-hubspot-ratelimit-max", "10".parse().unwrap());
+        headers.insert("x-hubspot-ratelimit-remaining", "2".parse().unwrap());
+        headers.insert("x-hubspot-ratelimit-interval-milliseconds", "10000".parse().unwrap());
+        ok
+    });
+    let store = format!("store: {{ kind: redis, url: '{}', timeout: 1s, heartbeat: 500ms }}\n", redis.url());
+    let body = "    over_limit: reject\n    limit_headers: hubspot\n    quotas: [{ name: ten-secondly, limit: 10, per: 10s }]\n";
+    let first = TestSluice::start(&config(&store, &mock, body)).await;
+    let second = TestSluice::start(&config(&store, &mock, body)).await;
+    let client = direct_client();
+    let url = |sluice: &TestSluice| format!("{}/hubspot/crm/v3/objects/contacts", sluice.proxy_url());
+    assert_eq!(client.get(url(&first)).send().await.unwrap().status(), 200);
+    // sluice believed 9 were left; the vendor said 2, and the other replica follows it.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(client.get(url(&second)).send().await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429, 429], "two left, as the vendor said");
+    let metrics = first.metrics().await;
+    assert!(metric_value(&metrics, "sluice_vendor_remaining_adopted_total", &[]) >= 1.0, "{metrics}");
+    assert_eq!(mock.request_count(), 3);
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_vendor_interval_pauses_for_26_hours_at_most() {
+    let redis = RedisServer::start();
+    let mock = MockCrm::start().await;
+    mock.set_handler(|_| {
+        let mut refused = support::mock_crm::json(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            serde_json::json!({"status": "error", "policyName": "TEN_SECONDLY_ROLLING"}),
+        );
+        refused.headers_mut().insert("x-hubspot-ratelimit-interval-milliseconds", "9999999999999".parse().unwrap());
+        refused
+    });
+    let store = format!("store: {{ kind: redis, url: '{}', timeout: 1s, heartbeat: 500ms }}\n", redis.url());
+    let body = "    over_limit: reject\n    limit_headers: hubspot\n    quotas: [{ name: ten-secondly, limit: 10, per: 10s }]\n";
+    let sluice = TestSluice::start(&config(&store, &mock, body)).await;
+    let client = direct_client();
+    let url = format!("{}/hubspot/crm/v3/objects/contacts", sluice.proxy_url());
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 429, "the vendor's own refusal");
+    let held = client.get(&url).send().await.unwrap();
+    assert_eq!(held.status(), 429);
+    let wait = retry_after(&held);
+    assert!(wait <= 26 * 3600 && wait > 25 * 3600, "capped at 26 h: Retry-After {wait}");
+    // The shared record of the pause expires with the cap too (plus its one-second afterglow).
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*!pause*").query_async(&mut conn).await.unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let ttl: i64 = redis::cmd("PTTL").arg(&keys[0]).query_async(&mut conn).await.unwrap();
+    assert!(ttl > 0 && ttl <= 26 * 3_600_000 + 1_000, "pause key TTL {ttl} ms");
+    sluice.shutdown().await;
+}
