@@ -103,6 +103,8 @@ struct Phase {
     proxy: Option<i32>,
     /// Process group of redis-server, when the phase uses it.
     redis: Option<i32>,
+    /// redis-server's port, when the phase uses it (to count its commands).
+    redis_port: Option<u16>,
 }
 
 /// One measured phase of one round.
@@ -116,6 +118,8 @@ struct Sample {
     proxy_cpu: f64,
     upstream_cpu: f64,
     redis_cpu: f64,
+    /// Commands redis-server ran during the phase (`INFO commandstats`, scripts' calls included).
+    redis_commands: u64,
     failures: u64,
 }
 
@@ -136,6 +140,7 @@ fn run(settings: &Settings) {
     let idle_rss = vm_status_kib(plain.service.pid(), "VmRSS:");
     let memory = start_sluice(dir.path(), "memory", upstream_port, Limiter::Memory);
     let shared = start_sluice(dir.path(), "redis", upstream_port, Limiter::Redis(redis_port));
+    let unleased = start_sluice(dir.path(), "redis-no-lease", upstream_port, Limiter::RedisNoLease(redis_port));
     let baseline = std::env::var_os("SLUICE_BENCH_BASELINE")
         .map(|binary| start_sluice_binary(dir.path(), "baseline", upstream_port, Limiter::Off, Path::new(&binary)));
     let floor_pooled = start_floor(dir.path(), "pooled", upstream_port);
@@ -166,6 +171,7 @@ fn run(settings: &Settings) {
             script: headers.clone(),
             proxy: None,
             redis: None,
+            redis_port: None,
         },
         Phase {
             key: "nginx",
@@ -174,6 +180,7 @@ fn run(settings: &Settings) {
             script: headers.clone(),
             proxy: Some(nginx.pgid()),
             redis: None,
+            redis_port: None,
         },
         Phase {
             key: "sluice-reverse",
@@ -182,6 +189,7 @@ fn run(settings: &Settings) {
             script: headers.clone(),
             proxy: Some(plain.service.pgid()),
             redis: None,
+            redis_port: None,
         },
         Phase {
             key: "sluice-forward",
@@ -190,6 +198,7 @@ fn run(settings: &Settings) {
             script: forward.clone(),
             proxy: Some(plain.service.pgid()),
             redis: None,
+            redis_port: None,
         },
         Phase {
             key: "sluice-quota-memory",
@@ -198,6 +207,7 @@ fn run(settings: &Settings) {
             script: headers.clone(),
             proxy: Some(memory.service.pgid()),
             redis: None,
+            redis_port: None,
         },
         Phase {
             key: "sluice-quota-redis",
@@ -206,6 +216,16 @@ fn run(settings: &Settings) {
             script: headers.clone(),
             proxy: Some(shared.service.pgid()),
             redis: Some(redis.pgid()),
+            redis_port: Some(redis_port),
+        },
+        Phase {
+            key: "sluice-quota-redis-no-lease",
+            title: "(f2) sluice reverse, quotas on (Redis, leases off)",
+            url: format!("http://127.0.0.1:{}/hubspot{PATH}", unleased.port),
+            script: headers.clone(),
+            proxy: Some(unleased.service.pgid()),
+            redis: Some(redis.pgid()),
+            redis_port: Some(redis_port),
         },
         Phase {
             key: "floor-pooled",
@@ -214,6 +234,7 @@ fn run(settings: &Settings) {
             script: headers.clone(),
             proxy: Some(floor_pooled.0.pgid()),
             redis: None,
+            redis_port: None,
         },
         Phase {
             key: "floor-direct",
@@ -222,6 +243,7 @@ fn run(settings: &Settings) {
             script: headers.clone(),
             proxy: Some(floor_direct.0.pgid()),
             redis: None,
+            redis_port: None,
         },
     ];
     if let Some(baseline) = &baseline {
@@ -232,6 +254,7 @@ fn run(settings: &Settings) {
             script: headers.clone(),
             proxy: Some(baseline.service.pgid()),
             redis: None,
+            redis_port: None,
         };
         phases.insert(2, phase);
     }
@@ -256,10 +279,12 @@ fn run(settings: &Settings) {
         for phase in &phases {
             wrk(&phase.url, &phase.script, settings.warmup, settings.connections);
             let before = cpu_of(phase, upstream.pgid());
+            let commands_before = phase.redis_port.map_or(0, redis_commands);
             let started = Instant::now();
             let result = wrk(&phase.url, &phase.script, settings.seconds, settings.connections);
             let seconds = started.elapsed().as_secs_f64();
             let after = cpu_of(phase, upstream.pgid());
+            let commands = phase.redis_port.map_or(0, redis_commands).saturating_sub(commands_before);
             let per_second = ticks as f64;
             let sample = Sample {
                 requests: result.requests,
@@ -270,6 +295,7 @@ fn run(settings: &Settings) {
                 proxy_cpu: (after.0 - before.0) as f64 / per_second,
                 upstream_cpu: (after.1 - before.1) as f64 / per_second,
                 redis_cpu: (after.2 - before.2) as f64 / per_second,
+                redis_commands: commands,
                 failures: result.failures,
             };
             println!(
@@ -312,7 +338,7 @@ fn run(settings: &Settings) {
         "\nsluice RSS after the load: {plain_rss:.1} MiB (peak {plain_hwm:.1} MiB) without quotas, \
          {memory_rss:.1} MiB memory store, {redis_rss:.1} MiB Redis store"
     );
-    for instance in [&plain, &memory, &shared] {
+    for instance in [&plain, &memory, &shared, &unleased] {
         let log = std::fs::read_to_string(&instance.service.log).unwrap_or_default();
         if !log.trim().is_empty() {
             println!("sluice ({}) logged at warn or above:\n{}", instance.name, indent(&tail(&log, 20)));
@@ -321,7 +347,7 @@ fn run(settings: &Settings) {
 
     summarize(&phases, &samples, idle_rss as f64 / 1024.0, settings);
     println!("\nload average at the end: {}", load_average());
-    drop((plain, memory, shared, baseline, floor_pooled, floor_direct, nginx, upstream, redis));
+    drop((plain, memory, shared, unleased, baseline, floor_pooled, floor_direct, nginx, upstream, redis));
 }
 
 fn summarize(phases: &[Phase], samples: &BTreeMap<&'static str, Vec<Sample>>, idle_rss_mib: f64, settings: &Settings) {
@@ -392,7 +418,21 @@ fn summarize(phases: &[Phase], samples: &BTreeMap<&'static str, Vec<Sample>>, id
     let ratio = rps("sluice-quota-memory") / rps("sluice-reverse");
     println!("| limiter on (memory) / off >= 0.8 | {ratio:.2} | {} |", verdict(ratio >= 0.8));
     let ratio = rps("sluice-quota-redis") / rps("sluice-reverse");
-    println!("| limiter on (Redis) / off >= 0.8 | {ratio:.2} | {} |", verdict(ratio >= 0.8));
+    println!("| limiter on (Redis) / off >= 0.9 | {ratio:.2} | {} |", verdict(ratio >= 0.9));
+    let commands = |key: &str| {
+        let total: u64 = samples.get(key).map(|all| all.iter().map(|s| s.redis_commands).sum()).unwrap_or(0);
+        let requests: u64 = samples.get(key).map(|all| all.iter().map(|s| s.requests).sum()).unwrap_or(0);
+        total as f64 / requests.max(1) as f64
+    };
+    println!(
+        "
+Redis commands per request (INFO commandstats, scripts' own calls included): {:.3} with leases, \
+         {:.3} without ({:.0} vs {:.0} req/s)",
+        commands("sluice-quota-redis"),
+        commands("sluice-quota-redis-no-lease"),
+        rps("sluice-quota-redis"),
+        rps("sluice-quota-redis-no-lease")
+    );
     if samples.contains_key("baseline-reverse") {
         println!(
             "\nsluice reverse against the baseline binary: req/s {:.2}x, CPU/req {:.1} us vs {:.1} us ({:.2}x)",
@@ -418,6 +458,37 @@ fn summarize(phases: &[Phase], samples: &BTreeMap<&'static str, Vec<Sample>>, id
         let all: Vec<String> = samples.get(phase.key).into_iter().flatten().map(|s| format!("{:.0}", s.rps)).collect();
         println!("  {:<48} {}", phase.title, all.join(", "));
     }
+}
+
+/// Commands redis-server has run so far: the sum of `calls=` in `INFO commandstats` (commands a
+/// script runs count too), over one plain RESP exchange.
+fn redis_commands(port: u16) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return 0 };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream.write_all(b"INFO commandstats\r\n").is_err() {
+        return 0;
+    }
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    // A bulk string: "$<len>\r\n<body>\r\n"; read until the announced length has arrived.
+    for _ in 0..64 {
+        let Ok(n) = stream.read(&mut chunk) else { break };
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        let announced = text.strip_prefix('$').and_then(|rest| rest.split("\r\n").next()?.parse::<usize>().ok());
+        if announced.is_some_and(|len| reply.len() >= len) {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&reply);
+    text.lines()
+        .filter(|line| line.starts_with("cmdstat_") && !line.starts_with("cmdstat_info:"))
+        .filter_map(|line| line.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn per_request_us(cpu_seconds: f64, requests: u64) -> f64 {
@@ -589,6 +660,8 @@ enum Limiter {
     Off,
     Memory,
     Redis(u16),
+    /// Redis with `lease_max: 0`: every decision is a script call.
+    RedisNoLease(u16),
 }
 
 struct Sluice {
@@ -610,13 +683,16 @@ fn start_sluice_binary(dir: &Path, name: &'static str, upstream: u16, limiter: L
             // to local decisions halfway through the phase (checked after each round anyway).
             format!("store: {{ kind: redis, url: 'redis://127.0.0.1:{redis}/0', on_failure: local, timeout: 250ms }}\n")
         }
+        Limiter::RedisNoLease(redis) => format!(
+            "store: {{ kind: redis, url: 'redis://127.0.0.1:{redis}/0', on_failure: local, timeout: 250ms, lease_max: 0 }}\n"
+        ),
         _ => String::new(),
     };
     // Limits far above anything this machine can send: the limiter decides every request, and
     // allows it. `reject` turns a quota that is reached after all into visible non-2xx answers.
     let quotas = match limiter {
         Limiter::Off => String::new(),
-        Limiter::Memory | Limiter::Redis(_) => "    quotas:
+        Limiter::Memory | Limiter::Redis(_) | Limiter::RedisNoLease(_) => "    quotas:
       - { name: burst, limit: 100000000, per: 10s, key: [header:x-tenant-id] }
       - { name: daily, limit: 1000000000, per: 1d }
     over_limit: reject

@@ -8,7 +8,14 @@
 //! | `GET /config` | the effective config as JSON, secrets redacted |
 //! | `POST /reload` | reload the config file now; 200 with the generation, or 422 with the problems |
 //! | `GET /quotas` | quota state per upstream (empty until quotas are configured), store mode |
-//! | `GET /breakers` | circuit breaker state per upstream |
+//! | `GET /breakers` | circuit breaker state per upstream (and per host on wildcard upstreams) |
+//!
+//! The listener often has to be reachable from the cluster (kubelet probes, Prometheus), so it
+//! is hardened like the proxy's: at most `admin.max_connections` open (more are closed at
+//! once), a request head within `admin.header_read_timeout` (the first byte included), and
+//! every connection a tracked task. Scope values and client-named hosts are tenant data (a
+//! quota keyed by `header:x-api-key` has tokens for scope values): `/quotas` and `/breakers`
+//! show them hashed unless the caller is [`privileged`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -37,6 +44,9 @@ pub async fn serve_admin(
 ) {
     // Off loopback, the endpoints that reveal or change config need the admin token.
     let exposed = listener.local_addr().is_ok_and(|addr| !addr.ip().is_loopback());
+    // Sized at start, like the proxy's connection cap.
+    let slots = Arc::new(tokio::sync::Semaphore::new(shared.current().config.file.admin.max_connections));
+    let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -47,31 +57,157 @@ pub async fn serve_admin(
                     continue;
                 }
             },
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => break,
         };
+        // Past the cap a connection is closed at once: it never waits in the backlog, and the
+        // process's file descriptors stay the proxy's.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.metrics.connections_refused.with_label_values(&["admin_max_connections"]).inc();
+            tracing::debug!(%peer, "Admin connection refused: admin.max_connections reached.");
+            drop(stream);
+            continue;
+        };
+        let header_read_timeout = shared.current().config.file.admin.header_read_timeout;
         let shared = shared.clone();
         let reloader = reloader.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
+            let _slot = slot;
+            let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let service_started = started.clone();
             let service = service_fn(move |request| {
+                service_started.store(true, std::sync::atomic::Ordering::Release);
                 let shared = shared.clone();
                 let reloader = reloader.clone();
                 async move {
                     if let Some(refused) = guard(&request, &shared, exposed, peer) {
                         return Ok::<_, Infallible>(refused);
                     }
-                    Ok::<_, Infallible>(route(request, &shared, &reloader).await)
+                    let privileged = privileged(&request, &shared, exposed);
+                    Ok::<_, Infallible>(route(request, &shared, &reloader, privileged).await)
                 }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(16)
+                .keep_alive_interval(header_read_timeout)
+                .keep_alive_timeout(header_read_timeout);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = stop.cancelled() => {}
+            // hyper's header timer starts only once HTTP/1 is told from HTTP/2; this deadline
+            // covers a peer that sends nothing at all. An admin exchange is short, so an
+            // HTTP/2 connection (no per-request timer) is bounded by a lifetime too.
+            let first_byte = tokio::time::sleep(header_read_timeout);
+            tokio::pin!(first_byte);
+            let lifetime = tokio::time::sleep(ADMIN_CONNECTION_LIFETIME.max(header_read_timeout));
+            tokio::pin!(lifetime);
+            let mut checked = false;
+            loop {
+                tokio::select! {
+                    _ = connection.as_mut() => break,
+                    () = &mut first_byte, if !checked => {
+                        checked = true;
+                        if !started.load(std::sync::atomic::Ordering::Acquire) {
+                            tracing::debug!(%peer, "Admin connection sent no request in time; closing.");
+                            break;
+                        }
+                    }
+                    () = &mut lifetime => break,
+                    () = stop.cancelled() => break,
+                }
             }
         });
+    }
+    tasks.close();
+    // Each connection ends on `stop`; this only waits for them to notice.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tasks.wait()).await;
+}
+
+/// The longest an admin connection stays open. Probes and scrapes open a new one at once.
+const ADMIN_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The admin token expected now, if one is configured (re-read on every check).
+fn expected_token(shared: &Shared) -> Option<String> {
+    let settings = &shared.current().config.file.admin;
+    match (&settings.token_file, &settings.token_env) {
+        (Some(path), _) => std::fs::read_to_string(path).ok().map(|text| text.trim().to_owned()),
+        (None, Some(name)) => std::env::var(name).ok().map(|text| text.trim().to_owned()),
+        (None, None) => None,
+    }
+    .filter(|token| !token.is_empty())
+}
+
+/// Whether `request` carries `Authorization: Bearer <expected>`. Both sides are hashed before
+/// the constant-time comparison, so neither the token nor its length shows in the timing.
+fn presents_token(request: &Request<Incoming>, expected: &str) -> bool {
+    let presented = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let Some(presented) = presented else { return false };
+    let digest = |text: &str| ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let (a, b) = (digest(presented), digest(expected));
+    a.as_ref().iter().zip(b.as_ref()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether the caller may see tenant data (raw scope values, client-named hosts): it presents
+/// the admin token; or no token is configured and the listener is on loopback, where only the
+/// pod's own processes can reach it. A configured token protects tenant data on loopback too.
+fn privileged(request: &Request<Incoming>, shared: &Shared, exposed: bool) -> bool {
+    match expected_token(shared) {
+        Some(expected) => presents_token(request, &expected),
+        None => !exposed,
+    }
+}
+
+/// `h-` and the first 16 hex digits of SHA-256: stable, so a value can be looked up by hashing
+/// it, but the value itself (a token, a tenant id, an address) is not shown.
+fn hashed(value: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
+    let hex: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("h-{hex}")
+}
+
+/// Replaces every scope value in a `/quotas` answer with its hash. A scope is its values joined
+/// by `|`; `_all` (an unscoped quota) and `_default` (no value sent) are not tenant data.
+pub fn hash_scopes(quotas: &mut Value) {
+    match quotas {
+        Value::Object(map) => {
+            for (key, item) in map.iter_mut() {
+                match (key.as_str(), item) {
+                    ("scope", Value::String(scope)) => {
+                        let parts: Vec<String> = scope
+                            .split('|')
+                            .map(
+                                |part| if matches!(part, "_all" | "_default") { part.to_owned() } else { hashed(part) },
+                            )
+                            .collect();
+                        *scope = parts.join("|");
+                    }
+                    (_, item) => hash_scopes(item),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(hash_scopes),
+        _ => {}
+    }
+}
+
+/// Replaces the host of every per-host breaker in a `/breakers` answer with its hash.
+fn hash_hosts(breakers: &mut Value) {
+    if let Some(all) = breakers.get_mut("breakers").and_then(Value::as_array_mut) {
+        for breaker in all {
+            if let Some(host) = breaker.get_mut("host") {
+                if let Some(text) = host.as_str() {
+                    *host = Value::String(hashed(text));
+                }
+            }
+        }
     }
 }
 
@@ -90,31 +226,14 @@ fn guard(
     }
     let action = if path == "/reload" { "reload" } else { "read_config" };
     if exposed {
-        let settings = &shared.current().config.file.admin;
-        let expected = match (&settings.token_file, &settings.token_env) {
-            (Some(path), _) => std::fs::read_to_string(path).ok().map(|text| text.trim().to_owned()),
-            (None, Some(name)) => std::env::var(name).ok().map(|text| text.trim().to_owned()),
-            (None, None) => None,
-        }
-        .filter(|token| !token.is_empty());
-        let Some(expected) = expected else {
+        let Some(expected) = expected_token(shared) else {
             tracing::warn!(target: "sluice::audit", event = "admin_action", action, %peer, allowed = false, "Admin action refused: no admin token configured.");
             return Some(json_response(
                 StatusCode::FORBIDDEN,
                 &json!({"error": "admin_token_required", "detail": "the admin listener is not on loopback: configure admin.token_file or admin.token_env"}),
             ));
         };
-        let presented = request
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim);
-        let matches = presented.is_some_and(|token| {
-            token.len() == expected.len()
-                && token.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-        });
-        if !matches {
+        if !presents_token(request, &expected) {
             tracing::warn!(target: "sluice::audit", event = "admin_action", action, %peer, allowed = false, "Admin action refused: bad or missing token.");
             let mut response = json_response(
                 StatusCode::UNAUTHORIZED,
@@ -130,7 +249,12 @@ fn guard(
     None
 }
 
-async fn route(request: Request<Incoming>, shared: &Shared, reloader: &Reloader) -> Response<ProxyBody> {
+async fn route(
+    request: Request<Incoming>,
+    shared: &Shared,
+    reloader: &Reloader,
+    privileged: bool,
+) -> Response<ProxyBody> {
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => {
             let mut response = Response::new(body::full(Bytes::from(shared.metrics.render())));
@@ -170,10 +294,20 @@ async fn route(request: Request<Incoming>, shared: &Shared, reloader: &Reloader)
                 &json!({"error": "config_invalid", "detail": error.to_string(), "generation": shared.current().id}),
             ),
         },
-        (&Method::GET, "/breakers") => json_response(StatusCode::OK, &shared.breakers.snapshot()),
+        (&Method::GET, "/breakers") => {
+            let mut breakers = shared.breakers.snapshot();
+            if !privileged {
+                hash_hosts(&mut breakers);
+            }
+            json_response(StatusCode::OK, &breakers)
+        }
         (&Method::GET, "/quotas") => {
             let generation = shared.current();
-            json_response(StatusCode::OK, &shared.limiter.snapshot(&generation.config.upstreams).await)
+            let mut quotas = shared.limiter.snapshot(&generation.config.upstreams).await;
+            if !privileged {
+                hash_scopes(&mut quotas);
+            }
+            json_response(StatusCode::OK, &quotas)
         }
         (_, path @ ("/metrics" | "/healthz" | "/readyz" | "/config" | "/reload" | "/quotas" | "/breakers")) => {
             let allow = if path == "/reload" { "POST" } else { "GET" };
@@ -228,5 +362,22 @@ mod tests {
         assert_eq!(value["url"], "redis://<redacted>@10.0.0.1:6379/0");
         assert_eq!(value["nested"]["token"], "<redacted>");
         assert_eq!(value["nested"]["name"], "x");
+    }
+
+    #[test]
+    fn scope_values_are_hashed_part_by_part() {
+        let mut quotas = json!({"upstreams": [{"quotas": [{"name": "q", "scopes": [
+            {"scope": "pat-na1-abc", "requests": 3},
+            {"scope": "_default|10.0.0.7", "requests": 1},
+            {"scope": "_all", "requests": 9},
+        ]}]}]});
+        hash_scopes(&mut quotas);
+        let scopes = &quotas["upstreams"][0]["quotas"][0]["scopes"];
+        assert_eq!(scopes[0]["scope"], hashed("pat-na1-abc"));
+        assert_eq!(scopes[1]["scope"], format!("_default|{}", hashed("10.0.0.7")));
+        assert_eq!(scopes[2]["scope"], "_all");
+        assert_eq!(scopes[0]["requests"], 3);
+        assert!(!quotas.to_string().contains("pat-na1-abc"));
+        assert!(hashed("x").starts_with("h-") && hashed("x").len() == 18);
     }
 }

@@ -10,6 +10,17 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+/// Why an upstream could not be reached, for `Proxy-Status` (RFC 9209 error types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Its name did not resolve (a temporary DNS failure, or a configured name that is gone).
+    Dns,
+    /// It refused the connection.
+    Refused,
+    /// Any other connect failure.
+    Other,
+}
+
 /// A failure on the request path, tagged with the upstream it concerns.
 #[derive(Debug, thiserror::Error)]
 #[error("{kind}")]
@@ -31,7 +42,14 @@ pub enum ErrorKind {
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("cannot connect to upstream: {detail}")]
-    Unreachable { detail: String },
+    Unreachable { detail: String, cause: Unreachable },
+    /// A host the client named under a wildcard does not exist (NXDOMAIN): the client's
+    /// mistake, not the vendor's failure, so the breaker does not count it.
+    #[error("{host} does not exist (no such host in DNS)")]
+    UnknownHost { host: String },
+    /// The client stopped sending its request body: its own fault, never the vendor's.
+    #[error("the request body stalled: no bytes for {}", humantime::format_duration(*after))]
+    RequestBodyTimeout { after: Duration },
     #[error("upstream TLS failed: {detail}")]
     Tls { detail: String },
     #[error("upstream connect timed out after {}", humantime::format_duration(*after))]
@@ -63,6 +81,8 @@ pub enum ErrorKind {
     ClientNotAllowed { detail: String },
     #[error("too many tunnels open ({max})")]
     TooManyTunnels { max: usize },
+    #[error("this client already holds its share of tunnels ({max})")]
+    TunnelShareExceeded { max: usize },
     #[error("internal error: {detail}")]
     Internal { detail: String },
 }
@@ -78,9 +98,25 @@ impl ProxyError {
             ErrorKind::RateLimited { retry_after, .. }
             | ErrorKind::BreakerOpen { retry_after }
             | ErrorKind::VendorUnavailable { retry_after } => Some(retry_after),
-            ErrorKind::ConcurrencyLimited { .. } | ErrorKind::StoreUnavailable => Some(Duration::from_secs(1)),
+            ErrorKind::ConcurrencyLimited { .. }
+            | ErrorKind::StoreUnavailable
+            | ErrorKind::TunnelShareExceeded { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
+    }
+
+    /// Whether the vendor (or the way to it) failed, as the breaker counts failures. Failures
+    /// the client caused (a stalled upload, a host it named that does not exist) and refusals
+    /// sluice made before reaching the vendor say nothing about the vendor's health.
+    pub fn is_vendor_failure(&self) -> bool {
+        matches!(
+            *self.kind,
+            ErrorKind::Unreachable { .. }
+                | ErrorKind::ConnectTimeout { .. }
+                | ErrorKind::ResponseTimeout { .. }
+                | ErrorKind::Tls { .. }
+                | ErrorKind::UpstreamProtocol { .. }
+        )
     }
 
     pub fn status(&self) -> StatusCode {
@@ -90,12 +126,16 @@ impl ProxyError {
             ErrorKind::TooManyTunnels { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::NoRoute { .. } => StatusCode::NOT_FOUND,
             ErrorKind::Malformed { .. } => StatusCode::BAD_REQUEST,
+            ErrorKind::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::Unreachable { .. } | ErrorKind::Tls { .. } | ErrorKind::UpstreamProtocol { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ErrorKind::Unreachable { .. }
+            | ErrorKind::UnknownHost { .. }
+            | ErrorKind::Tls { .. }
+            | ErrorKind::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
             ErrorKind::ConnectTimeout { .. } | ErrorKind::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::RateLimited { .. } | ErrorKind::ConcurrencyLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::RateLimited { .. }
+            | ErrorKind::ConcurrencyLimited { .. }
+            | ErrorKind::TunnelShareExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::StoreUnavailable
             | ErrorKind::ShuttingDown
             | ErrorKind::BreakerOpen { .. }
@@ -110,9 +150,11 @@ impl ProxyError {
             ErrorKind::EgressDenied { .. } => "egress_denied",
             ErrorKind::ProxyAuthRequired => "proxy_auth_required",
             ErrorKind::ClientNotAllowed { .. } => "client_not_allowed",
-            ErrorKind::TooManyTunnels { .. } => "too_many_tunnels",
+            ErrorKind::TooManyTunnels { .. } | ErrorKind::TunnelShareExceeded { .. } => "too_many_tunnels",
             ErrorKind::NoRoute { .. } => "no_route",
             ErrorKind::Malformed { .. } => "malformed_request",
+            ErrorKind::RequestBodyTimeout { .. } => "request_timeout",
+            ErrorKind::UnknownHost { .. } => "unknown_host",
             ErrorKind::BodyTooLarge { .. } => "body_too_large",
             ErrorKind::Unreachable { .. } => "upstream_unreachable",
             ErrorKind::Tls { .. } => "upstream_tls_error",
@@ -136,15 +178,19 @@ impl ProxyError {
             }
             ErrorKind::TooManyTunnels { .. } => "proxy_internal_error",
             ErrorKind::NoRoute { .. } => "destination_not_found",
-            ErrorKind::Malformed { .. } | ErrorKind::BodyTooLarge { .. } => "http_request_error",
-            ErrorKind::Unreachable { ref detail } if detail.contains("dns") => "dns_error",
-            ErrorKind::Unreachable { ref detail } if detail.contains("refused") => "connection_refused",
-            ErrorKind::Unreachable { .. } => "destination_unavailable",
+            ErrorKind::Malformed { .. } | ErrorKind::BodyTooLarge { .. } | ErrorKind::RequestBodyTimeout { .. } => {
+                "http_request_error"
+            }
+            ErrorKind::Unreachable { cause: Unreachable::Dns, .. } | ErrorKind::UnknownHost { .. } => "dns_error",
+            ErrorKind::Unreachable { cause: Unreachable::Refused, .. } => "connection_refused",
+            ErrorKind::Unreachable { cause: Unreachable::Other, .. } => "destination_unavailable",
             ErrorKind::Tls { .. } => "tls_protocol_error",
             ErrorKind::ConnectTimeout { .. } => "connection_timeout",
             ErrorKind::ResponseTimeout { .. } => "http_response_timeout",
             ErrorKind::UpstreamProtocol { .. } => "http_protocol_error",
-            ErrorKind::RateLimited { .. } | ErrorKind::ConcurrencyLimited { .. } => "http_request_denied",
+            ErrorKind::RateLimited { .. }
+            | ErrorKind::ConcurrencyLimited { .. }
+            | ErrorKind::TunnelShareExceeded { .. } => "http_request_denied",
             ErrorKind::BreakerOpen { .. } | ErrorKind::VendorUnavailable { .. } => "destination_unavailable",
             ErrorKind::StoreUnavailable | ErrorKind::ShuttingDown | ErrorKind::Internal { .. } => {
                 "proxy_internal_error"

@@ -85,6 +85,8 @@ where
                 return response.await;
             };
             let started = Instant::now();
+            let host =
+                request.extensions().get::<Routed>().and_then(|routed| routed.uri.host()).map(str::to_ascii_lowercase);
             let asked = client_deadline(request.headers());
             let policy = upstream.retry.filter(|retry| retry.attempts > 1);
             let Some(policy) = policy else {
@@ -110,11 +112,7 @@ where
             let bytes: Bytes = match body.collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(error) => {
-                    let kind = if error.is::<http_body_util::LengthLimitError>() {
-                        ErrorKind::BodyTooLarge { limit: policy.max_body_bytes }
-                    } else {
-                        ErrorKind::Malformed { detail: format!("request body: {error}") }
-                    };
+                    let kind = crate::body::request_body_error(&error, policy.max_body_bytes);
                     return Err(ProxyError::new(kind, Some(upstream.name.clone())));
                 }
             };
@@ -136,7 +134,7 @@ where
                 if attempt >= policy.attempts {
                     return result;
                 }
-                if layer.breakers.phase(&upstream.name) == Some(Phase::Open) {
+                if layer.breakers.phase(&upstream.name, host.as_deref()) == Some(Phase::Open) {
                     return result;
                 }
                 let mut delay = backoff(&policy, attempt);

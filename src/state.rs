@@ -117,6 +117,8 @@ pub struct Shared {
     pub batcher: Arc<crate::batch::Batcher>,
     /// `limits.max_tunnels`, held by each open tunnel.
     pub tunnel_slots: Arc<tokio::sync::Semaphore>,
+    /// Open tunnels per client, for `limits.max_tunnels_per_client`.
+    pub tunnel_shares: Arc<crate::listen::connect::TunnelShares>,
     /// Open connections per client address, for `limits.max_connections_per_client`.
     pub per_client: Arc<crate::proxy::ClientCounts>,
     /// Cancelled when shutdown starts: listeners stop accepting, connections drain.
@@ -143,6 +145,7 @@ impl Shared {
             retry_budgets: Arc::default(),
             batcher,
             tunnel_slots,
+            tunnel_shares: Arc::default(),
             per_client: Arc::default(),
             shutdown,
             tasks: TaskTracker::new(),

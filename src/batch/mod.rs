@@ -99,11 +99,7 @@ where
             let bytes = match body.collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(error) => {
-                    let kind = if error.is::<http_body_util::LengthLimitError>() {
-                        ErrorKind::BodyTooLarge { limit: MAX_ITEM_BYTES }
-                    } else {
-                        ErrorKind::Malformed { detail: format!("request body: {error}") }
-                    };
+                    let kind = crate::body::request_body_error(&error, MAX_ITEM_BYTES);
                     return Err(ProxyError::new(kind, Some(candidate.upstream.name.clone())));
                 }
             };

@@ -228,6 +228,7 @@ mod tests {
             max_open_for: Duration::from_secs(25),
             half_open_requests: 2,
             failure_statuses: vec![500, 502, 503, 504],
+            max_hosts: 1024,
         }
     }
 

@@ -59,7 +59,7 @@ impl Default for ListenFile {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     /// Bearer token for `POST /reload` and `GET /config` when the admin listener is not on
@@ -69,6 +69,24 @@ pub struct AdminFile {
     /// ... or from this environment variable.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// Most admin connections open at once; past it a new one is closed at once.
+    #[serde(default = "default_admin_max_connections")]
+    pub max_connections: usize,
+    /// An admin connection must send its first request head within this time, and the next one
+    /// within this time of the last answer; otherwise it is closed.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        Self {
+            token_file: None,
+            token_env: None,
+            max_connections: default_admin_max_connections(),
+            header_read_timeout: default_header_read_timeout(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -209,6 +227,24 @@ pub struct LimitsFile {
     /// An idle tunnel (no bytes either way) is closed after this long.
     #[serde(default = "default_tunnel_idle_timeout", with = "humantime_serde")]
     pub tunnel_idle_timeout: Duration,
+    /// Most CONNECT tunnels one client (its authenticated name, else its address) may hold open.
+    /// Default: all of `max_tunnels` in sidecar mode, a quarter of it when serving several clients.
+    #[serde(default)]
+    pub max_tunnels_per_client: Option<usize>,
+    /// The longest sluice waits for the next bytes of a request body before answering 408.
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// A response the client takes no bytes of for this long is abandoned (its concurrency
+    /// slot released, the vendor's connection closed).
+    #[serde(default = "default_response_idle_timeout", with = "humantime_serde")]
+    pub response_idle_timeout: Duration,
+    /// An HTTP/2 client connection with no stream open for this long gets GOAWAY and closes.
+    #[serde(default = "default_http2_idle_timeout", with = "humantime_serde")]
+    pub http2_idle_timeout: Duration,
+    /// A client connection older than this is closed gracefully (HTTP/1 after its current
+    /// response, HTTP/2 with GOAWAY), and cut 30 s later if still open.
+    #[serde(default = "default_max_connection_age", with = "humantime_serde")]
+    pub max_connection_age: Duration,
 }
 
 impl Default for LimitsFile {
@@ -221,6 +257,11 @@ impl Default for LimitsFile {
             max_tunnels: default_max_tunnels(),
             max_connections_per_client: default_max_connections_per_client(),
             tunnel_idle_timeout: default_tunnel_idle_timeout(),
+            max_tunnels_per_client: None,
+            body_read_timeout: default_body_read_timeout(),
+            response_idle_timeout: default_response_idle_timeout(),
+            http2_idle_timeout: default_http2_idle_timeout(),
+            max_connection_age: default_max_connection_age(),
         }
     }
 }
@@ -375,6 +416,10 @@ pub struct BreakerFile {
     /// Statuses that count as failures (connect errors and timeouts always do; 429 never).
     #[serde(default = "default_failure_statuses")]
     pub failure_statuses: Vec<u16>,
+    /// Wildcard upstreams without a target keep one breaker per destination host: at most this
+    /// many, the least recently used forgotten first.
+    #[serde(default = "default_breaker_max_hosts")]
+    pub max_hosts: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -617,6 +662,24 @@ fn default_max_connections() -> usize {
 }
 fn default_tunnel_idle_timeout() -> Duration {
     Duration::from_secs(300)
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_response_idle_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_http2_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_connection_age() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_admin_max_connections() -> usize {
+    128
+}
+fn default_breaker_max_hosts() -> usize {
+    1024
 }
 fn default_connect_ports() -> Vec<u16> {
     vec![443]

@@ -61,8 +61,17 @@ pub fn line_of(text: &str, path: &str) -> Option<usize> {
         match segment {
             Segment::Key(key) => {
                 // A key that is not written (a required one left out) is reported at its parent.
-                let Some(at) = (start..end).find(|&n| is_content(lines[n]) && holds_key(lines[n], key).is_some())
-                else {
+                // A key inside a flow mapping counts only on its parent's own line, and a
+                // top-level key only at the top level: `admin` is not `listen: { admin: .. }`.
+                let top = found.is_none();
+                let Some(at) = (start..end).find(|&n| {
+                    is_content(lines[n])
+                        && match holds_key(lines[n], key) {
+                            Some(true) => !top || indent(lines[n]) == 0,
+                            Some(false) => !top && n == start,
+                            None => false,
+                        }
+                }) else {
                     break;
                 };
                 found = Some(at);
@@ -129,5 +138,8 @@ upstreams:
         assert_eq!(line_of(TEXT, "upstreams[0].hosts[1]"), Some(5), "an item of a flow list");
         assert_eq!(line_of(TEXT, "upstreams[1].hosts"), Some(7), "an absent key: its parent's line");
         assert_eq!(line_of(TEXT, "nope"), None);
+        assert_eq!(line_of(TEXT, "admin"), None, "a nested key is not a top-level one");
+        let text = "listen: { proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }\nadmin:\n  max_connections: 0\n";
+        assert_eq!(line_of(text, "admin.max_connections"), Some(3));
     }
 }

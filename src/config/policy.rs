@@ -566,6 +566,9 @@ pub fn validate_breaker(raw: &BreakerFile, key: &str, problems: &mut Vec<Problem
     if let Some(bad) = raw.failure_statuses.iter().find(|status| !(100..=599).contains(*status) || **status == 429) {
         problems.push(Problem::new(format!("{key}.failure_statuses"), format!("{bad} cannot be a failure status")));
     }
+    if !(1..=100_000).contains(&raw.max_hosts) {
+        problems.push(Problem::new(format!("{key}.max_hosts"), "must be 1 to 100000"));
+    }
 }
 
 #[cfg(test)]

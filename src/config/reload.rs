@@ -205,6 +205,9 @@ fn warn_restart_needed(old: &Config, new: &Config) {
     if old.limits.max_connections != new.limits.max_connections {
         tracing::warn!("limits.max_connections changed; it takes effect only after a restart.");
     }
+    if old.file.admin.max_connections != new.file.admin.max_connections {
+        tracing::warn!("admin.max_connections changed; it takes effect only after a restart.");
+    }
 }
 
 /// Settings fixed at start stay as they run, so `GET /config` shows what is in effect (and the
@@ -220,6 +223,7 @@ fn keep_restart_only_settings(running: &Config, new: &mut Config) {
     new.limits.max_tunnels = running.limits.max_tunnels;
     new.file.limits.max_tunnels = running.file.limits.max_tunnels;
     new.file.limits.max_connections = running.file.limits.max_connections;
+    new.file.admin.max_connections = running.file.admin.max_connections;
 }
 
 /// One structured audit line: which upstreams a reload added, removed or changed.

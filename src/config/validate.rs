@@ -163,10 +163,28 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Problem>> {
     for (key, value) in [
         ("limits.header_read_timeout", limits.header_read_timeout),
         ("limits.tunnel_idle_timeout", limits.tunnel_idle_timeout),
+        ("limits.body_read_timeout", limits.body_read_timeout),
+        ("limits.response_idle_timeout", limits.response_idle_timeout),
+        ("limits.http2_idle_timeout", limits.http2_idle_timeout),
+        ("admin.header_read_timeout", file.admin.header_read_timeout),
     ] {
         if value.is_zero() {
             problems.push(Problem::new(key, "must be greater than 0"));
         }
+    }
+    if limits.max_connection_age < Duration::from_secs(1) {
+        problems.push(Problem::new("limits.max_connection_age", "must be at least 1s"));
+    }
+    match limits.max_tunnels_per_client {
+        Some(0) => problems.push(Problem::new("limits.max_tunnels_per_client", "must be at least 1")),
+        Some(share) if share > limits.max_tunnels => problems.push(Problem::new(
+            "limits.max_tunnels_per_client",
+            format!("must not exceed limits.max_tunnels ({})", limits.max_tunnels),
+        )),
+        _ => {}
+    }
+    if file.admin.max_connections == 0 {
+        problems.push(Problem::new("admin.max_connections", "must be greater than 0"));
     }
     if file.runtime.worker_threads == Some(0) {
         problems.push(Problem::new("runtime.worker_threads", "must be at least 1"));

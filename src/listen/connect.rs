@@ -70,11 +70,19 @@ async fn open(
             return Err(ProxyError::new(ErrorKind::ClientNotAllowed { detail }, Some(name)));
         }
     }
-    // A tunnel holds its slot until it closes; past the cap, new tunnels are refused at once.
+    // A tunnel holds a slot and its client's share until it closes; past either cap, new
+    // tunnels are refused at once (a slot taken for a client over its share goes straight back).
     let tunnel_slot = shared.tunnel_slots.clone().try_acquire_owned().map_err(|_| {
         shared.metrics.connections_refused.with_label_values(&["max_tunnels"]).inc();
         ProxyError::new(ErrorKind::TooManyTunnels { max: generation.config.limits.max_tunnels }, Some(name.clone()))
     })?;
+    let share = tunnel_share(generation);
+    let owner = TunnelOwner::of(identity.as_ref(), conn.peer.ip());
+    let tunnel_share = TunnelShares::try_take(&shared.tunnel_shares, owner, share).ok_or_else(|| {
+        shared.metrics.connections_refused.with_label_values(&["tunnels_per_client"]).inc();
+        ProxyError::new(ErrorKind::TunnelShareExceeded { max: share }, Some(name.clone()))
+    })?;
+    let tunnel_slot = (tunnel_slot, tunnel_share);
     if upstream.intercept {
         let ca = generation.ca.clone().ok_or_else(|| {
             ProxyError::new(ErrorKind::Internal { detail: "interception CA not loaded".into() }, Some(name.clone()))
@@ -161,14 +169,15 @@ pub fn parse_authority(uri: &Uri) -> Result<(String, u16), ProxyError> {
 }
 
 async fn dial(upstream: &Upstream, host: &str, port: u16, guarded: bool) -> Result<TcpStream, ProxyError> {
+    use crate::error::Unreachable;
     let name = Some(upstream.name.clone());
     let connect = async {
-        if guarded {
-            let addresses = crate::security::egress::resolve_allowed(host, port).await?;
-            TcpStream::connect(&addresses[..]).await
+        let addresses = if guarded {
+            crate::security::egress::resolve_allowed(host, port).await?
         } else {
-            TcpStream::connect((host, port)).await
-        }
+            crate::security::egress::lookup(host, port).await?
+        };
+        TcpStream::connect(&addresses[..]).await
     };
     match tokio::time::timeout(upstream.connect_timeout, connect).await {
         Ok(Err(error)) if crate::security::egress::blocked_in(&error).is_some() => {
@@ -176,16 +185,98 @@ async fn dial(upstream: &Upstream, host: &str, port: u16, guarded: bool) -> Resu
         }
         Err(_) => Err(ProxyError::new(ErrorKind::ConnectTimeout { after: upstream.connect_timeout }, name)),
         Ok(Err(error)) => {
-            let detail = if error.kind() == std::io::ErrorKind::ConnectionRefused {
-                format!("{host}:{port}: connection refused")
+            if let Some(dns) = crate::security::egress::dns_failure_in(&error) {
+                if dns.no_such_host && guarded && crate::proxy::forward::client_named(upstream, host) {
+                    return Err(ProxyError::new(ErrorKind::UnknownHost { host: host.to_owned() }, name));
+                }
+                let detail = format!("{host}:{port}: {error}");
+                return Err(ProxyError::new(ErrorKind::Unreachable { detail, cause: Unreachable::Dns }, name));
+            }
+            let (detail, cause) = if error.kind() == std::io::ErrorKind::ConnectionRefused {
+                (format!("{host}:{port}: connection refused"), Unreachable::Refused)
             } else {
-                format!("{host}:{port}: {error}")
+                (format!("{host}:{port}: {error}"), Unreachable::Other)
             };
-            Err(ProxyError::new(ErrorKind::Unreachable { detail }, name))
+            Err(ProxyError::new(ErrorKind::Unreachable { detail, cause }, name))
         }
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
             Ok(stream)
+        }
+    }
+}
+
+/// `limits.max_tunnels_per_client`, or its default: every tunnel in sidecar mode (one client,
+/// the pod), a quarter of them when sluice serves several clients.
+fn tunnel_share(generation: &Generation) -> usize {
+    let limits = &generation.config.limits;
+    let several_clients = !generation.config.file.clients.is_empty() || generation.config.listen.allow_remote_clients;
+    let default = if several_clients { (limits.max_tunnels / 4).max(1) } else { limits.max_tunnels };
+    limits.max_tunnels_per_client.unwrap_or(default).min(limits.max_tunnels).max(1)
+}
+
+/// Who a tunnel counts against: the authenticated client, or else its address (an IPv6
+/// address by its /64, which one host usually holds whole).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TunnelOwner {
+    Client(Arc<str>),
+    Address(std::net::IpAddr),
+}
+
+impl TunnelOwner {
+    fn of(identity: Option<&crate::security::clients::ClientIdentity>, ip: std::net::IpAddr) -> Self {
+        match (identity, ip) {
+            (Some(identity), _) => TunnelOwner::Client(identity.name.clone()),
+            (None, std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                TunnelOwner::Address(std::net::IpAddr::V6(prefix.into()))
+            }
+            (None, ip) => TunnelOwner::Address(ip.to_canonical()),
+        }
+    }
+}
+
+/// Open tunnels per owner. An owner is in the map only while it holds a tunnel, so the map
+/// never holds more entries than `limits.max_tunnels`.
+#[derive(Debug, Default)]
+pub struct TunnelShares {
+    open: std::sync::Mutex<std::collections::HashMap<TunnelOwner, usize>>,
+}
+
+/// One tunnel's place in its owner's share, given back on drop.
+pub struct TunnelShare {
+    shares: Arc<TunnelShares>,
+    owner: TunnelOwner,
+}
+
+impl TunnelShares {
+    fn try_take(shares: &Arc<Self>, owner: TunnelOwner, max: usize) -> Option<TunnelShare> {
+        let mut open = shares.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(owner.clone()).or_insert(0);
+        if *count >= max {
+            if *count == 0 {
+                open.remove(&owner);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(TunnelShare { shares: shares.clone(), owner })
+    }
+
+    /// Tunnels `owner` holds now.
+    pub fn held_by(&self, owner: &TunnelOwner) -> usize {
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(owner).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for TunnelShare {
+    fn drop(&mut self) {
+        let mut open = self.shares.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.owner) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.owner);
+            }
         }
     }
 }
@@ -261,5 +352,25 @@ mod tests {
         assert!(ok("http://api.hubapi.com:443/").is_err());
         assert!(ok("user@host:443").is_err());
         assert!(ok("host:0").is_err());
+    }
+
+    #[test]
+    fn tunnel_shares_are_per_owner_and_bounded() {
+        let shares = Arc::new(TunnelShares::default());
+        let a = TunnelOwner::of(None, "10.0.0.1".parse().unwrap());
+        let first = TunnelShares::try_take(&shares, a.clone(), 2).unwrap();
+        let _second = TunnelShares::try_take(&shares, a.clone(), 2).unwrap();
+        assert!(TunnelShares::try_take(&shares, a.clone(), 2).is_none(), "a third is over the share");
+        let b = TunnelOwner::of(None, "10.0.0.2".parse().unwrap());
+        assert!(TunnelShares::try_take(&shares, b.clone(), 2).is_some(), "another client has its own share");
+        drop(first);
+        assert_eq!(shares.held_by(&a), 1);
+        assert!(TunnelShares::try_take(&shares, a, 2).is_some());
+        assert_eq!(shares.held_by(&b), 0, "an owner without tunnels leaves the map");
+        // One IPv6 /64 is one owner.
+        assert_eq!(
+            TunnelOwner::of(None, "2001:db8::1".parse().unwrap()),
+            TunnelOwner::of(None, "2001:db8::ffff:1".parse().unwrap())
+        );
     }
 }

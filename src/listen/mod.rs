@@ -87,35 +87,84 @@ pub fn server_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// After `limits.max_connection_age`, a connection's requests in flight get this long to finish
+/// before the connection is cut.
+pub const AGE_DRAIN: Duration = Duration::from_secs(30);
+
 /// Serves HTTP on one connection (plain, or the inside of an intercepted tunnel) until it
 /// closes, draining gracefully if shutdown starts first.
+///
+/// Besides hyper's own limits, this loop holds the connection's clocks: the first request must
+/// come within `header_read_timeout`; an HTTP/2 connection with no stream open is closed after
+/// `http2_idle_timeout` (after `header_read_timeout` while nothing on it got past
+/// authentication); every connection is closed gracefully at `max_connection_age` and cut
+/// [`AGE_DRAIN`] later; and a response abandoned by its client closes its HTTP/1 connection.
 pub async fn serve_http<IO>(io: IO, conn: ClientConn, shared: Arc<Shared>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer: SocketAddr = conn.peer;
     let builder = server_builder(&shared);
-    let first_request_within = shared.current().config.limits.header_read_timeout;
+    let limits = shared.current().config.limits.clone();
     let service = ProxyService::new(shared.clone(), conn);
-    let started = service.started();
+    let activity = service.activity();
     let io = guard_io::GuardIo::new(io, service.tunnelled());
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
+    let opened = tokio::time::Instant::now();
     // hyper's header_read_timeout starts only once hyper-util's auto builder has told HTTP/1
     // from HTTP/2, which it reads with no deadline; this one covers a client that sends
     // nothing, or part of the h2 preface, or an h2 preface and no request.
-    let first_request_deadline = tokio::time::sleep(first_request_within);
+    let first_request_deadline = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(first_request_deadline);
     let mut deadline_passed = false;
+    let idle_check = tokio::time::sleep(limits.header_read_timeout);
+    tokio::pin!(idle_check);
+    let age_deadline = tokio::time::sleep_until(opened + limits.max_connection_age);
+    tokio::pin!(age_deadline);
+    let mut draining = false;
+    let mut aged = false;
+    let abort = activity.abort.0.clone();
     let result = loop {
         tokio::select! {
             result = connection.as_mut() => break result,
             () = &mut first_request_deadline, if !deadline_passed => {
                 deadline_passed = true;
-                if !started.load(std::sync::atomic::Ordering::Relaxed) {
+                if !activity.started() {
                     tracing::debug!(%peer, "No request within header_read_timeout; closing.");
                     return;
                 }
+            }
+            () = &mut idle_check, if !draining => {
+                let limit = if activity.authenticated() { limits.http2_idle_timeout } else { limits.header_read_timeout };
+                match activity.quiet_for() {
+                    Some(quiet) if quiet >= limit => {
+                        tracing::debug!(%peer, idle_ms = quiet.as_millis() as u64, "HTTP/2 connection idle; sending GOAWAY.");
+                        shared.metrics.connections_closed.with_label_values(&["http2_idle"]).inc();
+                        draining = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    Some(quiet) => idle_check.as_mut().reset(tokio::time::Instant::now() + (limit - quiet)),
+                    None => idle_check.as_mut().reset(tokio::time::Instant::now() + limit),
+                }
+            }
+            () = &mut age_deadline => {
+                if aged {
+                    tracing::debug!(%peer, "Connection still open after its age drain; cutting it.");
+                    return;
+                }
+                aged = true;
+                if !draining {
+                    tracing::debug!(%peer, "Connection reached max_connection_age; closing gracefully.");
+                    shared.metrics.connections_closed.with_label_values(&["max_age"]).inc();
+                    draining = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                age_deadline.as_mut().reset(tokio::time::Instant::now() + AGE_DRAIN);
+            }
+            () = abort.cancelled() => {
+                tracing::debug!(%peer, "Closing the connection: its client stopped reading a response.");
+                return;
             }
             () = shared.shutdown.cancelled() => {
                 connection.as_mut().graceful_shutdown();

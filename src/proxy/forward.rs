@@ -1,9 +1,12 @@
 //! 5. FORWARD: send the request to the vendor over a pooled connection and relay the answer.
 //!
 //! One hyper-util client per upstream, so each has its own pool, connect timeout and trust
-//! roots. The per-request timeout covers everything up to the response head; the body then
-//! streams back as the vendor sends it. Connection failures are sorted into the few kinds a
-//! caller can act on (refused, DNS, TLS, timeout) before `respond` turns them into HTTP.
+//! roots. The per-request timeout is the vendor's time up to the response head: time sluice
+//! spends waiting for the client's own upload is not the vendor's and does not count (the
+//! upload has its own idle limit, see `body::Upload`). The body then streams back as the
+//! vendor sends it. Failures are sorted into the few kinds a caller can act on (refused, DNS,
+//! TLS, timeout), and failures the client caused (a stalled upload, a host it named that does
+//! not exist) into kinds of their own, so the breaker never counts them against the vendor.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,13 +19,14 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
 
 use super::headers;
 use super::route::Routed;
-use crate::body::ProxyBody;
-use crate::config::{ConfigError, Upstream};
-use crate::error::{causes, describe, ErrorKind, ProxyError};
-use crate::security::egress::{blocked_in, EgressResolver};
+use crate::body::{ProxyBody, UploadError, UploadWatch};
+use crate::config::{ConfigError, HostPattern, Upstream};
+use crate::error::{causes, describe, ErrorKind, ProxyError, Unreachable};
+use crate::security::egress::{blocked_in, dns_failure_in, EgressResolver};
 
 /// Idle pooled connections are closed after this long (vendors close theirs around 60-120 s).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -104,24 +108,82 @@ impl UpstreamClient {
         }
         parts.uri = routed.uri;
         parts.version = Version::HTTP_11;
+        let upload = parts.extensions.get::<Arc<UploadWatch>>().cloned();
+        let host = routed_host(&parts.uri);
         let outgoing = Request::from_parts(parts, body);
 
-        let sent = tokio::time::timeout(upstream.request_timeout, self.client.request(outgoing)).await;
-        let response = match sent {
-            Err(_) => {
+        let sent = self.client.request(outgoing);
+        let response = match vendor_time(sent, upstream.request_timeout, upload.as_deref()).await {
+            None => {
+                if let Some(failure) = upload.as_deref().and_then(UploadWatch::failure) {
+                    return Err(upload_failure(failure, &upstream));
+                }
                 return Err(ProxyError::new(
                     ErrorKind::ResponseTimeout { after: upstream.request_timeout },
                     Some(upstream.name.clone()),
-                ))
+                ));
             }
-            Ok(Err(error)) => return Err(classify(&error, &upstream, max_body_bytes)),
-            Ok(Ok(response)) => response,
+            Some(Err(error)) => {
+                // The client's upload failed first: whatever hyper made of it, it is the client's.
+                if let Some(failure) = upload.as_deref().and_then(UploadWatch::failure) {
+                    return Err(upload_failure(failure, &upstream));
+                }
+                return Err(classify(&error, &upstream, &host, max_body_bytes));
+            }
+            Some(Ok(response)) => response,
         };
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::append_via(&mut parts.headers, parts.version);
         Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
     }
+}
+
+/// Waits for the response head for at most `timeout` of the vendor's time: time spent waiting
+/// for the client to send its body (see [`UploadWatch`]) does not count, as the upload is the
+/// client's to finish. `None`: the vendor's time ran out.
+async fn vendor_time<F, T>(sent: F, timeout: Duration, upload: Option<&UploadWatch>) -> Option<T>
+where
+    F: std::future::Future<Output = T>,
+{
+    tokio::pin!(sent);
+    let started = Instant::now();
+    let client_before = upload.map_or(Duration::ZERO, |watch| watch.client_time(started));
+    // Bounded: every round either ends or sleeps at least a millisecond of vendor time.
+    for _ in 0..100_000 {
+        let now = Instant::now();
+        let client = upload.map_or(Duration::ZERO, |watch| watch.client_time(now).saturating_sub(client_before));
+        let vendor = now.saturating_duration_since(started).saturating_sub(client);
+        let left = timeout.checked_sub(vendor).filter(|left| !left.is_zero())?;
+        tokio::select! {
+            result = &mut sent => return Some(result),
+            () = tokio::time::sleep(left.max(Duration::from_millis(1))) => {}
+        }
+    }
+    None
+}
+
+/// The destination host of an outgoing URI, lower-cased, without brackets.
+fn routed_host(uri: &http::Uri) -> String {
+    uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase()
+}
+
+/// A client's failed upload as the client's error.
+fn upload_failure(failure: UploadError, upstream: &Upstream) -> ProxyError {
+    let kind = match failure {
+        UploadError::Stalled { after } => ErrorKind::RequestBodyTimeout { after },
+        UploadError::TooLarge { limit } => ErrorKind::BodyTooLarge { limit },
+        UploadError::Broken { detail } => ErrorKind::Malformed { detail: format!("request body: {detail}") },
+    };
+    ProxyError::new(kind, Some(upstream.name.clone()))
+}
+
+/// Whether `host` is one the client chose rather than the operator: no `target`, and matched
+/// only by a wildcard (`*.zendesk.com`), not by an exact host in the config.
+pub fn client_named(upstream: &Upstream, host: &str) -> bool {
+    upstream.target.is_none()
+        && !upstream.hosts.iter().any(|pattern| matches!(pattern, HostPattern::Exact(exact) if exact == host))
+        && upstream.hosts.iter().any(|pattern| matches!(pattern, HostPattern::Subdomains(_)) && pattern.matches(host))
 }
 
 /// `Host` for a request to `uri`: its authority, without the scheme's default port.
@@ -158,7 +220,12 @@ fn is_tls_error(cause: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Sorts a client error into the kind of failure a caller can act on.
-fn classify(error: &hyper_util::client::legacy::Error, upstream: &Upstream, max_body_bytes: u64) -> ProxyError {
+fn classify(
+    error: &hyper_util::client::legacy::Error,
+    upstream: &Upstream,
+    host: &str,
+    max_body_bytes: u64,
+) -> ProxyError {
     let name = Some(upstream.name.clone());
     let detail = describe(error);
     if causes(error).any(|cause| cause.is::<http_body_util::LengthLimitError>()) {
@@ -180,7 +247,17 @@ fn classify(error: &hyper_util::client::legacy::Error, upstream: &Upstream, max_
         if causes(error).any(is_tls_error) {
             return ProxyError::new(ErrorKind::Tls { detail }, name);
         }
-        return ProxyError::new(ErrorKind::Unreachable { detail }, name);
+        if let Some(dns) = dns_failure_in(error) {
+            if dns.no_such_host && client_named(upstream, host) {
+                return ProxyError::new(ErrorKind::UnknownHost { host: dns.host.clone() }, name);
+            }
+            return ProxyError::new(ErrorKind::Unreachable { detail, cause: Unreachable::Dns }, name);
+        }
+        let refused = causes(error).any(|cause| {
+            cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        });
+        let cause = if refused { Unreachable::Refused } else { Unreachable::Other };
+        return ProxyError::new(ErrorKind::Unreachable { detail, cause }, name);
     }
     ProxyError::new(ErrorKind::UpstreamProtocol { detail }, name)
 }

@@ -10,16 +10,15 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Limited};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tower::{Service, ServiceExt};
 
-use crate::body::ProxyBody;
+use crate::body::{ConnectionAbort, ProxyBody};
 use crate::listen::connect;
 use crate::state::Shared;
 use route::Via;
@@ -95,9 +94,92 @@ impl ClientCounts {
     }
 }
 
+/// Notes what the answer says about the connection, and keeps an HTTP/2 stream counted until
+/// its body is done.
+fn finish(response: Response<ProxyBody>, activity: &Activity, stream: Option<OpenStream>) -> Response<ProxyBody> {
+    if response.status() != StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        activity.authenticated.store(true, Ordering::Release);
+    }
+    match stream {
+        None => response,
+        Some(stream) => response.map(|body| crate::body::holding(body, stream)),
+    }
+}
+
 impl std::fmt::Debug for ConnectionSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ConnectionSlot")
+    }
+}
+
+/// What a connection's requests tell `listen::serve_http`, which decides when the connection
+/// has been idle too long, and which closes it when a response was abandoned.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: tokio::time::Instant,
+    /// Set when the first request head on this connection has been read.
+    started: AtomicBool,
+    /// Set when an HTTP/2 request arrived (HTTP/1 idleness is hyper's `header_read_timeout`).
+    http2: AtomicBool,
+    /// HTTP/2 streams whose response is not finished yet.
+    open: AtomicUsize,
+    /// Milliseconds since `epoch` when the last stream finished (or the connection opened).
+    quiet_since_ms: AtomicU64,
+    /// Set once a request got an answer other than `407`: an unauthenticated connection gets
+    /// no more idle time than a slow one.
+    authenticated: AtomicBool,
+    /// Closes the connection at once (an abandoned HTTP/1 response).
+    pub abort: ConnectionAbort,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: tokio::time::Instant::now(),
+            started: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
+            open: AtomicUsize::new(0),
+            quiet_since_ms: AtomicU64::new(0),
+            authenticated: AtomicBool::new(false),
+            abort: ConnectionAbort::default(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether any request head has been read on this connection yet.
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    pub fn authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::Acquire)
+    }
+
+    /// For an HTTP/2 connection with no stream open: how long it has been so. `None` while a
+    /// stream is open, and for HTTP/1.
+    pub fn quiet_for(&self) -> Option<std::time::Duration> {
+        if !self.http2.load(Ordering::Acquire) || self.open.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = self.quiet_since_ms.load(Ordering::Acquire);
+        Some(std::time::Duration::from_millis(self.now_ms().saturating_sub(since)))
+    }
+
+    fn stream_done(&self) {
+        self.quiet_since_ms.store(self.now_ms(), Ordering::Release);
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One open HTTP/2 stream, counted until its response body is finished or dropped.
+struct OpenStream(Arc<Activity>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.stream_done();
     }
 }
 
@@ -108,8 +190,7 @@ pub struct ProxyService {
     conn: Arc<ClientConn>,
     /// This connection's journey. Locked only to call it (HTTP/2 streams share it); see `call`.
     stack: Arc<std::sync::Mutex<HttpStack>>,
-    /// Set when the first request head on this connection has been read.
-    started: Arc<AtomicBool>,
+    activity: Arc<Activity>,
     /// Set once a CONNECT on this connection is answered: from then on it carries a tunnel.
     tunnelled: Arc<AtomicBool>,
 }
@@ -121,7 +202,7 @@ impl ProxyService {
             shared,
             conn: Arc::new(conn),
             stack: Arc::new(std::sync::Mutex::new(stack)),
-            started: Arc::new(AtomicBool::new(false)),
+            activity: Arc::new(Activity::new()),
             tunnelled: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -131,9 +212,9 @@ impl ProxyService {
         self.tunnelled.clone()
     }
 
-    /// Whether any request head has been read on this connection yet.
-    pub fn started(&self) -> Arc<AtomicBool> {
-        self.started.clone()
+    /// What the connection's requests are doing, for `listen::serve_http`.
+    pub fn activity(&self) -> Arc<Activity> {
+        self.activity.clone()
     }
 }
 
@@ -143,7 +224,14 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        self.started.store(true, Ordering::Relaxed);
+        let activity = self.activity.clone();
+        activity.started.store(true, Ordering::Release);
+        // HTTP/2 streams are counted until their response ends, for the idle timeout.
+        let stream = (request.version() == Version::HTTP_2).then(|| {
+            activity.http2.store(true, Ordering::Release);
+            activity.open.fetch_add(1, Ordering::AcqRel);
+            OpenStream(activity.clone())
+        });
         let generation = self.shared.current();
         if request.method() == Method::CONNECT && self.conn.via.tunnel_host.is_none() {
             let shared = self.shared.clone();
@@ -154,27 +242,35 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 if response.status().is_success() {
                     tunnelled.store(true, Ordering::Relaxed);
                 }
-                Ok(response)
+                Ok(finish(response, &activity, stream))
             });
         }
-        let limit = usize::try_from(generation.config.limits.max_body_bytes).unwrap_or(usize::MAX);
+        let limits = &generation.config.limits;
         let (mut parts, body) = request.into_parts();
+        let (body, upload) = crate::body::upload(body, limits.max_body_bytes, limits.body_read_timeout);
+        parts.extensions.insert(upload);
+        parts.extensions.insert(activity.abort.clone());
         parts.extensions.insert(self.conn.via.clone());
         parts.extensions.insert(self.conn.peer);
         if let Some(identity) = &self.conn.identity {
             parts.extensions.insert(identity.clone());
         }
         parts.extensions.insert(generation);
-        let body = Limited::new(body, limit).boxed();
         let request = Request::from_parts(parts, body);
         // Every layer is ready at once (none holds requests back in `poll_ready`), so the shared
         // stack is called in place: no per-request clone of its services, no `Oneshot`. Should a
         // layer ever not be ready, the request waits on its own clone, as tower intends.
         let mut stack = self.stack.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match stack.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
+        let response = match stack.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
             Poll::Ready(Ok(())) => stack.call(request),
             Poll::Ready(Err(never)) => match never {},
             Poll::Pending => Box::pin(stack.clone().oneshot(request)),
-        }
+        };
+        // HTTP/1 idleness is hyper's business: its future goes back as it is.
+        let Some(stream) = stream else { return response };
+        Box::pin(async move {
+            let Ok(response) = response.await;
+            Ok(finish(response, &activity, Some(stream)))
+        })
     }
 }

@@ -75,7 +75,7 @@ pub fn http_stack(parts: StackParts) -> HttpStack {
         .layer(BreakerLayer { breakers, metrics: metrics.clone() })
         // Quotas and concurrency per upstream: waits (queues) or refuses before any upstream
         // work, and reports the caller's standing in `RateLimit` and `Server-Timing`.
-        .layer(LimitLayer { limiter: limiter.clone() })
+        .layer(LimitLayer { limiter: limiter.clone(), metrics: metrics.clone() })
         // Every attempt's response is read for the vendor's own quota signals (pauses, limits).
         .layer(FeedbackLayer { limiter, metrics: metrics.clone() })
         // Innermost: the pooled client call, timed per attempt.
@@ -349,12 +349,13 @@ fn internal(detail: &str) -> ProxyError {
 #[derive(Clone)]
 pub struct LimitLayer {
     limiter: Arc<Limiter>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S> Layer<S> for LimitLayer {
     type Service = Limit<S>;
     fn layer(&self, inner: S) -> Limit<S> {
-        Limit { inner, limiter: self.limiter.clone() }
+        Limit { inner, limiter: self.limiter.clone(), metrics: self.metrics.clone() }
     }
 }
 
@@ -362,6 +363,7 @@ impl<S> Layer<S> for LimitLayer {
 pub struct Limit<S> {
     inner: S,
     limiter: Arc<Limiter>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S> Service<Request<ProxyBody>> for Limit<S>
@@ -382,6 +384,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let limiter = self.limiter.clone();
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             let Some(routed) = request.extensions().get::<Routed>() else {
                 let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(inner.call(request));
@@ -399,10 +402,11 @@ where
             if let Some(scope) = admission.scope.take() {
                 request.extensions_mut().insert(scope);
             }
+            let abandon = admission.permit.is_some().then(|| abandon_rule(&request, &upstream.name, metrics));
             let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(inner.call(request));
             let mut response = response.await?;
-            if let Some(permit) = admission.permit.take() {
-                response = response.map(|body| crate::body::holding(body, permit));
+            if let (Some(permit), Some(abandon)) = (admission.permit.take(), abandon) {
+                response = response.map(|body| crate::body::delivering(body, permit, abandon));
             }
             if admission.limited {
                 let headers = response.headers_mut();
@@ -413,6 +417,33 @@ where
             }
             Ok(response)
         })
+    }
+}
+
+/// How a response holding a concurrency slot is given up when its client stops reading it:
+/// after `limits.response_idle_timeout`, closing the client's connection when it is HTTP/1.
+fn abandon_rule(request: &Request<ProxyBody>, upstream: &Arc<str>, metrics: Arc<Metrics>) -> crate::body::Abandon {
+    let idle = request
+        .extensions()
+        .get::<Arc<Generation>>()
+        .map_or(std::time::Duration::from_secs(10), |generation| generation.config.limits.response_idle_timeout);
+    let http1 = request.version() <= http::Version::HTTP_11;
+    let connection = request.extensions().get::<crate::body::ConnectionAbort>().filter(|_| http1).cloned();
+    let upstream = upstream.clone();
+    crate::body::Abandon {
+        idle,
+        connection,
+        on_abandon: Box::new(move || {
+            metrics.responses_abandoned.with_label_values(&[&upstream]).inc();
+            if http1 {
+                metrics.connections_closed.with_label_values(&["abandoned_response"]).inc();
+            }
+            tracing::info!(
+                upstream = &*upstream,
+                idle_ms = idle.as_millis() as u64,
+                "Response abandoned: the client stopped reading it; its concurrency slot is free."
+            );
+        }),
     }
 }
 

@@ -19,6 +19,50 @@ pub struct BlockedAddress {
     pub address: IpAddr,
 }
 
+/// A name that did not resolve, as the error inside a failed connect or dial.
+#[derive(Debug, thiserror::Error)]
+#[error("dns error: {host}: {detail}")]
+pub struct DnsFailure {
+    pub host: String,
+    /// The name does not exist, or has no address (NXDOMAIN, NODATA): a definite answer, not
+    /// an outage.
+    pub no_such_host: bool,
+    detail: String,
+}
+
+/// Concurrent lookups at most. Each one holds a blocking-pool thread (getaddrinfo blocks), so
+/// a flood of slow lookups for client-chosen names must not take every thread.
+const MAX_CONCURRENT_LOOKUPS: usize = 64;
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_LOOKUPS);
+
+/// Resolves `host` with the system resolver (`/etc/hosts`, then DNS), keeping the resolver's
+/// verdict as a [`DnsFailure`] when it fails.
+pub async fn lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let _permit = LOOKUPS.acquire().await.map_err(io::Error::other)?;
+    let name = host.to_owned();
+    let resolved = tokio::task::spawn_blocking(move || {
+        dns_lookup::lookup_host(&name).map(|addresses| addresses.collect::<Vec<IpAddr>>())
+    })
+    .await
+    .map_err(io::Error::other)?;
+    match resolved {
+        Ok(addresses) if addresses.is_empty() => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            DnsFailure { host: host.to_owned(), no_such_host: true, detail: "no address".into() },
+        )),
+        Ok(addresses) => Ok(addresses.into_iter().map(|ip| SocketAddr::new(ip, port)).collect()),
+        Err(error) => {
+            let no_such_host =
+                matches!(error.kind(), dns_lookup::LookupErrorKind::NoName | dns_lookup::LookupErrorKind::NoData);
+            let detail = io::Error::from(error).to_string();
+            Err(io::Error::new(io::ErrorKind::NotFound, DnsFailure { host: host.to_owned(), no_such_host, detail }))
+        }
+    }
+}
+
 /// Whether `ip` is one sluice refuses unless a `target` names it.
 pub fn is_blocked(ip: IpAddr) -> bool {
     match ip {
@@ -68,8 +112,7 @@ pub async fn resolve_allowed(host: &str, port: u16) -> io::Result<Vec<SocketAddr
     if let Ok(ip) = host.parse::<IpAddr>() {
         return check_all(host, vec![SocketAddr::new(ip, port)]);
     }
-    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
-    check_all(host, addresses)
+    check_all(host, lookup(host, port).await?)
 }
 
 fn check_all(host: &str, addresses: Vec<SocketAddr>) -> io::Result<Vec<SocketAddr>> {
@@ -107,8 +150,7 @@ impl tower::Service<Name> for EgressResolver {
             if guarded {
                 resolve_allowed(name.as_str(), 0).await.map(Vec::into_iter)
             } else {
-                let addresses: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-                Ok(addresses.into_iter())
+                lookup(name.as_str(), 0).await.map(Vec::into_iter)
             }
         })
     }
@@ -116,12 +158,21 @@ impl tower::Service<Name> for EgressResolver {
 
 /// Finds a [`BlockedAddress`] anywhere in an error chain, through `io::Error` wrappers.
 pub fn blocked_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a BlockedAddress> {
+    find_in(error)
+}
+
+/// Finds a [`DnsFailure`] anywhere in an error chain, through `io::Error` wrappers.
+pub fn dns_failure_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a DnsFailure> {
+    find_in(error)
+}
+
+fn find_in<'a, T: std::error::Error + 'static>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
     for cause in crate::error::causes(error) {
         let mut current = Some(cause);
         for _ in 0..8 {
             let Some(error) = current else { break };
-            if let Some(blocked) = error.downcast_ref::<BlockedAddress>() {
-                return Some(blocked);
+            if let Some(found) = error.downcast_ref::<T>() {
+                return Some(found);
             }
             current = error
                 .downcast_ref::<io::Error>()
@@ -169,5 +220,15 @@ mod tests {
         let error = resolve_allowed("localhost", 443).await.unwrap_err();
         assert!(blocked_in(&error).is_some(), "{error}");
         assert!(resolve_allowed("169.254.169.254", 80).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_exist_is_told_apart() {
+        // RFC 6761: `.invalid` never resolves.
+        let error = lookup("nx-egress-test.invalid", 443).await.unwrap_err();
+        let failure = dns_failure_in(&error).expect("a typed DNS failure");
+        assert!(failure.no_such_host, "{error}");
+        assert_eq!(failure.host, "nx-egress-test.invalid");
+        assert_eq!(lookup("127.0.0.1", 80).await.unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 80))]);
     }
 }

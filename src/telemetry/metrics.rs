@@ -39,8 +39,14 @@ pub struct Metrics {
     pub tunnels_open: IntGaugeVec,
     /// Client connections open now on the proxy listener.
     pub connections_open: IntGauge,
-    /// Connections or tunnels refused by a cap, by reason (`per_client`, `max_tunnels`).
+    /// Connections or tunnels refused by a cap, by reason (`per_client`, `max_tunnels`,
+    /// `tunnels_per_client`, `admin_max_connections`).
     pub connections_refused: IntCounterVec,
+    /// Client connections sluice closed on its own, by reason (`http2_idle`, `max_age`,
+    /// `abandoned_response`).
+    pub connections_closed: IntCounterVec,
+    /// Responses abandoned because the client stopped reading them, by upstream.
+    pub responses_abandoned: IntCounterVec,
     /// Responses sluice made itself, by error (`egress_denied`, `upstream_timeout`, ...).
     pub proxy_errors: IntCounterVec,
     /// Leaf certificates minted for interception.
@@ -163,6 +169,19 @@ impl Metrics {
             connections_refused: IntCounterVec::new(
                 Opts::new("sluice_connections_refused_total", "Connections or tunnels refused by a cap, by reason."),
                 &["reason"],
+            )
+            .expect("static metric definition"),
+            connections_closed: IntCounterVec::new(
+                Opts::new("sluice_connections_closed_total", "Client connections sluice closed on its own, by reason."),
+                &["reason"],
+            )
+            .expect("static metric definition"),
+            responses_abandoned: IntCounterVec::new(
+                Opts::new(
+                    "sluice_responses_abandoned_total",
+                    "Responses abandoned because the client stopped reading them, by upstream.",
+                ),
+                &["upstream"],
             )
             .expect("static metric definition"),
             proxy_errors: IntCounterVec::new(
@@ -319,6 +338,8 @@ impl Metrics {
             Box::new(self.tunnels_open.clone()),
             Box::new(self.connections_open.clone()),
             Box::new(self.connections_refused.clone()),
+            Box::new(self.connections_closed.clone()),
+            Box::new(self.responses_abandoned.clone()),
             Box::new(self.proxy_errors.clone()),
             Box::new(self.leaf_certs_minted.clone()),
             Box::new(self.quota_decisions.clone()),
