@@ -110,10 +110,9 @@ fn guard(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim);
-        let matches = presented.is_some_and(|token| {
-            token.len() == expected.len()
-                && token.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-        });
+        // Compared as SHA-256 digests in constant time: neither the token nor its length leaks.
+        let matches =
+            presented.is_some_and(|token| crate::security::secrets_equal(token.as_bytes(), expected.as_bytes()));
         if !matches {
             tracing::warn!(target: "sluice::audit", event = "admin_action", action, %peer, allowed = false, "Admin action refused: bad or missing token.");
             let mut response = json_response(

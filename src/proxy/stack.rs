@@ -311,6 +311,12 @@ fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
             ));
         }
     }
+    if let Some(detail) = refused_method(request.method()) {
+        return Err(ProxyError::new(
+            ErrorKind::MethodNotAllowed { method: request.method().to_string(), detail: detail.into() },
+            Some(routed.upstream.name.clone()),
+        ));
+    }
     if let Some(credential) = generation.credentials.get(&routed.upstream.name) {
         // The secret never travels in clear text to a destination the client chose.
         if routed.upstream.target.is_none() && routed.uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
@@ -338,6 +344,17 @@ fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
         }
     }
     Ok(routed)
+}
+
+/// Methods sluice never forwards, and why. `TRACE` (and IIS's `TRACK`) echo the request back,
+/// injected credential included. A `CONNECT` reaches the stack only inside a tunnel, where it
+/// would ask the vendor to open another tunnel, with the credential, to a host of its choosing.
+fn refused_method(method: &http::Method) -> Option<&'static str> {
+    match method.as_str() {
+        "TRACE" | "TRACK" => Some("it would echo the request, credentials included"),
+        "CONNECT" => Some("a CONNECT inside a tunnel is not forwarded"),
+        _ => None,
+    }
 }
 
 fn internal(detail: &str) -> ProxyError {

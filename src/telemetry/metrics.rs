@@ -41,6 +41,9 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     /// Connections or tunnels refused by a cap, by reason (`per_client`, `max_tunnels`).
     pub connections_refused: IntCounterVec,
+    /// Blind tunnels closed for what the client's handshake said, by upstream and reason
+    /// (`sni_mismatch`, `encrypted_client_hello`, `bad_client_hello`, `client_hello_timeout`).
+    pub tunnels_refused: IntCounterVec,
     /// Responses sluice made itself, by error (`egress_denied`, `upstream_timeout`, ...).
     pub proxy_errors: IntCounterVec,
     /// Leaf certificates minted for interception.
@@ -159,6 +162,14 @@ impl Metrics {
             connections_refused: IntCounterVec::new(
                 Opts::new("sluice_connections_refused_total", "Connections or tunnels refused by a cap, by reason."),
                 &["reason"],
+            )
+            .expect("static metric definition"),
+            tunnels_refused: IntCounterVec::new(
+                Opts::new(
+                    "sluice_tunnels_refused_total",
+                    "Blind tunnels closed for what the client's TLS handshake said, by upstream and reason.",
+                ),
+                &["upstream", "reason"],
             )
             .expect("static metric definition"),
             proxy_errors: IntCounterVec::new(
@@ -302,6 +313,7 @@ impl Metrics {
             Box::new(self.tunnels_open.clone()),
             Box::new(self.connections_open.clone()),
             Box::new(self.connections_refused.clone()),
+            Box::new(self.tunnels_refused.clone()),
             Box::new(self.proxy_errors.clone()),
             Box::new(self.leaf_certs_minted.clone()),
             Box::new(self.quota_decisions.clone()),
