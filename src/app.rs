@@ -142,6 +142,31 @@ pub async fn wait_for_stop_signal() {
 }
 
 /// `sluice check`: everything `run` would verify, without binding or writing anything.
+/// What `check` says about CONNECTs to upstreams that are not intercepted: refused because a
+/// blind tunnel would skip their limits, or allowed by `blind_tunnel: true` despite that.
+fn blind_tunnel_notes(config: &Config, text: &str) -> Vec<String> {
+    let mut notes = Vec::new();
+    for (at, upstream) in config.upstreams.iter().enumerate() {
+        if upstream.hosts.is_empty() || upstream.intercept {
+            continue;
+        }
+        let name = &upstream.name;
+        let message = if let Some(refusal) = upstream.blind_tunnel_refusal() {
+            format!("CONNECT to `{name}`'s hosts will be refused (403 blind_tunnel_refused): {refusal}")
+        } else if upstream.blind_tunnel && !upstream.blind_tunnel_skips().is_empty() {
+            format!(
+                "`blind_tunnel: true`: CONNECTs to `{name}`'s hosts are tunnelled blind and skip its {}",
+                upstream.blind_tunnel_skips().join(", ")
+            )
+        } else {
+            continue;
+        };
+        let problem = crate::config::Problem::new(format!("upstreams[{at}]"), message).located_in(text);
+        notes.push(format!("note: {problem}"));
+    }
+    notes
+}
+
 pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
     crate::tls::install_crypto_provider();
     let text =
@@ -165,6 +190,7 @@ pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
     let mut probe = config.clone();
     probe.intercept = None;
     crate::state::Generation::build(probe, None).map_err(located)?;
+    notes.extend(blind_tunnel_notes(&config, &text));
     notes.push(format!(
         "{} upstream(s): {}",
         config.upstreams.len(),

@@ -83,6 +83,10 @@ pub enum ErrorKind {
     TooManyTunnels { max: usize },
     #[error("this client already holds its share of tunnels ({max})")]
     TunnelShareExceeded { max: usize },
+    #[error("no blind tunnel to this upstream: {detail}")]
+    BlindTunnelRefused { detail: String },
+    #[error("method {method} is not allowed: {detail}")]
+    MethodNotAllowed { method: String, detail: String },
     #[error("internal error: {detail}")]
     Internal { detail: String },
 }
@@ -121,7 +125,10 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match *self.kind {
-            ErrorKind::EgressDenied { .. } | ErrorKind::ClientNotAllowed { .. } => StatusCode::FORBIDDEN,
+            ErrorKind::EgressDenied { .. }
+            | ErrorKind::ClientNotAllowed { .. }
+            | ErrorKind::BlindTunnelRefused { .. } => StatusCode::FORBIDDEN,
+            ErrorKind::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ErrorKind::TooManyTunnels { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::NoRoute { .. } => StatusCode::NOT_FOUND,
@@ -151,6 +158,8 @@ impl ProxyError {
             ErrorKind::ProxyAuthRequired => "proxy_auth_required",
             ErrorKind::ClientNotAllowed { .. } => "client_not_allowed",
             ErrorKind::TooManyTunnels { .. } | ErrorKind::TunnelShareExceeded { .. } => "too_many_tunnels",
+            ErrorKind::BlindTunnelRefused { .. } => "blind_tunnel_refused",
+            ErrorKind::MethodNotAllowed { .. } => "method_not_allowed",
             ErrorKind::NoRoute { .. } => "no_route",
             ErrorKind::Malformed { .. } => "malformed_request",
             ErrorKind::RequestBodyTimeout { .. } => "request_timeout",
@@ -173,9 +182,11 @@ impl ProxyError {
     /// The RFC 9209 `error` parameter of `Proxy-Status`.
     pub fn proxy_status_type(&self) -> &'static str {
         match *self.kind {
-            ErrorKind::EgressDenied { .. } | ErrorKind::ClientNotAllowed { .. } | ErrorKind::ProxyAuthRequired => {
-                "http_request_denied"
-            }
+            ErrorKind::EgressDenied { .. }
+            | ErrorKind::ClientNotAllowed { .. }
+            | ErrorKind::ProxyAuthRequired
+            | ErrorKind::BlindTunnelRefused { .. }
+            | ErrorKind::MethodNotAllowed { .. } => "http_request_denied",
             ErrorKind::TooManyTunnels { .. } => "proxy_internal_error",
             ErrorKind::NoRoute { .. } => "destination_not_found",
             ErrorKind::Malformed { .. } | ErrorKind::BodyTooLarge { .. } | ErrorKind::RequestBodyTimeout { .. } => {

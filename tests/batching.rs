@@ -226,8 +226,10 @@ async fn a_per_item_conflict_reaches_only_its_caller() {
     sluice.shutdown().await;
 }
 
+/// The vendor's whole-batch body used to reach every caller as it came; it can quote any
+/// caller's input (security review M4), so each caller now gets sluice's own 502.
 #[tokio::test]
-async fn a_whole_batch_failure_reaches_every_caller() {
+async fn a_whole_batch_failure_gives_every_caller_an_error_of_its_own() {
     let (mock, bulk, sluice) = hubspot(&[create_rule(100, "300ms")]).await;
     let client = direct_client();
     let url = format!("{}/hubspot{CONTACTS}", sluice.proxy_url());
@@ -247,8 +249,10 @@ async fn a_whole_batch_failure_reaches_every_caller() {
         let answers = create_all(&client, &url, &emails(&format!("fail{}", status.as_u16()), 4), |_| None).await;
         assert_eq!(bulk.bulk_count(), 1, "one bulk call, no retries of a create");
         for (got, got_body) in &answers {
-            assert_eq!(*got, status.as_u16(), "{got_body}");
-            assert_eq!(got_body, &body);
+            assert_eq!(*got, 502, "{got_body}");
+            assert_eq!(got_body["error"], "upstream_protocol_error", "{got_body}");
+            assert!(got_body["detail"].as_str().unwrap().contains(&status.as_u16().to_string()), "{got_body}");
+            assert_ne!(got_body, &body, "the vendor's body is not passed on");
         }
     }
     assert!(single_calls(&mock).is_empty());

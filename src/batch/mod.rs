@@ -2,12 +2,18 @@
 //! match a batch rule wait (at most `max_delay`) to be folded into one bulk call, and each caller
 //! still gets its own single answer.
 //!
-//! Calls are grouped by rule, captured path values, query, quota scope and credentials: calls
-//! made with different tokens never share a batch. A batch flushes at `max_items` or `max_delay`
-//! after its first call; the flush goes down the same stack as any request (retry, breaker,
-//! limiter with the bulk route's cost, vendor feedback), so it takes its own quota token. Calls
-//! that opt out (`Sluice-Batch: off`), don't parse as the expected JSON, or are too big pass
-//! through unbatched. Every queue is bounded; a caller that goes away leaves its mates unharmed.
+//! Calls are grouped by rule, captured path values, query, client, and every header that would
+//! travel on the bulk call (credentials, tenant and scope headers, vendor options), compared by
+//! a full SHA-256: calls made with different tokens never share a batch. The bulk call is made
+//! from the rule and those shared headers only, so no caller's own controls (`Sluice-*`,
+//! `Connection`, `Accept`, deadlines) decide it for the others; and a bulk answer that cannot be
+//! split gives each caller an error of its own, never the vendor's body, which may quote the
+//! other callers' inputs. A batch flushes at `max_items` or `max_delay` after its first call;
+//! the flush goes down the same stack as any request (retry, breaker, limiter with the bulk
+//! route's cost, vendor feedback), so it takes its own quota token. Calls that opt out
+//! (`Sluice-Batch: off`), carry a precondition (`If-Match`, ...), don't parse as the expected
+//! JSON, or are too big pass through unbatched. Every queue is bounded; a caller that goes away
+//! leaves its mates unharmed.
 
 pub mod codec;
 
@@ -19,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -29,7 +35,7 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::body::{self, ProxyBody};
-use crate::config::policy::{BatchOp, BatchRule};
+use crate::config::policy::{BatchOp, BatchRule, ScopeKey};
 use crate::config::Upstream;
 use crate::error::{ErrorKind, ProxyError};
 use crate::proxy::route::Routed;
@@ -52,8 +58,49 @@ const MAX_OPEN_BATCHES: usize = 10_000;
 /// Largest bulk answer read for splitting.
 const MAX_BULK_ANSWER: usize = 32 * 1024 * 1024;
 
-/// Headers that identify the caller to the vendor: calls differing in any never share a batch.
-const CREDENTIAL_HEADERS: &[&str] = &["authorization", "x-api-key", "api-key", "cookie", "x-hubspot-api-key"];
+/// Headers that belong to one call, not to what the vendor is asked: each caller's own request
+/// controls, framing, content negotiation and tracing. They are left off the bulk call (which
+/// sets its own) and play no part in grouping. Every other header (credentials such as
+/// `Authorization`, `X-Api-Key` or `Cookie`, tenant headers, vendor options) travels on the
+/// bulk call, so calls share a batch only when all of those are equal. Hop-by-hop headers,
+/// those `Connection` names, and `Sluice-*` are per call too.
+const PER_CALL_HEADERS: &[&str] = &[
+    "accept",
+    "accept-charset",
+    "accept-encoding",
+    "accept-language",
+    "b3",
+    "baggage",
+    "cache-control",
+    "content-encoding",
+    "content-length",
+    "content-type",
+    "date",
+    "expect",
+    "forwarded",
+    "host",
+    "idempotency-key",
+    "pragma",
+    "traceparent",
+    "tracestate",
+    "user-agent",
+    "via",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-spanid",
+    "x-b3-traceid",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "x-request-id",
+];
+
+/// Preconditions hold for one record's single call; a bulk call cannot carry them, so a call
+/// with one goes alone.
+const PRECONDITION_HEADERS: &[&str] =
+    &["if-match", "if-none-match", "if-modified-since", "if-unmodified-since", "if-range"];
 
 #[derive(Clone)]
 pub struct BatchLayer {
@@ -143,6 +190,9 @@ impl Candidate {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "off" | "false" | "0" | "no"));
         if opted_out {
+            return None;
+        }
+        if PRECONDITION_HEADERS.iter().any(|name| request.headers().contains_key(*name)) {
             return None;
         }
         let path = routed.uri.path();
@@ -256,8 +306,101 @@ struct GroupKey {
     rule: usize,
     captures: Vec<(String, String)>,
     query: Vec<(String, String)>,
-    scope: Vec<String>,
-    credentials: String,
+    /// The authenticated client: one client's calls never wait on, or fail with, another's.
+    client: Option<Arc<str>>,
+    /// The caller's address, when a quota is scoped by it.
+    peer: Option<std::net::IpAddr>,
+    /// SHA-256 of the headers the bulk call carries ([`SharedHead`]).
+    head: [u8; 32],
+}
+
+/// The headers every call of a batch sends alike (equal by the group key's hash) and the bulk
+/// call carries, and the request facts the layers below read. Nothing else of any caller's head.
+struct SharedHead {
+    headers: http::HeaderMap,
+    extensions: http::Extensions,
+}
+
+impl SharedHead {
+    /// The part of a call's head that goes on the bulk call; see [`PER_CALL_HEADERS`].
+    fn of(parts: &http::request::Parts, upstream: &Upstream) -> Self {
+        let named_by_connection: Vec<String> = parts
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(|name| name.trim().to_ascii_lowercase())
+            .collect();
+        // What the vendor must see for the bulk call to be counted and authorised as each call
+        // would be, whatever the lists above say.
+        let kept = kept_headers(upstream);
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in &parts.headers {
+            let name_text = name.as_str();
+            let per_call = PER_CALL_HEADERS.contains(&name_text)
+                || name_text.starts_with("sluice-")
+                || crate::proxy::headers::is_hop_by_hop(name)
+                || named_by_connection.iter().any(|named| named == name_text);
+            if !per_call || kept.contains(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        let mut extensions = http::Extensions::new();
+        if let Some(generation) = parts.extensions.get::<Arc<crate::state::Generation>>() {
+            extensions.insert(generation.clone());
+        }
+        if let Some(peer) = parts.extensions.get::<std::net::SocketAddr>() {
+            extensions.insert(*peer);
+        }
+        if let Some(identity) = parts.extensions.get::<crate::security::clients::ClientIdentity>() {
+            extensions.insert(identity.clone());
+        }
+        Self { headers, extensions }
+    }
+
+    /// SHA-256 over the headers, by name, each value in the order sent.
+    fn digest(&self) -> [u8; 32] {
+        let mut names: Vec<&http::HeaderName> = self.headers.keys().collect();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        for name in names {
+            for value in self.headers.get_all(name) {
+                // Names and values never hold NUL or LF, so this framing is unambiguous.
+                context.update(name.as_str().as_bytes());
+                context.update(b"\0");
+                context.update(value.as_bytes());
+                context.update(b"\n");
+            }
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(context.finish().as_ref());
+        out
+    }
+}
+
+/// Headers kept on the bulk call even when they are per call by the rules above: the injected
+/// credential's header, and the headers quota scopes read (so the bulk call is charged to the
+/// callers' bucket).
+fn kept_headers(upstream: &Upstream) -> Vec<http::HeaderName> {
+    let mut kept = Vec::new();
+    if let Some(credentials) = &upstream.credentials {
+        if let Ok(name) = http::HeaderName::from_bytes(credentials.header.trim().as_bytes()) {
+            kept.push(name);
+        }
+    }
+    for quota in &upstream.limits.quotas {
+        for scope in &quota.scope {
+            match scope {
+                ScopeKey::Header(name) | ScopeKey::Credential(name) => kept.push(name.clone()),
+                // Without `clients:`, `proxy_user` is read from the header itself (Forward
+                // strips it before the vendor either way).
+                ScopeKey::ProxyUser => kept.push(http::header::PROXY_AUTHORIZATION),
+                ScopeKey::ClientIp => {}
+            }
+        }
+    }
+    kept
 }
 
 struct Waiter {
@@ -270,8 +413,10 @@ struct Open {
     /// Tells the delay timer which batch it was started for.
     serial: u64,
     waiters: Vec<Waiter>,
-    /// The first call's request head: the bulk call is made with its headers and extensions.
-    template: http::request::Parts,
+    /// What every call of the batch shares: the bulk call is made from it and the rule.
+    head: SharedHead,
+    /// Where the batch goes (the first call's route: the same upstream and rule for all).
+    routed: Routed,
     inner: Inner,
     /// The rule the batch was opened for (read, update and archive may share one path).
     rule: BatchRule,
@@ -318,25 +463,19 @@ impl Batcher {
         inner: Inner,
     ) -> Result<BoxFuture<Reply>, Box<http::request::Parts>> {
         let rule = candidate.rule().clone();
-        let routed_query = parts.extensions.get::<Routed>().and_then(|r| r.uri.query().map(str::to_owned));
+        let Some(routed) = parts.extensions.get::<Routed>().cloned() else {
+            return Err(Box::new(parts));
+        };
+        let head = SharedHead::of(&parts, &candidate.upstream);
+        let by_peer = candidate.upstream.limits.quotas.iter().any(|quota| quota.scope.contains(&ScopeKey::ClientIp));
         let key = GroupKey {
             upstream: candidate.upstream.name.clone(),
             rule: candidate.rule_index,
             captures: candidate.captures.clone(),
-            query: query_pairs(routed_query.as_deref()),
-            scope: candidate
-                .upstream
-                .limits
-                .quotas
-                .iter()
-                .map(|quota| {
-                    let peer = parts.extensions.get::<std::net::SocketAddr>().copied();
-                    let client =
-                        parts.extensions.get::<crate::security::clients::ClientIdentity>().map(|id| id.name.clone());
-                    crate::limit::scope::quota_key_for(&quota.scope, &parts.headers, peer, client.as_deref()).0
-                })
-                .collect(),
-            credentials: credentials_of(&parts.headers),
+            query: query_pairs(routed.uri.query()),
+            client: parts.extensions.get::<crate::security::clients::ClientIdentity>().map(|id| id.name.clone()),
+            peer: parts.extensions.get::<std::net::SocketAddr>().map(|peer| peer.ip()).filter(|_| by_peer),
+            head: head.digest(),
         };
         let serial = self.next_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let trace = format!("sluice-{serial:x}");
@@ -360,7 +499,7 @@ impl Batcher {
                 }
                 open.insert(
                     key.clone(),
-                    Open { serial, waiters: vec![waiter], template: parts, inner, rule: rule.clone() },
+                    Open { serial, waiters: vec![waiter], head, routed, inner, rule: rule.clone() },
                 );
                 let batcher = self.clone();
                 let timer_key = key.clone();
@@ -409,8 +548,7 @@ impl Batcher {
     }
 
     async fn send(&self, batch: Open, reason: FlushReason) {
-        let Open { waiters, template, inner, rule, .. } = batch;
-        let Some(routed) = template.extensions.get::<Routed>().cloned() else { return };
+        let Open { waiters, head, routed, inner, rule, .. } = batch;
         let upstream = routed.upstream.clone();
         let name: &str = &upstream.name;
         self.metrics.batch_size.with_label_values(&[name]).observe(waiters.len() as f64);
@@ -422,7 +560,7 @@ impl Batcher {
             waiter.span.follows_from(&span);
         }
         let items: Vec<Item> = waiters.iter().map(|waiter| waiter.item.clone()).collect();
-        let result = match bulk_request(&rule, &routed, template, &items) {
+        let result = match bulk_request(&rule, &routed, head, &items) {
             Ok(request) => {
                 let exchange: BoxFuture<Result<(http::response::Parts, Bytes), ProxyError>> =
                     Box::pin(exchange(inner, request, upstream.name.clone()));
@@ -469,10 +607,11 @@ impl Batcher {
                             )));
                         }
                     }
-                    // A whole-batch failure reaches every caller as it came.
+                    // A whole-batch failure: its body may quote any caller's input (a vendor's
+                    // validation error names the bad email), so each caller gets its own error.
                     None => {
                         for waiter in waiters {
-                            let _ = waiter.reply.send(Ok(copy_response(&parts, &bytes)));
+                            let _ = waiter.reply.send(Err(whole_batch_failure(&parts, upstream.name.clone())));
                         }
                     }
                 }
@@ -497,27 +636,37 @@ async fn exchange(
     Ok((parts, bytes.to_bytes()))
 }
 
-fn credentials_of(headers: &http::HeaderMap) -> String {
-    let mut material = String::new();
-    for name in CREDENTIAL_HEADERS {
-        for value in headers.get_all(*name) {
-            material.push_str(name);
-            material.push('=');
-            material.push_str(&String::from_utf8_lossy(value.as_bytes()));
-            material.push('\n');
-        }
+/// What each caller gets when the vendor answered the bulk call as a whole, with a status the
+/// codec does not split: a throttle stays a throttle (`429`, the vendor's `Retry-After`), and
+/// anything else is a `502` naming the status. The vendor's body is never passed on.
+fn whole_batch_failure(bulk: &http::response::Parts, upstream: Arc<str>) -> ProxyError {
+    if bulk.status == StatusCode::TOO_MANY_REQUESTS {
+        let mut malformed = 0;
+        let retry_after = crate::vendor::retry_after(&bulk.headers, std::time::SystemTime::now(), &mut malformed)
+            .unwrap_or(Duration::from_secs(1));
+        return ProxyError::new(
+            ErrorKind::RateLimited { quota: "vendor".into(), retry_after, rate_limit: None, policy: None },
+            Some(upstream),
+        );
     }
-    if material.is_empty() {
-        return String::new();
-    }
-    crate::limit::scope::short_hash(&material)
+    ProxyError::new(
+        ErrorKind::UpstreamProtocol {
+            detail: format!(
+                "the vendor answered the bulk call with {} and no per-call results; send this call with \
+                 `Sluice-Batch: off` for its own answer",
+                bulk.status
+            ),
+        },
+        Some(upstream),
+    )
 }
 
-/// The bulk call, made with the first call's head (same credentials, by grouping).
+/// The bulk call: the rule's method and path, the headers all its calls share, and a fresh
+/// body, accept and encoding of its own.
 fn bulk_request(
     rule: &BatchRule,
     routed: &Routed,
-    mut head: http::request::Parts,
+    head: SharedHead,
     items: &[Item],
 ) -> Result<Request<ProxyBody>, ProxyError> {
     let upstream = routed.upstream.clone();
@@ -540,14 +689,18 @@ fn bulk_request(
         ProxyError::new(ErrorKind::Internal { detail: error.to_string() }, Some(upstream.name.clone()))
     })?;
     let body = serde_json::to_vec(&codec::wrap(rule.format, rule.op, items, &query)).unwrap_or_default();
-    head.method = rule.bulk_method.clone();
-    head.headers.remove(CONTENT_LENGTH);
-    head.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let mut request = Request::new(body::full(Bytes::from(body)));
+    *request.method_mut() = rule.bulk_method.clone();
+    *request.uri_mut() = uri.clone();
+    *request.headers_mut() = head.headers;
+    *request.extensions_mut() = head.extensions;
+    let headers = request.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
     // The answer must be read to be split: ask for it uncompressed.
-    head.headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    head.headers.remove("idempotency-key");
-    head.extensions.insert(Routed { upstream, uri });
-    Ok(Request::from_parts(head, body::full(Bytes::from(body))))
+    headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    request.extensions_mut().insert(Routed { upstream, uri });
+    Ok(request)
 }
 
 /// One caller's answer, with the bulk answer's headers (rate-limit state, vendor ids).
@@ -560,6 +713,9 @@ fn single_response(bulk: &http::response::Parts, single: Single) -> Response<Pro
     *response.status_mut() = single.status;
     *response.headers_mut() = bulk.headers.clone();
     response.headers_mut().remove(CONTENT_LENGTH);
+    // These would name one record of the batch, not necessarily this caller's.
+    response.headers_mut().remove(http::header::LOCATION);
+    response.headers_mut().remove(http::header::CONTENT_LOCATION);
     if bytes.is_none() {
         response.headers_mut().remove(CONTENT_TYPE);
     }
@@ -567,21 +723,71 @@ fn single_response(bulk: &http::response::Parts, single: Single) -> Response<Pro
     response
 }
 
-fn copy_response(bulk: &http::response::Parts, bytes: &Bytes) -> Response<ProxyBody> {
-    let mut response = Response::new(body::full(bytes.clone()));
-    *response.status_mut() = bulk.status;
-    *response.headers_mut() = bulk.headers.clone();
-    response.headers_mut().remove(CONTENT_LENGTH);
-    *response.extensions_mut() = bulk.extensions.clone();
-    if bulk.status == StatusCode::NO_CONTENT {
-        *response.body_mut() = body::empty();
-    }
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn upstream() -> Arc<Upstream> {
+        let config = crate::config::Config::from_yaml(
+            "listen: { proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }
+upstreams:
+  - name: hubspot
+    prefix: /hubspot
+    target: 'https://api.hubapi.com'
+    credentials: { header: x-token, value_env: SLUICE_BATCH_UNIT_TOKEN, mode: if_absent }
+    quotas: [{ name: q, limit: 10, per: 1s, key: ['header:user-agent', proxy_user] }]
+",
+        )
+        .unwrap();
+        config.upstreams[0].clone()
+    }
+
+    fn head(headers: &[(&str, &str)]) -> SharedHead {
+        let mut request = Request::post("/hubspot/crm/v3/objects/contacts");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let (parts, ()) = request.body(()).unwrap().into_parts();
+        SharedHead::of(&parts, &upstream())
+    }
+
+    #[test]
+    fn the_bulk_head_carries_only_what_every_call_shares() {
+        let head = head(&[
+            ("authorization", "Bearer a"),
+            ("x-token", "t"),
+            ("x-tenant", "acme"),
+            ("user-agent", "sdk/1"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("sluice-deadline", "0.001"),
+            ("sluice-max-wait", "0"),
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "hop"),
+            ("accept", "application/xml"),
+            ("idempotency-key", "k1"),
+            ("x-request-id", "r1"),
+            ("content-length", "10"),
+        ]);
+        let names: Vec<&str> = head.headers.keys().map(http::HeaderName::as_str).collect();
+        // Credentials, tenant and the scope headers (user-agent, proxy-authorization for proxy_user).
+        assert_eq!(names, ["authorization", "x-token", "x-tenant", "user-agent", "proxy-authorization"]);
+    }
+
+    #[test]
+    fn any_difference_in_shared_headers_is_another_batch() {
+        let a = head(&[("authorization", "Bearer a"), ("x-request-id", "1"), ("accept", "*/*")]).digest();
+        let same = head(&[("x-request-id", "2"), ("authorization", "Bearer a"), ("sluice-deadline", "1")]).digest();
+        assert_eq!(a, same, "per-call headers do not split a batch");
+        for other in [
+            head(&[("authorization", "Bearer b")]),
+            head(&[("authorization", "Bearer a"), ("x-token", "t")]),
+            head(&[("authorization", "Bearer a"), ("cookie", "s=1")]),
+            head(&[("authorization", "Bearer a"), ("x-zendesk-token", "z")]),
+            head(&[("authorization", "Bearer a"), ("connection", "authorization")]),
+        ] {
+            assert_ne!(a, other.digest(), "{:?}", other.headers);
+        }
+    }
 
     #[test]
     fn read_queries() {

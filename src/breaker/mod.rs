@@ -381,9 +381,46 @@ impl Breakers {
 
 // === BreakerLayer ===
 
-/// The breaker an admitted request passed, for the limiter to watch while it queues.
+/// The breaker an admitted request passed, for the limiter to watch while it queues, and the
+/// attempt's one outcome to record. The Limit layer records it before it releases the request's
+/// concurrency slot: a request waiting for that slot must see the breaker the failure opened,
+/// never the slot first.
 #[derive(Clone)]
-pub struct BreakerHandle(pub Arc<Breaker>);
+pub struct BreakerHandle {
+    pub breaker: Arc<Breaker>,
+    attempt: Arc<Attempt>,
+}
+
+/// One admitted attempt: its half-open probe guard, and whether its outcome is recorded.
+struct Attempt {
+    probe: Mutex<Option<ProbeGuard>>,
+    recorded: std::sync::atomic::AtomicBool,
+}
+
+impl BreakerHandle {
+    pub fn opened(&self) -> watch::Receiver<u64> {
+        self.breaker.opened()
+    }
+
+    /// Records the attempt's outcome once (later calls do nothing). Rate limiting (429, sluice's
+    /// or the vendor's) is not a failure, and neither is anything the client caused.
+    pub fn record(&self, result: &Result<http::Response<crate::body::ProxyBody>, crate::error::ProxyError>) {
+        let outcome = match result {
+            Ok(response) if self.breaker.is_failure_status(response.status().as_u16()) => Some(Outcome::Failure),
+            Ok(_) => Some(Outcome::Success),
+            Err(error) if error.is_vendor_failure() => Some(Outcome::Failure),
+            // Refused before reaching the vendor, or the client's own fault (a stalled upload,
+            // a host it named that does not exist): nothing about the vendor's health.
+            Err(_) => None,
+        };
+        let Some(outcome) = outcome else { return };
+        if self.attempt.recorded.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let mut probe = self.attempt.probe.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.breaker.record(outcome, probe.as_mut());
+    }
+}
 
 #[derive(Clone)]
 pub struct BreakerLayer {
@@ -435,7 +472,7 @@ where
             self.layer.breakers.for_request(&routed.upstream, host.as_deref(), &self.layer.metrics)
         });
         let Some(breaker) = breaker else { return Box::pin(self.inner.call(request)) };
-        let mut probe = match breaker.admit() {
+        let probe = match breaker.admit() {
             Ok(probe) => probe,
             Err(retry_after) => {
                 let upstream = Some(breaker.upstream.clone());
@@ -445,21 +482,15 @@ where
                 ))));
             }
         };
-        request.extensions_mut().insert(BreakerHandle(breaker.clone()));
+        let attempt =
+            Arc::new(Attempt { probe: Mutex::new(probe), recorded: std::sync::atomic::AtomicBool::new(false) });
+        let handle = BreakerHandle { breaker, attempt };
+        request.extensions_mut().insert(handle.clone());
         let response: BoxFuture<_> = Box::pin(self.inner.call(request));
         Box::pin(async move {
             let result = response.await;
-            let outcome = match &result {
-                Ok(response) if breaker.is_failure_status(response.status().as_u16()) => Some(Outcome::Failure),
-                Ok(_) => Some(Outcome::Success),
-                Err(error) if error.is_vendor_failure() => Some(Outcome::Failure),
-                // Refused before reaching the vendor, or the client's own fault (a stalled
-                // upload, a host it named that does not exist): nothing about the vendor's health.
-                Err(_) => None,
-            };
-            if let Some(outcome) = outcome {
-                breaker.record(outcome, probe.as_mut());
-            }
+            // Usually recorded already, below (by the Limit layer); this covers the rest.
+            handle.record(&result);
             result
         })
     }

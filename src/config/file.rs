@@ -283,6 +283,10 @@ pub struct UpstreamFile {
     /// Terminate TLS of CONNECT tunnels to these hosts and proxy the requests inside.
     #[serde(default)]
     pub intercept: bool,
+    /// Allow blind (not intercepted) CONNECT tunnels even though they skip this upstream's
+    /// quotas, concurrency cap, credentials and batch rules. Without it such tunnels get 403.
+    #[serde(default)]
+    pub blind_tunnel: bool,
     /// Ports a CONNECT to these hosts may name (the target's port is always allowed).
     #[serde(default = "default_connect_ports")]
     pub connect_ports: Vec<u16>,

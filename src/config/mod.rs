@@ -117,6 +117,12 @@ impl Problem {
         Self { key: key.into(), line: None, message: message.into() }
     }
 
+    /// With the line of its key in `text`, when the key can be found there.
+    pub fn located_in(mut self, text: &str) -> Self {
+        self.line = self.line.or_else(|| locate::line_of(text, &self.key));
+        self
+    }
+
     /// A serde error already says the key path and line in its own words.
     fn parse(message: String, line: Option<usize>) -> Self {
         Self { key: String::new(), line, message }

@@ -177,13 +177,70 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Tokens a request takes: the first matching route's cost, else 1.
+    /// Tokens a request takes: the first matching route's cost, else 1. Routes are matched on
+    /// the [normalised](normalise_path) path, so a costly call spelt another way costs the same.
     pub fn cost(&self, method: &Method, path: &str) -> u64 {
+        if self.routes.is_empty() {
+            return 1;
+        }
+        let path = normalise_path(path);
         self.routes
             .iter()
-            .find(|route| route.method.as_ref().is_none_or(|m| m == method) && route.path.captures(path).is_some())
+            .find(|route| route.method.as_ref().is_none_or(|m| m == method) && route.path.captures(&path).is_some())
             .map_or(1, |route| route.cost)
     }
+}
+
+/// A request path as a vendor's router would read it, for route-cost matching: the query is
+/// dropped, and then each segment loses its `;params`, has its percent-encoded unreserved
+/// characters decoded (RFC 3986 §6.2.2.2) and is lower-cased; empty and `.` segments are
+/// dropped and `..` removes the one before (§5.2.4).
+///
+/// Case is folded for every vendor profile. Salesforce, HubSpot and Dynamics route paths without
+/// regard to case; for a vendor that does not, a case variant of a costly route is a path it
+/// does not serve, and charging that refused call the route's cost loses nothing. Route
+/// patterns are normalised the same way when the config is loaded.
+pub fn normalise_path(path: &str) -> String {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let mut segments: Vec<String> = Vec::new();
+    for raw in path.split('/') {
+        let raw = raw.split(';').next().unwrap_or("");
+        let segment = decode_unreserved(raw).to_ascii_lowercase();
+        match segment.as_str() {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            _ => segments.push(segment),
+        }
+    }
+    format!("/{}", segments.join("/"))
+}
+
+/// Decodes `%XX` escapes of unreserved characters (letters, digits, `-`, `.`, `_`, `~`); other
+/// escapes, and `%` not followed by two hex digits, stay as they are.
+fn decode_unreserved(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = String::with_capacity(segment.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        if bytes[at] == b'%' && at + 2 < bytes.len() {
+            let hex = |b: u8| char::from(b).to_digit(16);
+            if let (Some(high), Some(low)) = (hex(bytes[at + 1]), hex(bytes[at + 2])) {
+                let decoded = u8::try_from(high * 16 + low).unwrap_or(0);
+                if decoded.is_ascii_alphanumeric() || matches!(decoded, b'-' | b'.' | b'_' | b'~') {
+                    out.push(char::from(decoded));
+                    at += 3;
+                    continue;
+                }
+            }
+        }
+        // `at` is always at a char boundary: escapes are ASCII, and other chars are taken whole.
+        let width = segment[at..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&segment[at..at + width]);
+        at += width;
+    }
+    out
 }
 
 pub fn validate_store(raw: &StoreFile, problems: &mut Vec<Problem>) -> Store {
@@ -380,7 +437,13 @@ fn parse_resets_at(text: &str) -> Result<ResetsAt, String> {
 pub fn validate_routes(raw: &[RouteFile], key: &str, problems: &mut Vec<Problem>) -> Vec<RouteCost> {
     let mut routes = Vec::new();
     for (at, route) in raw.iter().enumerate() {
-        match parse_route_match(&route.matches) {
+        // Costs are matched on normalised request paths, so the pattern is normalised too.
+        let parsed = parse_route_match(&route.matches).and_then(|(method, _)| {
+            let text = route.matches.trim();
+            let path = text.split_once(' ').map_or(text, |(_, path)| path.trim());
+            Ok((method, PathPattern::parse(&normalise_path(path))?))
+        });
+        match parsed {
             Ok((method, path)) => {
                 if route.cost == 0 {
                     problems.push(Problem::new(format!("{key}.routes[{at}].cost"), "must be at least 1"));
@@ -583,6 +646,53 @@ mod tests {
         assert_eq!(pattern.captures("/crm/v3/objects"), None);
         let rest = PathPattern::parse("/services/**").unwrap();
         assert!(rest.captures("/services/data/v62.0/sobjects").is_some());
+    }
+
+    fn costs(routes: &[(&str, u64)]) -> Limits {
+        let raw: Vec<RouteFile> =
+            routes.iter().map(|(matches, cost)| RouteFile { matches: (*matches).to_owned(), cost: *cost }).collect();
+        let mut problems = Vec::new();
+        let routes = validate_routes(&raw, "upstreams[0]", &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        limits_of(Vec::new(), OverLimit::Queue, Duration::from_secs(1), None, routes)
+    }
+
+    #[test]
+    fn route_costs_see_the_normalised_path() {
+        let limits = costs(&[("POST /crm/v3/objects/{object}/search", 5), ("GET /services/data/*/query", 3)]);
+        let post = Method::POST;
+        for path in [
+            "/crm/v3/objects/contacts/search",
+            "/crm/v3/objects/contacts//search",
+            "//crm/v3/objects/contacts/search/",
+            "/crm/v3/objects/contacts/%73earch",
+            "/crm/v3/objects/contacts/%73%65%61%72%63%68",
+            "/crm/v3/objects/Contacts/Search",
+            "/CRM/V3/OBJECTS/contacts/search",
+            "/crm/v3/objects/contacts/search;x",
+            "/crm/v3/objects/contacts/search;jsessionid=1/",
+            "/crm/v3/objects/contacts/./search",
+            "/crm/v3/objects/contacts/x/../search",
+            "/crm/v3/objects/contacts/x/%2E%2E/search",
+            "/crm/v3/objects/contacts/search?limit=1",
+        ] {
+            assert_eq!(limits.cost(&post, path), 5, "{path}");
+        }
+        assert_eq!(limits.cost(&post, "/crm/v3/objects/contacts"), 1);
+        assert_eq!(limits.cost(&post, "/crm/v3/objects/contacts/search%2Fx"), 1, "an encoded slash is not a separator");
+        assert_eq!(limits.cost(&Method::GET, "/crm/v3/objects/contacts/search"), 1, "method still matters");
+        assert_eq!(limits.cost(&Method::GET, "/services/data/v62.0/QUERY"), 3);
+        assert_eq!(limits.cost(&Method::GET, "/services/data/v62.0/query/%"), 1, "a stray % is kept, not decoded");
+    }
+
+    #[test]
+    fn patterns_are_normalised_like_paths() {
+        let limits = costs(&[("POST /CRM/v3//objects/Contacts/%73earch/", 7)]);
+        assert_eq!(limits.cost(&Method::POST, "/crm/v3/objects/contacts/search"), 7);
+        assert_eq!(normalise_path(""), "/");
+        assert_eq!(normalise_path("/../.."), "/");
+        assert_eq!(normalise_path("/a/%7e%5F%2d/é"), "/a/~_-/é");
+        assert_eq!(normalise_path("/a%2fb/%zz/%4"), "/a%2fb/%zz/%4");
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub struct Upstream {
     /// Where reverse-mode (prefix) requests go: `target`, else `https://<first host>`.
     pub reverse_target: Option<Target>,
     pub intercept: bool,
+    /// Blind tunnels are allowed even though they skip what [`Upstream::blind_tunnel_skips`] lists.
+    pub blind_tunnel: bool,
     pub connect_ports: Vec<u16>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
@@ -47,6 +49,42 @@ impl Upstream {
     /// Whether a CONNECT to `port` is allowed: a listed port, or the target's own.
     pub fn allows_port(&self, port: u16) -> bool {
         self.connect_ports.contains(&port) || self.target.as_ref().is_some_and(|target| target.port == port)
+    }
+
+    /// What a blind tunnel to this upstream would go around: sluice never sees the requests
+    /// inside one, so it can neither count, cap, credential nor batch them.
+    pub fn blind_tunnel_skips(&self) -> Vec<&'static str> {
+        let mut skipped = Vec::new();
+        if !self.limits.quotas.is_empty() {
+            skipped.push("quotas");
+        }
+        if self.limits.max_concurrency.is_some() {
+            skipped.push("max_concurrency");
+        }
+        if self.credentials.is_some() {
+            skipped.push("credentials");
+        }
+        if !self.batch.is_empty() {
+            skipped.push("batch");
+        }
+        skipped
+    }
+
+    /// Why a CONNECT to this upstream may not become a blind tunnel, if it may not: it is not
+    /// intercepted, has something a tunnel would skip, and does not say `blind_tunnel: true`.
+    pub fn blind_tunnel_refusal(&self) -> Option<String> {
+        if self.intercept || self.blind_tunnel {
+            return None;
+        }
+        let skipped = self.blind_tunnel_skips();
+        if skipped.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "a blind tunnel would skip this upstream's {}: set `intercept: true` to apply them inside tunnels, \
+             or `blind_tunnel: true` to allow tunnels without them",
+            skipped.join(", ")
+        ))
     }
 }
 
@@ -290,6 +328,12 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
         if raw.hosts.is_empty() {
             problems.push(Problem::new(format!("{key}.hosts"), "intercept needs at least one host"));
         }
+        if raw.blind_tunnel {
+            problems.push(Problem::new(
+                format!("{key}.blind_tunnel"),
+                "has no effect with `intercept: true` (tunnels to this upstream are intercepted): remove one",
+            ));
+        }
     }
     for (field, value) in [("connect", raw.timeouts.connect), ("request", raw.timeouts.request)] {
         if value.is_zero() {
@@ -334,6 +378,20 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
         problems.push(Problem::new(format!("{key}.tls"), "client_cert and client_key go together"));
     }
     let batch = super::policy::validate_batch(&raw.batch, &format!("{key}.batch"), problems);
+    // Without a target, a request goes to the host the client named: under a wildcard, any
+    // subdomain, which may be another tenant's or a taken-over one. The credential must not.
+    if let (Some(_), None) = (&raw.credentials, &raw.target) {
+        if let Some(wildcard) = raw.hosts.iter().find(|host| host.trim().starts_with("*.")) {
+            problems.push(Problem::new(
+                format!("{key}.credentials"),
+                format!(
+                    "an upstream with a wildcard host (`{}`) needs a `target` to carry credentials: without one the \
+                     credential goes to whichever subdomain a client names. Set `target`, or list exact hosts",
+                    wildcard.trim()
+                ),
+            ));
+        }
+    }
     let credential_header = match &raw.credentials {
         Some(credentials) => {
             if credentials.value_file.is_some() == credentials.value_env.is_some() {
@@ -377,6 +435,7 @@ fn validate_upstream(raw: &UpstreamFile, key: &str, have_ca: bool, problems: &mu
         target,
         reverse_target,
         intercept: raw.intercept,
+        blind_tunnel: raw.blind_tunnel,
         connect_ports: raw.connect_ports.clone(),
         connect_timeout: raw.timeouts.connect,
         request_timeout: raw.timeouts.request,
@@ -422,6 +481,53 @@ mod tests {
         assert!(!wild.matches("my.salesforce.com"));
         assert!(HostPattern::parse("bad host").is_err());
         assert!(HostPattern::parse("127.0.0.1").is_ok());
+    }
+
+    fn load(upstream: &str) -> Result<super::super::Config, String> {
+        super::super::Config::from_yaml(&format!(
+            "listen: {{ proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }}\nintercept: {{ ca_cert: ca.crt, ca_key: ca.key }}\nupstreams:\n  - {upstream}\n"
+        ))
+        .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn credentials_under_a_wildcard_need_a_target() {
+        let error =
+            load("{ name: zd, hosts: [api.zd.test, '*.zendesk.com'], credentials: { value_env: T } }").unwrap_err();
+        assert!(error.contains("upstreams[0].credentials") && error.contains("`*.zendesk.com`"), "{error}");
+        assert!(load(
+            "{ name: zd, hosts: ['*.zendesk.com'], target: 'https://acme.zendesk.com', credentials: { value_env: T } }"
+        )
+        .is_ok());
+        assert!(load("{ name: zd, hosts: [acme.zendesk.com], credentials: { value_env: T } }").is_ok());
+        assert!(load("{ name: zd, hosts: ['*.zendesk.com'] }").is_ok(), "a wildcard without credentials is fine");
+    }
+
+    #[test]
+    fn blind_tunnel_and_what_it_skips() {
+        let error = load("{ name: hs, hosts: [api.hubapi.com], intercept: true, blind_tunnel: true }").unwrap_err();
+        assert!(error.contains("upstreams[0].blind_tunnel"), "{error}");
+        let config =
+            load("{ name: hs, hosts: [api.hubapi.com], quotas: [{ name: q, limit: 1, per: 1s }], max_concurrency: 2 }")
+                .unwrap();
+        let upstream = &config.upstreams[0];
+        assert_eq!(upstream.blind_tunnel_skips(), ["quotas", "max_concurrency"]);
+        let refusal = upstream.blind_tunnel_refusal().unwrap();
+        assert!(refusal.contains("quotas, max_concurrency") && refusal.contains("blind_tunnel: true"), "{refusal}");
+        let config =
+            load("{ name: hs, hosts: [api.hubapi.com], quotas: [{ name: q, limit: 1, per: 1s }], blind_tunnel: true }")
+                .unwrap();
+        assert_eq!(config.upstreams[0].blind_tunnel_refusal(), None);
+        let config =
+            load("{ name: hs, hosts: [api.hubapi.com], quotas: [{ name: q, limit: 1, per: 1s }], intercept: true }")
+                .unwrap();
+        assert_eq!(config.upstreams[0].blind_tunnel_refusal(), None);
+        let config = load("{ name: hs, hosts: [api.hubapi.com], retry: {}, breaker: {} }").unwrap();
+        assert_eq!(
+            config.upstreams[0].blind_tunnel_refusal(),
+            None,
+            "retries and breakers are not limits a tunnel dodges"
+        );
     }
 
     #[test]

@@ -5,6 +5,14 @@
 //! host, and serves the requests inside through the normal journey (so quotas, metrics and logs
 //! see them). Any other allowed host gets a blind byte tunnel, connected before the 200 so a
 //! dead destination is an honest 502/504 rather than a tunnel that closes at once.
+//!
+//! A blind tunnel is allowed by the CONNECT host, but what crosses it could name another site on
+//! the same address. So sluice reads what the client sends first: a TLS ClientHello must name
+//! the CONNECT host or nothing (`tls::client_hello` follows the handshake until it is
+//! encrypted), and anything that is not TLS is served as plain HTTP by sluice itself, each
+//! request routed by the CONNECT host like inside an intercepted tunnel. And because sluice sees
+//! nothing inside a blind TLS tunnel, an upstream whose quotas, concurrency cap, credentials or
+//! batch rules a tunnel would skip gets none unless it says `blind_tunnel: true`.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +23,7 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -27,6 +35,7 @@ use crate::proxy::stack::synthesize;
 use crate::proxy::ClientConn;
 use crate::state::{Generation, Shared};
 use crate::telemetry::metrics::{status_class, NO_UPSTREAM};
+use crate::tls::client_hello::{self, HandshakeWatcher, Refusal, MAX_CLIENT_HELLO};
 
 /// Answers one CONNECT request; the tunnel itself runs in a tracked task.
 pub async fn handle(
@@ -70,6 +79,9 @@ async fn open(
             return Err(ProxyError::new(ErrorKind::ClientNotAllowed { detail }, Some(name)));
         }
     }
+    if let Some(detail) = upstream.blind_tunnel_refusal() {
+        return Err(ProxyError::new(ErrorKind::BlindTunnelRefused { detail }, Some(name)));
+    }
     // A tunnel holds a slot and its client's share until it closes; past either cap, new
     // tunnels are refused at once (a slot taken for a client over its share goes straight back).
     let tunnel_slot = shared.tunnel_slots.clone().try_acquire_owned().map_err(|_| {
@@ -97,7 +109,7 @@ async fn open(
         let handshake_timeout = generation.config.limits.header_read_timeout;
         let inner = ClientConn {
             peer: conn.peer,
-            via: Via { tunnel_host: Some(Arc::from(host.as_str())), tunnel_port: port },
+            via: Via { tunnel_host: Some(Arc::from(host.as_str())), tunnel_port: port, plaintext: false },
             slot: conn.slot.clone(),
             identity,
         };
@@ -124,7 +136,19 @@ async fn open(
         Some(target) => dial(&upstream, &target.host, target.port, false).await?,
         None => dial(&upstream, &host, port, true).await?,
     };
-    let idle = generation.config.limits.tunnel_idle_timeout;
+    let tunnel = BlindTunnel {
+        upstream: name.clone(),
+        idle: generation.config.limits.tunnel_idle_timeout,
+        hello_within: generation.config.limits.header_read_timeout,
+        // Should the client speak plain HTTP, sluice serves it as this connection.
+        plain: ClientConn {
+            peer: conn.peer,
+            via: Via { tunnel_host: Some(Arc::from(host.as_str())), tunnel_port: port, plaintext: true },
+            slot: conn.slot.clone(),
+            identity,
+        },
+        host,
+    };
     let task_shared = shared.clone();
     // The tunnel outlives the HTTP connection it came from; it keeps that connection's slot.
     let slot = conn.slot.clone();
@@ -134,11 +158,83 @@ async fn open(
         let Ok(upgraded) = hyper::upgrade::on(request).await else { return };
         let gauge = task_shared.metrics.tunnels_open.with_label_values(&["blind"]);
         gauge.inc();
-        let (up, down) = pump(TokioIo::new(upgraded), stream, idle).await;
-        tracing::debug!(%host, bytes_up = up, bytes_down = down, "Tunnel closed.");
+        tunnel.run(TokioIo::new(upgraded), stream, &task_shared).await;
         gauge.dec();
     });
     Ok((established(), name))
+}
+
+/// Most bytes read from a blind tunnel's client before its first ClientHello is complete: one
+/// hello at its largest, split into the smallest records.
+const MAX_FIRST_FLIGHT: usize = 6 * MAX_CLIENT_HELLO;
+
+/// A blind tunnel after its 200: what it was opened for, and how long its client has.
+struct BlindTunnel {
+    host: String,
+    upstream: Arc<str>,
+    idle: Duration,
+    /// The client's first ClientHello must be complete within this (`limits.header_read_timeout`).
+    hello_within: Duration,
+    plain: ClientConn,
+}
+
+impl BlindTunnel {
+    /// Reads the client's first bytes, then pumps TLS (checking its ClientHellos), serves plain
+    /// HTTP itself, or closes the tunnel.
+    async fn run<C>(self, mut client: C, mut destination: TcpStream, shared: &Arc<Shared>)
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let deadline = Instant::now() + self.hello_within;
+        let mut first = Vec::with_capacity(4096);
+        match tokio::time::timeout_at(deadline, client.read_buf(&mut first)).await {
+            Ok(Ok(read)) if read > 0 => {}
+            Ok(_) => return,
+            Err(_) => return self.refuse(shared, "client_hello_timeout", "the client sent nothing"),
+        }
+        if !client_hello::starts_tls(first[0]) {
+            // Not TLS: plain HTTP, served like the inside of an intercepted tunnel (routed by the
+            // CONNECT host whatever the inner `Host`), or a 400 from the HTTP parser.
+            drop(destination);
+            tracing::debug!(host = %self.host, "Plain HTTP in a blind tunnel; serving it.");
+            return crate::listen::serve_http(Prefixed::new(first, client), self.plain, shared.clone()).await;
+        }
+        let mut watcher = HandshakeWatcher::new(&self.host);
+        let mut fed = 0;
+        while watcher.hellos_checked() == 0 {
+            if let Err(refusal) = watcher.feed(&first[fed..]) {
+                return self.refuse(shared, refusal.as_str(), refusal.describe());
+            }
+            fed = first.len();
+            if watcher.hellos_checked() > 0 {
+                break;
+            }
+            if first.len() >= MAX_FIRST_FLIGHT {
+                return self.refuse(shared, Refusal::Oversized.as_str(), Refusal::Oversized.describe());
+            }
+            match tokio::time::timeout_at(deadline, client.read_buf(&mut first)).await {
+                Ok(Ok(read)) if read > 0 => {}
+                Ok(_) => return,
+                Err(_) => return self.refuse(shared, "client_hello_timeout", "no complete ClientHello in time"),
+            }
+        }
+        match tokio::time::timeout(self.idle, destination.write_all(&first)).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+        let mut guarded = HelloGuard { inner: client, watcher, refused: None };
+        let (up, down) = pump(&mut guarded, destination, self.idle).await;
+        if let Some(refusal) = guarded.refused {
+            return self.refuse(shared, refusal.as_str(), refusal.describe());
+        }
+        tracing::debug!(host = %self.host, bytes_up = up, bytes_down = down, "Tunnel closed.");
+    }
+
+    /// Closes the tunnel (by returning), counting and logging why.
+    fn refuse(&self, shared: &Shared, reason: &str, detail: &str) {
+        shared.metrics.tunnels_refused.with_label_values(&[&self.upstream, reason]).inc();
+        tracing::info!(host = %self.host, upstream = &*self.upstream, reason, detail, "Blind tunnel closed: refused handshake.");
+    }
 }
 
 fn established() -> Response<ProxyBody> {
@@ -305,6 +401,85 @@ where
     tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => copied.unwrap_or((0, 0)),
         () = watchdog => (0, 0),
+    }
+}
+
+/// The client side of a blind TLS tunnel: every read is shown to the [`HandshakeWatcher`] before
+/// it is passed on, until the client's encrypted traffic begins. A refused ClientHello ends the
+/// read with an error, so its last byte never reaches the destination.
+struct HelloGuard<T> {
+    inner: T,
+    watcher: HandshakeWatcher,
+    refused: Option<Refusal>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for HelloGuard<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if !this.watcher.done() {
+            if let Err(refusal) = this.watcher.feed(&buf.filled()[before..]) {
+                this.refused = Some(refusal);
+                buf.set_filled(before);
+                return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, refusal.describe())));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for HelloGuard<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Prefixed<T> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    fn new(prefix: Vec<u8>, inner: T) -> Self {
+        Self { prefix, at: 0, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let take = (self.prefix.len() - self.at).min(buf.remaining());
+            let start = self.at;
+            buf.put_slice(&self.prefix[start..start + take]);
+            self.at += take;
+            if self.at == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

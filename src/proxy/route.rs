@@ -36,6 +36,9 @@ pub struct Via {
     pub tunnel_host: Option<Arc<str>>,
     /// The port the CONNECT named (used when the upstream has no `target`).
     pub tunnel_port: u16,
+    /// The tunnel carries plain HTTP (a blind tunnel whose client spoke no TLS), so a
+    /// destination the client picked is `http://`; otherwise it is an intercepted TLS tunnel.
+    pub plaintext: bool,
 }
 
 impl RouteTable {
@@ -86,8 +89,9 @@ impl RouteTable {
 
         if let Some(host) = &via.tunnel_host {
             let upstream = self.by_host(host).ok_or_else(|| denied(host))?;
-            let port = if via.tunnel_port == 0 { 443 } else { via.tunnel_port };
-            let target = destination(upstream, Scheme::Https, host, port)?;
+            let (scheme, default_port) = if via.plaintext { (Scheme::Http, 80) } else { (Scheme::Https, 443) };
+            let port = if via.tunnel_port == 0 { default_port } else { via.tunnel_port };
+            let target = destination(upstream, scheme, host, port)?;
             return Ok(Routed { uri: join(&target, path_and_query)?, upstream: upstream.clone() });
         }
 
@@ -96,10 +100,12 @@ impl RouteTable {
             if let Some(upstream) = self.by_host(host) {
                 let scheme = if uri.scheme() == Some(&UriScheme::HTTPS) { Scheme::Https } else { Scheme::Http };
                 let default_port = if scheme == Scheme::Https { 443 } else { 80 };
-                let port = match authority.as_str().rsplit_once(':').filter(|(_, port)| !port.contains(']')) {
+                // Userinfo (`user:password@`) is never part of the port, nor of any detail.
+                let host_port = authority.as_str().rsplit_once('@').map_or(authority.as_str(), |(_, rest)| rest);
+                let port = match host_port.rsplit_once(':').filter(|(_, port)| !port.contains(']')) {
                     None | Some((_, "")) => default_port,
                     Some((_, text)) => text.parse::<u16>().ok().filter(|port| *port != 0).ok_or_else(|| {
-                        ProxyError::new(ErrorKind::Malformed { detail: format!("invalid port in {authority}") }, None)
+                        ProxyError::new(ErrorKind::Malformed { detail: format!("invalid port for {host}") }, None)
                     })?,
                 };
                 // Without a target the client picks the port: only the scheme's own or allowed ones.
@@ -237,8 +243,21 @@ upstreams:
 
     #[test]
     fn tunnel_host_routes() {
-        let via = Via { tunnel_host: Some("api.hubapi.com".into()), tunnel_port: 443 };
+        let via = Via { tunnel_host: Some("api.hubapi.com".into()), tunnel_port: 443, plaintext: false };
         let routed = table().route(&get("/crm"), &via).unwrap();
         assert_eq!(routed.uri, "http://127.0.0.1:9/crm");
+        // A plain-HTTP tunnel to a host without a target goes where it was opened, over http.
+        let via = Via { tunnel_host: Some("login.salesforce.com".into()), tunnel_port: 80, plaintext: true };
+        let routed = table().route(&get("http://evil.example/x"), &via).unwrap();
+        assert_eq!(routed.uri, "http://login.salesforce.com/x", "the inner authority is ignored");
+    }
+
+    #[test]
+    fn errors_never_echo_userinfo() {
+        let error = table().route(&get("http://user:hunter2@api.hubapi.com:99999/x"), &Via::default()).unwrap_err();
+        assert_eq!(error.code(), "malformed_request");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        let routed = table().route(&get("http://user:hunter2@login.salesforce.com/x"), &Via::default()).unwrap();
+        assert_eq!(routed.uri, "http://login.salesforce.com/x", "userinfo is neither a port nor forwarded");
     }
 }

@@ -311,6 +311,12 @@ fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
             ));
         }
     }
+    if let Some(detail) = refused_method(request.method()) {
+        return Err(ProxyError::new(
+            ErrorKind::MethodNotAllowed { method: request.method().to_string(), detail: detail.into() },
+            Some(routed.upstream.name.clone()),
+        ));
+    }
     if let Some(credential) = generation.credentials.get(&routed.upstream.name) {
         // The secret never travels in clear text to a destination the client chose.
         if routed.upstream.target.is_none() && routed.uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
@@ -338,6 +344,17 @@ fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
         }
     }
     Ok(routed)
+}
+
+/// Methods sluice never forwards, and why. `TRACE` (and IIS's `TRACK`) echo the request back,
+/// injected credential included. A `CONNECT` reaches the stack only inside a tunnel, where it
+/// would ask the vendor to open another tunnel, with the credential, to a host of its choosing.
+fn refused_method(method: &http::Method) -> Option<&'static str> {
+    match method.as_str() {
+        "TRACE" | "TRACK" => Some("it would echo the request, credentials included"),
+        "CONNECT" => Some("a CONNECT inside a tunnel is not forwarded"),
+        _ => None,
+    }
 }
 
 fn internal(detail: &str) -> ProxyError {
@@ -393,7 +410,8 @@ where
             let upstream = routed.upstream.clone();
             let path = routed.uri.path().to_owned();
             let peer = request.extensions().get::<std::net::SocketAddr>().copied();
-            let opened = request.extensions().get::<BreakerHandle>().map(|handle| handle.0.opened());
+            let breaker = request.extensions().get::<BreakerHandle>().cloned();
+            let opened = breaker.as_ref().map(BreakerHandle::opened);
             let client = request.extensions().get::<ClientIdentity>().map(|identity| identity.name.clone());
             let host = routed.uri.host().map(str::to_owned);
             let caller =
@@ -404,7 +422,13 @@ where
             }
             let abandon = admission.permit.is_some().then(|| abandon_rule(&request, &upstream.name, metrics));
             let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(inner.call(request));
-            let mut response = response.await?;
+            let result = response.await;
+            // The breaker hears of this attempt before its slot is free: a request waiting for
+            // the slot then sees the breaker the failure opened.
+            if let Some(breaker) = &breaker {
+                breaker.record(&result);
+            }
+            let mut response = result?;
             if let (Some(permit), Some(abandon)) = (admission.permit.take(), abandon) {
                 response = response.map(|body| crate::body::delivering(body, permit, abandon));
             }

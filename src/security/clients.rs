@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use http::header::PROXY_AUTHORIZATION;
 use http::HeaderMap;
+use subtle::{Choice, ConstantTimeEq};
 
 use crate::config::file_types::ClientFile;
 use crate::config::ConfigError;
@@ -31,7 +32,8 @@ impl ClientIdentity {
 #[derive(Debug, Clone)]
 struct Client {
     name: Arc<str>,
-    user: String,
+    /// SHA-256 of the Basic user name, compared in constant time like the secret.
+    user: [u8; 32],
     secret: Secret,
     upstreams: Arc<[String]>,
 }
@@ -63,25 +65,23 @@ impl SecretFile {
             }
         }
         let text = std::fs::read_to_string(&self.path).ok()?;
-        let mut digest = [0u8; 32];
-        digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, text.trim().as_bytes()).as_ref());
+        let digest = super::digest(text.trim().as_bytes());
         *cached = Some((modified, digest));
         Some(digest)
     }
 }
 
 impl Secret {
-    fn matches(&self, presented: &str) -> bool {
-        let digest = ring::digest::digest(&ring::digest::SHA256, presented.as_bytes());
+    /// Whether the secret's digest is `presented` (a SHA-256), in constant time.
+    fn matches(&self, presented: &[u8; 32]) -> Choice {
         match self {
-            Secret::Sha256(expected) => constant_time_eq(digest.as_ref(), expected),
-            Secret::File(file) => file.digest().is_some_and(|stored| constant_time_eq(digest.as_ref(), &stored)),
+            Secret::Sha256(expected) => presented.ct_eq(expected),
+            Secret::File(file) => match file.digest() {
+                Some(stored) => presented.ct_eq(&stored),
+                None => Choice::from(0),
+            },
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The configured clients, or none (sidecar mode).
@@ -113,7 +113,7 @@ impl Clients {
             };
             clients.push(Client {
                 name: Arc::from(client.name.as_str()),
-                user: client.user.clone().unwrap_or_else(|| client.name.clone()),
+                user: super::digest(client.user.as_deref().unwrap_or(&client.name).as_bytes()),
                 secret,
                 upstreams: client.upstreams.clone().into(),
             });
@@ -143,15 +143,31 @@ impl Clients {
             let decoded = decode_base64(credentials.trim()).ok_or_else(required)?;
             let text = String::from_utf8(decoded).map_err(|_| required())?;
             let (user, password) = text.split_once(':').ok_or_else(required)?;
-            self.clients.iter().find(|client| client.user == user && client.secret.matches(password))
+            let (user, password) = (super::digest(user.as_bytes()), super::digest(password.as_bytes()));
+            self.find(|client| client.user.ct_eq(&user) & client.secret.matches(&password))
         } else if scheme.eq_ignore_ascii_case("bearer") {
-            let token = credentials.trim();
-            self.clients.iter().find(|client| client.secret.matches(token))
+            let token = super::digest(credentials.trim().as_bytes());
+            self.find(|client| client.secret.matches(&token))
         } else {
             None
         };
         let client = client.ok_or_else(required)?;
         Ok(Some(ClientIdentity { name: client.name.clone(), upstreams: client.upstreams.clone() }))
+    }
+}
+
+impl Clients {
+    /// The first client `test` accepts. Every client is tested, matching or not, and each test is
+    /// constant-time, so how long a lookup takes says nothing about which name or secret is valid.
+    fn find(&self, test: impl Fn(&Client) -> Choice) -> Option<&Client> {
+        let mut found = None;
+        for client in &self.clients {
+            let matched: bool = test(client).into();
+            if matched && found.is_none() {
+                found = Some(client);
+            }
+        }
+        found
     }
 }
 

@@ -47,6 +47,9 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// Responses abandoned because the client stopped reading them, by upstream.
     pub responses_abandoned: IntCounterVec,
+    /// Blind tunnels closed for what the client's handshake said, by upstream and reason
+    /// (`sni_mismatch`, `encrypted_client_hello`, `bad_client_hello`, `client_hello_timeout`).
+    pub tunnels_refused: IntCounterVec,
     /// Responses sluice made itself, by error (`egress_denied`, `upstream_timeout`, ...).
     pub proxy_errors: IntCounterVec,
     /// Leaf certificates minted for interception.
@@ -182,6 +185,14 @@ impl Metrics {
                     "Responses abandoned because the client stopped reading them, by upstream.",
                 ),
                 &["upstream"],
+            )
+            .expect("static metric definition"),
+            tunnels_refused: IntCounterVec::new(
+                Opts::new(
+                    "sluice_tunnels_refused_total",
+                    "Blind tunnels closed for what the client's TLS handshake said, by upstream and reason.",
+                ),
+                &["upstream", "reason"],
             )
             .expect("static metric definition"),
             proxy_errors: IntCounterVec::new(
@@ -340,6 +351,7 @@ impl Metrics {
             Box::new(self.connections_refused.clone()),
             Box::new(self.connections_closed.clone()),
             Box::new(self.responses_abandoned.clone()),
+            Box::new(self.tunnels_refused.clone()),
             Box::new(self.proxy_errors.clone()),
             Box::new(self.leaf_certs_minted.clone()),
             Box::new(self.quota_decisions.clone()),

@@ -1,8 +1,10 @@
 //! TLS on both sides of sluice: the interception CA that mints leaf certificates for clients
-//! (`ca`), and the rustls client configuration used towards vendors (`client`).
+//! (`ca`), the rustls client configuration used towards vendors (`client`), and the reading of a
+//! blind tunnel's ClientHello, which sluice checks but never terminates (`client_hello`).
 
 pub mod ca;
 pub mod client;
+pub mod client_hello;
 
 /// Installs ring as rustls' process-wide crypto provider; the first call wins, later ones no-op.
 pub fn install_crypto_provider() {
