@@ -28,6 +28,10 @@ pub enum ErrorKind {
     NoRoute { path: String },
     #[error("malformed request: {detail}")]
     Malformed { detail: String },
+    #[error("request head too large: over {limit} bytes, or over 100 header fields")]
+    HeadTooLarge { limit: usize },
+    #[error("request URI too long")]
+    UriTooLong,
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("cannot connect to upstream: {detail}")]
@@ -86,6 +90,8 @@ impl ProxyError {
             ErrorKind::TooManyTunnels { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::NoRoute { .. } => StatusCode::NOT_FOUND,
             ErrorKind::Malformed { .. } => StatusCode::BAD_REQUEST,
+            ErrorKind::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::UriTooLong => StatusCode::URI_TOO_LONG,
             ErrorKind::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Unreachable { .. } | ErrorKind::Tls { .. } | ErrorKind::UpstreamProtocol { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -107,7 +113,8 @@ impl ProxyError {
             ErrorKind::ClientNotAllowed { .. } => "client_not_allowed",
             ErrorKind::TooManyTunnels { .. } => "too_many_tunnels",
             ErrorKind::NoRoute { .. } => "no_route",
-            ErrorKind::Malformed { .. } => "malformed_request",
+            // The parser's own refusals keep the code clients already match on; the status says which.
+            ErrorKind::Malformed { .. } | ErrorKind::HeadTooLarge { .. } | ErrorKind::UriTooLong => "malformed_request",
             ErrorKind::BodyTooLarge { .. } => "body_too_large",
             ErrorKind::Unreachable { .. } => "upstream_unreachable",
             ErrorKind::Tls { .. } => "upstream_tls_error",
@@ -130,7 +137,10 @@ impl ProxyError {
             }
             ErrorKind::TooManyTunnels { .. } => "proxy_internal_error",
             ErrorKind::NoRoute { .. } => "destination_not_found",
-            ErrorKind::Malformed { .. } | ErrorKind::BodyTooLarge { .. } => "http_request_error",
+            ErrorKind::Malformed { .. }
+            | ErrorKind::HeadTooLarge { .. }
+            | ErrorKind::UriTooLong
+            | ErrorKind::BodyTooLarge { .. } => "http_request_error",
             ErrorKind::Unreachable { ref detail } if detail.contains("dns") => "dns_error",
             ErrorKind::Unreachable { ref detail } if detail.contains("refused") => "connection_refused",
             ErrorKind::Unreachable { .. } => "destination_unavailable",

@@ -41,8 +41,7 @@ use memory::MemoryStore;
 use redis::{LeaseRequest, RedisStore};
 use scope::{QuotaKey, ScopeTable};
 
-/// Request header with which a caller shortens (never lengthens) its own queue wait.
-pub const MAX_WAIT_HEADER: &str = "sluice-max-wait";
+pub use crate::controls::MAX_WAIT_HEADER;
 
 /// Who is asking, as far as quota scopes care.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +50,8 @@ pub struct Caller<'a> {
     pub peer: Option<SocketAddr>,
     /// The authenticated proxy client, when `clients:` are configured.
     pub client: Option<&'a str>,
+    /// The caller's own wait limit (`Sluice-Max-Wait`, parsed and clamped by `controls`).
+    pub max_wait: Option<Duration>,
 }
 
 /// What a request got from the limiter: held until its response head is back.
@@ -220,7 +221,6 @@ impl Limiter {
         caller: Caller<'_>,
         mut breaker_opened: Option<tokio::sync::watch::Receiver<u64>>,
     ) -> Result<Admission, ProxyError> {
-        let headers = caller.headers;
         let limits = &upstream.limits;
         if !watches_vendor(upstream) && limits.quotas.is_empty() && limits.max_concurrency.is_none() {
             return Ok(Admission::default());
@@ -230,11 +230,11 @@ impl Limiter {
             OverLimit::Queue => limits.max_queue_wait,
             OverLimit::Reject => Duration::ZERO,
         };
-        let max_wait = match requested_wait(headers) {
+        let max_wait = match caller.max_wait {
             Some(requested) => requested.min(allowed_wait),
             None => allowed_wait,
         };
-        let deadline = started + max_wait;
+        let deadline = started.checked_add(max_wait).unwrap_or(started);
         let mut admission = Admission { limited: true, ..Admission::default() };
         let name = Some(upstream.name.clone());
         // Whether the request waited at all (for a slot, its reservation or a vendor pause): the
@@ -889,15 +889,6 @@ fn window_tag(quota: &Quota) -> &'static str {
 /// every quota is a fixed window.
 fn tightest_margin(quotas: &[Quota]) -> Option<Duration> {
     quotas.iter().filter(|quota| matches!(quota.window, Window::Rolling)).map(|quota| quota.margin).min()
-}
-
-/// The caller's own wait limit (`Sluice-Max-Wait: 2s`, or plain seconds).
-fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
-    let text = headers.get(MAX_WAIT_HEADER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = text.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(86_400.0)));
-    }
-    humantime::parse_duration(text).ok()
 }
 
 pub fn now_micros() -> Micros {

@@ -98,7 +98,8 @@ where
     let first_request_within = shared.current().config.limits.header_read_timeout;
     let service = ProxyService::new(shared.clone(), conn);
     let started = service.started();
-    let io = guard_io::GuardIo::new(io, service.tunnelled());
+    let head_limit = shared.current().config.limits.max_header_bytes;
+    let io = guard_io::GuardIo::new(io, service.ledger(), head_limit);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     // hyper's header_read_timeout starts only once hyper-util's auto builder has told HTTP/1

@@ -21,6 +21,7 @@ use tower::{Service, ServiceExt};
 
 use crate::body::ProxyBody;
 use crate::listen::connect;
+use crate::listen::guard_io::ResponseLedger;
 use crate::state::Shared;
 use route::Via;
 use stack::HttpStack;
@@ -110,8 +111,9 @@ pub struct ProxyService {
     stack: Arc<std::sync::Mutex<HttpStack>>,
     /// Set when the first request head on this connection has been read.
     started: Arc<AtomicBool>,
-    /// Set once a CONNECT on this connection is answered: from then on it carries a tunnel.
-    tunnelled: Arc<AtomicBool>,
+    /// The responses handed to hyper on this connection, and whether it became a tunnel (a
+    /// CONNECT answered 2xx), for `listen::guard_io`.
+    ledger: Arc<ResponseLedger>,
 }
 
 impl ProxyService {
@@ -122,13 +124,13 @@ impl ProxyService {
             conn: Arc::new(conn),
             stack: Arc::new(std::sync::Mutex::new(stack)),
             started: Arc::new(AtomicBool::new(false)),
-            tunnelled: Arc::new(AtomicBool::new(false)),
+            ledger: Arc::new(ResponseLedger::default()),
         }
     }
 
-    /// Whether the connection has become a tunnel (see `listen::guard_io`).
-    pub fn tunnelled(&self) -> Arc<AtomicBool> {
-        self.tunnelled.clone()
+    /// What this connection's service has answered (see `listen::guard_io`).
+    pub fn ledger(&self) -> Arc<ResponseLedger> {
+        self.ledger.clone()
     }
 
     /// Whether any request head has been read on this connection yet.
@@ -140,7 +142,7 @@ impl ProxyService {
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+    type Future = Tracked;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.started.store(true, Ordering::Relaxed);
@@ -148,14 +150,15 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         if request.method() == Method::CONNECT && self.conn.via.tunnel_host.is_none() {
             let shared = self.shared.clone();
             let conn = self.conn.clone();
-            let tunnelled = self.tunnelled.clone();
-            return Box::pin(async move {
+            let ledger = self.ledger.clone();
+            let answered = Box::pin(async move {
                 let response = connect::handle(request, generation, shared, conn).await;
                 if response.status().is_success() {
-                    tunnelled.store(true, Ordering::Relaxed);
+                    ledger.set_tunnelled();
                 }
                 Ok(response)
             });
+            return Tracked { answered, ledger: self.ledger.clone() };
         }
         let limit = usize::try_from(generation.config.limits.max_body_bytes).unwrap_or(usize::MAX);
         let (mut parts, body) = request.into_parts();
@@ -171,10 +174,30 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         // stack is called in place: no per-request clone of its services, no `Oneshot`. Should a
         // layer ever not be ready, the request waits on its own clone, as tower intends.
         let mut stack = self.stack.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match stack.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
+        let answered = match stack.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
             Poll::Ready(Ok(())) => stack.call(request),
             Poll::Ready(Err(never)) => match never {},
             Poll::Pending => Box::pin(stack.clone().oneshot(request)),
+        };
+        Tracked { answered, ledger: self.ledger.clone() }
+    }
+}
+
+/// A response on its way to hyper, counted in the connection's [`ResponseLedger`] when it is
+/// handed over (and as ended when hyper is done with its body).
+pub struct Tracked {
+    answered: Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>,
+    ledger: Arc<ResponseLedger>,
+}
+
+impl Future for Tracked {
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.answered.as_mut().poll(cx) {
+            Poll::Ready(Ok(response)) => Poll::Ready(Ok(self.ledger.track(response))),
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -24,6 +24,7 @@ use super::headers;
 use super::route::{Routed, Via};
 use crate::batch::{Batch, BatchLayer, Batcher};
 use crate::body::ProxyBody;
+use crate::controls::RequestControls;
 use crate::breaker::{BreakerGate, BreakerHandle, BreakerLayer, Breakers};
 use crate::error::{ErrorKind, ProxyError};
 use crate::limit::{self, Limiter};
@@ -281,8 +282,9 @@ where
     }
 }
 
-/// Who is asking, where to, and whether they may: identity, route, framing and size checks, and
-/// the upstream's injected credential (so batching and quota scopes see what the vendor sees).
+/// Who is asking, where to, and whether they may: identity, route, framing and size checks, the
+/// caller's `Sluice-*` controls (parsed once, into [`RequestControls`]), and the upstream's
+/// injected credential (so batching and quota scopes see what the vendor sees).
 fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
     let generation = request.extensions().get::<Arc<Generation>>().cloned().ok_or_else(|| internal("no generation"))?;
     // A message with both framings is a smuggling attempt (RFC 9112 §6.3). hyper already drops
@@ -321,6 +323,10 @@ fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
         }
         credential.apply(request.headers_mut());
     }
+    let controls = RequestControls::parse(request.headers(), Instant::now()).map_err(|error| {
+        ProxyError::new(ErrorKind::Malformed { detail: error.to_string() }, Some(routed.upstream.name.clone()))
+    })?;
+    request.extensions_mut().insert(controls);
     let limit = generation.config.limits.max_body_bytes;
     let declared = request.headers().get(CONTENT_LENGTH).and_then(|value: &HeaderValue| value.to_str().ok());
     if let Some(declared) = declared {
@@ -392,7 +398,8 @@ where
             let peer = request.extensions().get::<std::net::SocketAddr>().copied();
             let opened = request.extensions().get::<BreakerHandle>().map(|handle| handle.0.opened());
             let client = request.extensions().get::<ClientIdentity>().map(|identity| identity.name.clone());
-            let caller = limit::Caller { headers: request.headers(), peer, client: client.as_deref() };
+            let max_wait = request.extensions().get::<RequestControls>().and_then(|controls| controls.max_wait);
+            let caller = limit::Caller { headers: request.headers(), peer, client: client.as_deref(), max_wait };
             let mut admission = limiter.admit(&upstream, request.method(), &path, caller, opened).await?;
             if let Some(key) = admission.pause_key.take() {
                 request.extensions_mut().insert(PauseKey(key));
