@@ -9,6 +9,7 @@ pub mod mtls;
 pub mod process;
 pub mod raw_http;
 pub mod redis;
+pub mod streaming;
 pub mod vendor;
 
 use std::path::{Path, PathBuf};
