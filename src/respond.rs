@@ -27,7 +27,9 @@ pub fn render_http1(error: &ProxyError) -> Vec<u8> {
     let (head, bytes) = error_message(error);
     let status = head.status;
     let mut out = Vec::with_capacity(256 + bytes.len());
-    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", status.as_str(), status.canonical_reason().unwrap_or("Error")).as_bytes());
+    out.extend_from_slice(
+        format!("HTTP/1.1 {} {}\r\n", status.as_str(), status.canonical_reason().unwrap_or("Error")).as_bytes(),
+    );
     for (name, value) in &head.headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");

@@ -55,7 +55,10 @@ enum Segment {
     HeadLike(usize),
     FrameLike(usize),
     /// `len` pseudo-random bytes from `seed` (large bodies without a huge value tree).
-    Blob { seed: u64, len: usize },
+    Blob {
+        seed: u64,
+        len: usize,
+    },
 }
 
 impl Segment {
@@ -123,10 +126,8 @@ fn pause() -> impl Strategy<Value = u8> {
 fn body() -> impl Strategy<Value = BodySpec> {
     let write = (segment(), prop::option::weighted(0.3, any::<prop::sample::Index>()), (pause(), pause()))
         .prop_map(|(segment, split, pauses)| Write { segment, split, pauses });
-    (prop::collection::vec(write, 0..12), any::<bool>()).prop_map(|(writes, content_length)| BodySpec {
-        writes,
-        content_length,
-    })
+    (prop::collection::vec(write, 0..12), any::<bool>())
+        .prop_map(|(writes, content_length)| BodySpec { writes, content_length })
 }
 
 /// Which way a case goes: door, client protocol, vendor protocol.
@@ -191,7 +192,12 @@ upstreams:
         let mut client = DoorClient::connect(addr, route.door, route.client, host, prefix, &ca).await?;
         let answer = client.send(case, "/files/download", request).await?;
         if answer.status != 200 {
-            return Err(format!("status {} ({:?}): {}", answer.status, answer.headers, String::from_utf8_lossy(&answer.body)));
+            return Err(format!(
+                "status {} ({:?}): {}",
+                answer.status,
+                answer.headers,
+                String::from_utf8_lossy(&answer.body)
+            ));
         }
         let received = vendor.received(case).ok_or("the vendor saw no request")?;
         let wanted_version = match route.vendor {
@@ -202,7 +208,12 @@ upstreams:
             return Err(format!("the vendor was reached over {:?}", received.version));
         }
         if received.body != request.bytes() {
-            return Err(format!("request body changed: sent {} bytes, vendor got {}: {}", request.len(), received.body.len(), first_difference(&request.bytes(), &received.body)));
+            return Err(format!(
+                "request body changed: sent {} bytes, vendor got {}: {}",
+                request.len(),
+                received.body.len(),
+                first_difference(&request.bytes(), &received.body)
+            ));
         }
         if answer.body != response.bytes() {
             return Err(format!(
@@ -228,7 +239,8 @@ upstreams:
 
 fn first_difference(sent: &[u8], got: &[u8]) -> String {
     let at = sent.iter().zip(got).position(|(a, b)| a != b).unwrap_or(sent.len().min(got.len()));
-    let show = |bytes: &[u8]| String::from_utf8_lossy(&bytes[at.min(bytes.len())..(at + 80).min(bytes.len())]).into_owned();
+    let show =
+        |bytes: &[u8]| String::from_utf8_lossy(&bytes[at.min(bytes.len())..(at + 80).min(bytes.len())]).into_owned();
     format!("first difference at byte {at}: sent {:?}, got {:?}", show(sent), show(got))
 }
 

@@ -71,19 +71,20 @@ async fn huge_deadlines_and_waits_are_answered_over_http2() {
     let mock = MockCrm::start().await;
     let sluice = start(&mock).await;
     let addr = sluice.running().proxy_addr;
-    let mut client = DoorClient::connect(addr, Door::Reverse, Proto::Http2, "api.hubapi.com", "/hubspot", &[])
-        .await
-        .unwrap();
+    let mut client =
+        DoorClient::connect(addr, Door::Reverse, Proto::Http2, "api.hubapi.com", "/hubspot", &[]).await.unwrap();
     for (at, (header, value)) in HUGE.iter().enumerate() {
         let case = format!("h2-{at}");
-        let answer = client.request("GET", &case, "/crm/v3/objects/contacts", &Plan::default(), &[(header, value)]).await;
+        let answer =
+            client.request("GET", &case, "/crm/v3/objects/contacts", &Plan::default(), &[(header, value)]).await;
         let answer = answer.unwrap_or_else(|error| panic!("{header}: {value}: {error}"));
         assert_eq!(answer.status, 200, "{header}: {value}");
     }
     // And through the absolute-form door on a fresh HTTP/1.1 connection.
     let mut client = DoorClient::connect(addr, Door::Absolute, Proto::Http1, "api.hubapi.com", "", &[]).await.unwrap();
     for (header, value) in HUGE {
-        let answer = client.request("GET", "abs", "/crm/v3/objects/contacts", &Plan::default(), &[(header, value)]).await;
+        let answer =
+            client.request("GET", "abs", "/crm/v3/objects/contacts", &Plan::default(), &[(header, value)]).await;
         assert_eq!(answer.unwrap().status, 200, "{header}: {value}");
     }
     sluice.shutdown().await;

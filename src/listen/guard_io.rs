@@ -296,10 +296,7 @@ mod tests {
 
     /// A service like `ProxyService`: every response goes through the ledger; `/head` answers
     /// with a body that is hyper's own 400 head, byte for byte, in two parts with a pause.
-    fn serve(
-        io: tokio::io::DuplexStream,
-        chunked: bool,
-    ) -> tokio::task::JoinHandle<Result<(), hyper::Error>> {
+    fn serve(io: tokio::io::DuplexStream, chunked: bool) -> tokio::task::JoinHandle<Result<(), hyper::Error>> {
         let ledger = Arc::new(ResponseLedger::default());
         let io = GuardIo::new(io, ledger.clone(), 8192);
         let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
@@ -307,9 +304,7 @@ mod tests {
             async move {
                 let body = hyper_head_bytes();
                 let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, crate::body::BoxError>>(4);
-                let mut response = Response::new(http_body_util::StreamBody::new(
-                    tokio_stream_of(rx),
-                ).boxed());
+                let mut response = Response::new(http_body_util::StreamBody::new(tokio_stream_of(rx)).boxed());
                 if !chunked {
                     response.headers_mut().insert(http::header::CONTENT_LENGTH, (body.len() + 5).into());
                 }
@@ -374,7 +369,11 @@ mod tests {
         let served = tokio::spawn(builder.serve_connection(hyper_util::rt::TokioIo::new(server), service));
         client.write_all(b"G(T / HTTP/1.1\r\n\r\n").await.unwrap();
         let bytes = read_all(&mut client).await;
-        assert!(matches!(hyper_error(&bytes, 1), Some(ErrorKind::Malformed { .. })), "{}", String::from_utf8_lossy(&bytes));
+        assert!(
+            matches!(hyper_error(&bytes, 1), Some(ErrorKind::Malformed { .. })),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
         let _ = served.await;
     }
 
@@ -408,7 +407,10 @@ mod tests {
             // And then a garbage head on the same connection is still answered as sluice.
             client.write_all(b"G(T / HTTP/1.1\r\n\r\n").await.unwrap();
             let text = String::from_utf8(read_all(&mut client).await).unwrap();
-            assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n") && text.contains("proxy-status: sluice"), "{text}");
+            assert!(
+                text.starts_with("HTTP/1.1 400 Bad Request\r\n") && text.contains("proxy-status: sluice"),
+                "{text}"
+            );
             let _ = served.await;
         }
     }

@@ -194,10 +194,11 @@ async fn answer(request: Request<Incoming>, state: &State) -> Response<Body> {
         }
     };
     state.received.lock().unwrap().insert(case.clone(), Received { version, headers: parts.headers, body });
-    let plan = state.plans.lock().unwrap().get(&case).cloned().unwrap_or_else(|| Plan {
-        pieces: vec![(Duration::ZERO, Bytes::from_static(b"pong"))],
-        content_length: true,
-    });
+    let plan =
+        state.plans.lock().unwrap().get(&case).cloned().unwrap_or_else(|| Plan {
+            pieces: vec![(Duration::ZERO, Bytes::from_static(b"pong"))],
+            content_length: true,
+        });
     let mut response = Response::new(plan.body());
     if let Some(length) = plan.content_length() {
         response.headers_mut().insert(http::header::CONTENT_LENGTH, length);
