@@ -39,6 +39,10 @@ pub enum ErrorKind {
     NoRoute { path: String },
     #[error("malformed request: {detail}")]
     Malformed { detail: String },
+    #[error("request head too large: over {limit} bytes, or over 100 header fields")]
+    HeadTooLarge { limit: usize },
+    #[error("request URI too long")]
+    UriTooLong,
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("cannot connect to upstream: {detail}")]
@@ -134,6 +138,8 @@ impl ProxyError {
             ErrorKind::NoRoute { .. } => StatusCode::NOT_FOUND,
             ErrorKind::Malformed { .. } => StatusCode::BAD_REQUEST,
             ErrorKind::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::UriTooLong => StatusCode::URI_TOO_LONG,
             ErrorKind::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Unreachable { .. }
             | ErrorKind::UnknownHost { .. }
@@ -161,7 +167,8 @@ impl ProxyError {
             ErrorKind::BlindTunnelRefused { .. } => "blind_tunnel_refused",
             ErrorKind::MethodNotAllowed { .. } => "method_not_allowed",
             ErrorKind::NoRoute { .. } => "no_route",
-            ErrorKind::Malformed { .. } => "malformed_request",
+            // The parser's own refusals keep the code clients already match on; the status says which.
+            ErrorKind::Malformed { .. } | ErrorKind::HeadTooLarge { .. } | ErrorKind::UriTooLong => "malformed_request",
             ErrorKind::RequestBodyTimeout { .. } => "request_timeout",
             ErrorKind::UnknownHost { .. } => "unknown_host",
             ErrorKind::BodyTooLarge { .. } => "body_too_large",
@@ -189,9 +196,11 @@ impl ProxyError {
             | ErrorKind::MethodNotAllowed { .. } => "http_request_denied",
             ErrorKind::TooManyTunnels { .. } => "proxy_internal_error",
             ErrorKind::NoRoute { .. } => "destination_not_found",
-            ErrorKind::Malformed { .. } | ErrorKind::BodyTooLarge { .. } | ErrorKind::RequestBodyTimeout { .. } => {
-                "http_request_error"
-            }
+            ErrorKind::Malformed { .. }
+            | ErrorKind::HeadTooLarge { .. }
+            | ErrorKind::UriTooLong
+            | ErrorKind::BodyTooLarge { .. }
+            | ErrorKind::RequestBodyTimeout { .. } => "http_request_error",
             ErrorKind::Unreachable { cause: Unreachable::Dns, .. } | ErrorKind::UnknownHost { .. } => "dns_error",
             ErrorKind::Unreachable { cause: Unreachable::Refused, .. } => "connection_refused",
             ErrorKind::Unreachable { cause: Unreachable::Other, .. } => "destination_unavailable",

@@ -6,6 +6,7 @@
 //! - [`listen`]: 1. ACCEPT. The proxy listener, CONNECT tunnels and TLS interception.
 //! - [`proxy`]: the per-connection service and the journey in `proxy::stack`:
 //!   observe -> respond -> route -> forward.
+//! - [`controls`]: the caller's `Sluice-*` request controls, parsed once in the Route step.
 //! - [`limit`]: 3. LIMIT. Quotas (GCRA, memory or Redis), queueing, concurrency caps.
 //! - [`respond`] and [`error`]: how failures become responses, in one place.
 //! - [`config`]: the YAML file, validation and live reload.
@@ -21,6 +22,7 @@ pub mod batch;
 pub mod body;
 pub mod breaker;
 pub mod config;
+pub mod controls;
 pub mod error;
 pub mod limit;
 pub mod listen;

@@ -15,6 +15,34 @@ use crate::error::{ErrorKind, ProxyError};
 pub const PROXY_NAME: &str = "sluice";
 
 pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
+    let (head, bytes) = error_message(error);
+    Response::from_parts(head, body::full(bytes))
+}
+
+/// The whole HTTP/1.1 response (head and body) for `error`, as bytes, with `Connection: close`:
+/// for the one path that writes sluice's answer without hyper's encoder, the answer to a request
+/// head hyper could not parse (`listen::guard_io`). Same status, headers and JSON as
+/// [`error_response`], which it is built from.
+pub fn render_http1(error: &ProxyError) -> Vec<u8> {
+    let (head, bytes) = error_message(error);
+    let status = head.status;
+    let mut out = Vec::with_capacity(256 + bytes.len());
+    out.extend_from_slice(
+        format!("HTTP/1.1 {} {}\r\n", status.as_str(), status.canonical_reason().unwrap_or("Error")).as_bytes(),
+    );
+    for (name, value) in &head.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("connection: close\r\ncontent-length: {}\r\n\r\n", bytes.len()).as_bytes());
+    out.extend_from_slice(&bytes);
+    out
+}
+
+/// The head and JSON body of sluice's answer to `error`.
+fn error_message(error: &ProxyError) -> (http::response::Parts, Bytes) {
     let detail = error.kind.to_string();
     let body = serde_json::json!({
         "error": error.code(),
@@ -22,8 +50,8 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         "detail": detail,
     });
     let proxy_status = format!("{PROXY_NAME}; error={}; details={}", error.proxy_status_type(), sf_string(&detail));
-    let mut response = json_response(error.status(), &body);
-    let headers = response.headers_mut();
+    let (mut head, bytes) = json_message(error.status(), &body);
+    let headers = &mut head.headers;
     if let Ok(value) = HeaderValue::from_str(&proxy_status) {
         headers.insert("proxy-status", value);
     }
@@ -42,17 +70,22 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
             headers.insert("ratelimit-policy", value.clone());
         }
     }
-    response
+    (head, bytes)
 }
 
 /// A JSON response (admin API and synthetic errors).
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let (head, bytes) = json_message(status, body);
+    Response::from_parts(head, body::full(bytes))
+}
+
+fn json_message(status: StatusCode, body: &serde_json::Value) -> (http::response::Parts, Bytes) {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut response = Response::new(body::full(Bytes::from(bytes)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    let (mut head, ()) = Response::new(()).into_parts();
+    head.status = status;
+    head.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    head.headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    (head, Bytes::from(bytes))
 }
 
 /// An RFC 8941 sf-string: printable ASCII, `"` and `\` escaped, anything else replaced.
@@ -84,6 +117,30 @@ mod tests {
         assert_eq!(response.status(), StatusCode::FORBIDDEN);
         let status = response.headers()["proxy-status"].to_str().unwrap();
         assert!(status.starts_with("sluice; error=http_request_denied; details=\""), "{status}");
+    }
+
+    /// The bytes `guard_io` writes say what `error_response` says, field for field.
+    #[test]
+    fn http1_rendering_matches_the_response() {
+        let error = ProxyError::new(ErrorKind::HeadTooLarge { limit: 8192 }, None);
+        let text = String::from_utf8(render_http1(&error)).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let mut lines = head.split("\r\n");
+        assert_eq!(lines.next(), Some("HTTP/1.1 431 Request Header Fields Too Large"));
+        let response = error_response(&error);
+        let fields: Vec<&str> = lines.collect();
+        for (name, value) in response.headers() {
+            let line = format!("{}: {}", name, value.to_str().unwrap());
+            assert!(fields.contains(&line.as_str()), "{line} missing from {fields:?}");
+        }
+        assert!(fields.contains(&"connection: close"), "{fields:?}");
+        assert!(fields.contains(&format!("content-length: {}", body.len()).as_str()), "{fields:?}");
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "malformed_request");
+        assert_eq!(json["upstream"], serde_json::Value::Null);
+        assert!(json["detail"].as_str().unwrap().contains("8192"), "{json}");
+        let proxy_status = response.headers()["proxy-status"].to_str().unwrap();
+        assert!(proxy_status.starts_with("sluice; error=http_request_error; details="), "{proxy_status}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::body::{self, ProxyBody};
 use crate::breaker::{Breakers, Phase};
 use crate::config::RetryFile;
+use crate::controls::{RequestControls, MAX_CONTROL};
 use crate::error::{ErrorKind, ProxyError};
 use crate::proxy::route::Routed;
 use crate::telemetry::Metrics;
@@ -31,8 +32,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// The budget's sliding window, in one-second buckets.
 const BUDGET_WINDOW_SECS: usize = 10;
 
-/// Request header with which a caller caps the whole time sluice may spend on its request.
-pub const DEADLINE_HEADER: &str = "sluice-deadline";
+pub use crate::controls::DEADLINE_HEADER;
 
 #[derive(Clone)]
 pub struct RetryLayer {
@@ -72,7 +72,8 @@ where
         // our caller) answers directly, with no clone of the stack below and no extra future.
         let routed = request.extensions().get::<Routed>();
         let retries = routed.is_some_and(|routed| routed.upstream.retry.is_some_and(|retry| retry.attempts > 1));
-        if !retries && !request.headers().contains_key(DEADLINE_HEADER) {
+        let asked = request.extensions().get::<RequestControls>().and_then(|controls| controls.deadline);
+        if !retries && asked.is_none() {
             return Box::pin(self.inner.call(request));
         }
         let clone = self.inner.clone();
@@ -87,23 +88,25 @@ where
             let started = Instant::now();
             let host =
                 request.extensions().get::<Routed>().and_then(|routed| routed.uri.host()).map(str::to_ascii_lowercase);
-            let asked = client_deadline(request.headers());
             let policy = upstream.retry.filter(|retry| retry.attempts > 1);
             let Some(policy) = policy else {
                 // No retries; the caller's own deadline still caps the exchange.
                 let response: BoxFuture<_> = Box::pin(inner.oneshot(request));
                 return match asked {
                     None => response.await,
-                    Some(asked) => within(started, started + asked, response, &upstream).await,
+                    Some(asked) => within(started, asked, response, &upstream).await,
                 };
             };
             let budget = layer.budgets.for_upstream(&upstream.name);
             budget.set_ratio(policy.budget);
             budget.record_request();
-            let mut deadline = started + upstream.request_timeout;
-            if let Some(asked) = asked {
-                deadline = deadline.min(started + asked);
-            }
+            // `timeouts.request` is the operator's (validated) word, the caller's deadline is
+            // clamped when parsed; checked all the same, since an overflow here would panic.
+            let ours = started.checked_add(upstream.request_timeout);
+            let deadline = match (ours, asked) {
+                (Some(ours), Some(asked)) => ours.min(asked),
+                (ours, asked) => ours.or(asked).or_else(|| started.checked_add(MAX_CONTROL)).unwrap_or(started),
+            };
             if !repeatable(request.method(), request.headers()) || !fits(&request, policy.max_body_bytes) {
                 let response: BoxFuture<_> = Box::pin(inner.oneshot(request));
                 return within(started, deadline, response, &upstream).await;
@@ -122,12 +125,7 @@ where
                 // Every attempt, queueing in the limiter included, ends by the deadline: a vendor
                 // pause longer than what is left is answered with its Retry-After, not waited out.
                 let left = deadline.saturating_duration_since(Instant::now());
-                if let Ok(value) = http::HeaderValue::from_str(&format!("{:.3}", left.as_secs_f64())) {
-                    let shorter = client_wait(request.headers()).is_none_or(|asked| asked > left);
-                    if shorter {
-                        request.headers_mut().insert(crate::limit::MAX_WAIT_HEADER, value);
-                    }
-                }
+                request.extensions_mut().get_or_insert_default::<RequestControls>().narrow_wait(left);
                 let response: BoxFuture<_> = Box::pin(inner.clone().oneshot(request));
                 let result = within(started, deadline, response, &upstream).await;
                 let Some(reason) = retry_reason(&result) else { return result };
@@ -146,7 +144,8 @@ where
                         delay = delay.max(asked);
                     }
                 }
-                if Instant::now() + delay >= deadline {
+                // The delay may be the vendor's Retry-After: checked, never `Instant + Duration`.
+                if Instant::now().checked_add(delay).is_none_or(|end| end >= deadline) {
                     return result;
                 }
                 if !budget.try_spend() {
@@ -202,25 +201,6 @@ async fn within(
             Some(upstream.name.clone()),
         )),
     }
-}
-
-/// The caller's `Sluice-Max-Wait`, if it sent one.
-fn client_wait(headers: &http::HeaderMap) -> Option<Duration> {
-    let text = headers.get(crate::limit::MAX_WAIT_HEADER)?.to_str().ok()?.trim();
-    text.parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
-        .or_else(|| humantime::parse_duration(text).ok())
-}
-
-fn client_deadline(headers: &http::HeaderMap) -> Option<Duration> {
-    let text = headers.get(DEADLINE_HEADER)?.to_str().ok()?.trim();
-    text.parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(86_400.0)))
-        .or_else(|| humantime::parse_duration(text).ok())
 }
 
 fn retry_reason(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<&'static str> {

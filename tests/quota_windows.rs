@@ -361,3 +361,56 @@ async fn an_absurd_vendor_interval_pauses_for_26_hours_at_most() {
     assert!(ttl > 0 && ttl <= 26 * 3_600_000 + 1_000, "pause key TTL {ttl} ms");
     sluice.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_whatever_scope_values_clients_send() {
+    let mock = MockCrm::start().await;
+    let sluice = TestSluice::start(&config(
+        "",
+        &mock,
+        "    over_limit: reject
+    quotas:
+      - { name: minute, limit: 10, per: 60s, key: [header:x-tenant-id], max_keys: 50 }
+      - { name: daily, limit: 100000, per: 1d, window: fixed, key: [header:x-tenant-id], max_keys: 50 }
+",
+    ))
+    .await;
+    let client = direct_client();
+    let url = format!("{}/hubspot/crm/v3/objects/contacts", sluice.proxy_url());
+    for tenant in 0..600 {
+        let response = client.get(&url).header("x-tenant-id", format!("tenant-{tenant}")).send().await.unwrap();
+        assert_eq!(response.status(), 200, "every fresh tenant has quota");
+    }
+    let quotas: Value = direct_client().get(sluice.admin_url("/quotas")).send().await.unwrap().json().await.unwrap();
+    let buckets = quotas["store"]["buckets_in_memory"].as_u64().unwrap();
+    // Two quotas, each at most 2 x max_keys buckets however many tenants clients invent.
+    assert!(buckets <= 200, "{buckets} buckets for 600 tenants: {quotas}");
+    let metrics = sluice.metrics().await;
+    assert!(metric_value(&metrics, "sluice_quota_scope_evictions_total", &[("quota", "daily")]) >= 500.0);
+    sluice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_window_bucket_expires_when_its_window_ends() {
+    let redis = RedisServer::start();
+    let mock = MockCrm::start().await;
+    let store = format!("store: {{ kind: redis, url: '{}', timeout: 1s, heartbeat: 500ms }}\n", redis.url());
+    let sluice = TestSluice::start(&config(
+        &store,
+        &mock,
+        "    quotas: [{ name: daily, limit: 1000, per: 1d, window: fixed, key: [header:x-tenant-id] }]\n",
+    ))
+    .await;
+    let response =
+        direct_client().get(format!("{}/hubspot/x", sluice.proxy_url())).header("x-tenant-id", "acme").send().await;
+    assert_eq!(response.unwrap().status(), 200);
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*daily@fixed*").query_async(&mut conn).await.unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let ttl_ms: i64 = redis::cmd("PTTL").arg(&keys[0]).query_async(&mut conn).await.unwrap();
+    // Without resets_at a daily window ends at the next UTC midnight.
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let window_left = 86_400_000 - now_ms % 86_400_000;
+    assert!(ttl_ms > 0 && ttl_ms <= window_left + 2_000, "TTL {ttl_ms} ms, window ends in {window_left} ms");
+    sluice.shutdown().await;
+}

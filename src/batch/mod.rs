@@ -37,6 +37,7 @@ use tracing::Instrument;
 use crate::body::{self, ProxyBody};
 use crate::config::policy::{BatchOp, BatchRule, ScopeKey};
 use crate::config::Upstream;
+use crate::controls::RequestControls;
 use crate::error::{ErrorKind, ProxyError};
 use crate::proxy::route::Routed;
 use crate::telemetry::Metrics;
@@ -46,8 +47,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type Inner = BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, ProxyError>;
 type Reply = Result<Response<ProxyBody>, ProxyError>;
 
-/// Request header with which a caller opts out of batching.
-pub const OPT_OUT_HEADER: &str = "sluice-batch";
+pub use crate::controls::BATCH_HEADER as OPT_OUT_HEADER;
 
 /// Largest single body that is batched; bigger calls pass through.
 const MAX_ITEM_BYTES: u64 = 256 * 1024;
@@ -184,11 +184,7 @@ impl Candidate {
         if upstream.batch.is_empty() {
             return None;
         }
-        let opted_out = request
-            .headers()
-            .get(OPT_OUT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "off" | "false" | "0" | "no"));
+        let opted_out = request.extensions().get::<RequestControls>().is_some_and(|controls| !controls.batch);
         if opted_out {
             return None;
         }
@@ -699,6 +695,8 @@ fn bulk_request(
     headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
     // The answer must be read to be split: ask for it uncompressed.
     headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    // The first caller's deadline and wait are its own, not the group's.
+    request.extensions_mut().remove::<RequestControls>();
     request.extensions_mut().insert(Routed { upstream, uri });
     Ok(request)
 }

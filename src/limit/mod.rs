@@ -46,8 +46,7 @@ use memory::MemoryStore;
 use redis::{LeaseRequest, RedisStore};
 use scope::{QuotaKey, ScopeTable};
 
-/// Request header with which a caller shortens (never lengthens) its own queue wait.
-pub const MAX_WAIT_HEADER: &str = "sluice-max-wait";
+pub use crate::controls::MAX_WAIT_HEADER;
 
 /// The longest any vendor pause holds, on every path (a garbled header must not stop traffic
 /// for years).
@@ -62,6 +61,8 @@ pub struct Caller<'a> {
     pub client: Option<&'a str>,
     /// The host the request goes to (vendor pauses are per host on wildcard upstreams).
     pub host: Option<&'a str>,
+    /// The caller's own wait limit (`Sluice-Max-Wait`, parsed and clamped by `controls`).
+    pub max_wait: Option<Duration>,
 }
 
 /// What a request got from the limiter: held until its response head is back.
@@ -303,7 +304,6 @@ impl Limiter {
         caller: Caller<'_>,
         mut breaker_opened: Option<tokio::sync::watch::Receiver<u64>>,
     ) -> Result<Admission, ProxyError> {
-        let headers = caller.headers;
         let limits = &upstream.limits;
         if !watches_vendor(upstream) && limits.quotas.is_empty() && limits.max_concurrency.is_none() {
             return Ok(Admission::default());
@@ -313,7 +313,7 @@ impl Limiter {
             OverLimit::Queue => limits.max_queue_wait,
             OverLimit::Reject => Duration::ZERO,
         };
-        let max_wait = match requested_wait(headers) {
+        let max_wait = match caller.max_wait {
             Some(requested) => requested.min(allowed_wait),
             None => allowed_wait,
         };
@@ -978,7 +978,13 @@ impl Limiter {
             out.push(json!({"name": &*upstream.name, "quotas": quotas}));
         }
         json!({
-            "store": {"kind": match self.store.kind { StoreKind::Memory => "memory", StoreKind::Redis => "redis" }, "mode": self.mode().as_str(), "replicas": self.replicas()},
+            "store": {
+                "kind": match self.store.kind { StoreKind::Memory => "memory", StoreKind::Redis => "redis" },
+                "mode": self.mode().as_str(),
+                "replicas": self.replicas(),
+                // Buckets this process holds (the memory store, or local shares while degraded).
+                "buckets_in_memory": self.local.len(),
+            },
             "upstreams": out,
         })
     }
@@ -1127,15 +1133,6 @@ fn shape_variant(quota: &Quota) -> u8 {
 /// every quota is a fixed window.
 fn tightest_margin(quotas: &[Quota]) -> Option<Duration> {
     quotas.iter().filter(|quota| !matches!(quota.window, Window::Fixed { .. })).map(|quota| quota.margin).min()
-}
-
-/// The caller's own wait limit (`Sluice-Max-Wait: 2s`, or plain seconds), at most a day.
-fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
-    let text = headers.get(MAX_WAIT_HEADER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = text.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(86_400.0)));
-    }
-    humantime::parse_duration(text).ok().map(|wait| wait.min(Duration::from_secs(86_400)))
 }
 
 pub fn now_micros() -> Micros {

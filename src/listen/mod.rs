@@ -108,7 +108,7 @@ where
     let limits = shared.current().config.limits.clone();
     let service = ProxyService::new(shared.clone(), conn);
     let activity = service.activity();
-    let io = guard_io::GuardIo::new(io, service.tunnelled());
+    let io = guard_io::GuardIo::new(io, service.ledger(), limits.max_header_bytes);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let opened = tokio::time::Instant::now();

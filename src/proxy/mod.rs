@@ -20,6 +20,7 @@ use tower::{Service, ServiceExt};
 
 use crate::body::{ConnectionAbort, ProxyBody};
 use crate::listen::connect;
+use crate::listen::guard_io::ResponseLedger;
 use crate::state::Shared;
 use route::Via;
 use stack::HttpStack;
@@ -191,8 +192,9 @@ pub struct ProxyService {
     /// This connection's journey. Locked only to call it (HTTP/2 streams share it); see `call`.
     stack: Arc<std::sync::Mutex<HttpStack>>,
     activity: Arc<Activity>,
-    /// Set once a CONNECT on this connection is answered: from then on it carries a tunnel.
-    tunnelled: Arc<AtomicBool>,
+    /// The responses handed to hyper on this connection, and whether it became a tunnel (a
+    /// CONNECT answered 2xx), for `listen::guard_io`.
+    ledger: Arc<ResponseLedger>,
 }
 
 impl ProxyService {
@@ -203,13 +205,13 @@ impl ProxyService {
             conn: Arc::new(conn),
             stack: Arc::new(std::sync::Mutex::new(stack)),
             activity: Arc::new(Activity::new()),
-            tunnelled: Arc::new(AtomicBool::new(false)),
+            ledger: Arc::new(ResponseLedger::default()),
         }
     }
 
-    /// Whether the connection has become a tunnel (see `listen::guard_io`).
-    pub fn tunnelled(&self) -> Arc<AtomicBool> {
-        self.tunnelled.clone()
+    /// What this connection's service has answered (see `listen::guard_io`).
+    pub fn ledger(&self) -> Arc<ResponseLedger> {
+        self.ledger.clone()
     }
 
     /// What the connection's requests are doing, for `listen::serve_http`.
@@ -221,7 +223,7 @@ impl ProxyService {
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+    type Future = Tracked;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let activity = self.activity.clone();
@@ -236,14 +238,15 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         if request.method() == Method::CONNECT && self.conn.via.tunnel_host.is_none() {
             let shared = self.shared.clone();
             let conn = self.conn.clone();
-            let tunnelled = self.tunnelled.clone();
-            return Box::pin(async move {
+            let ledger = self.ledger.clone();
+            let answered = Box::pin(async move {
                 let response = connect::handle(request, generation, shared, conn).await;
                 if response.status().is_success() {
-                    tunnelled.store(true, Ordering::Relaxed);
+                    ledger.set_tunnelled();
                 }
                 Ok(finish(response, &activity, stream))
             });
+            return Tracked { answered, ledger: self.ledger.clone() };
         }
         let limits = &generation.config.limits;
         let (mut parts, body) = request.into_parts();
@@ -261,16 +264,38 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         // stack is called in place: no per-request clone of its services, no `Oneshot`. Should a
         // layer ever not be ready, the request waits on its own clone, as tower intends.
         let mut stack = self.stack.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let response = match stack.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
+        let answered = match stack.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
             Poll::Ready(Ok(())) => stack.call(request),
             Poll::Ready(Err(never)) => match never {},
             Poll::Pending => Box::pin(stack.clone().oneshot(request)),
         };
-        // HTTP/1 idleness is hyper's business: its future goes back as it is.
-        let Some(stream) = stream else { return response };
-        Box::pin(async move {
-            let Ok(response) = response.await;
-            Ok(finish(response, &activity, Some(stream)))
-        })
+        // HTTP/1 idleness is hyper's business: its future goes on as it is.
+        let answered = match stream {
+            None => answered,
+            Some(stream) => Box::pin(async move {
+                let Ok(response) = answered.await;
+                Ok(finish(response, &activity, Some(stream)))
+            }),
+        };
+        Tracked { answered, ledger: self.ledger.clone() }
+    }
+}
+
+/// A response on its way to hyper, counted in the connection's [`ResponseLedger`] when it is
+/// handed over (and as ended when hyper is done with its body).
+pub struct Tracked {
+    answered: Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>,
+    ledger: Arc<ResponseLedger>,
+}
+
+impl Future for Tracked {
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.answered.as_mut().poll(cx) {
+            Poll::Ready(Ok(response)) => Poll::Ready(Ok(self.ledger.track(response))),
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => Poll::Pending,
+        }
     }
 }

@@ -25,6 +25,7 @@ use super::route::{Routed, Via};
 use crate::batch::{Batch, BatchLayer, Batcher};
 use crate::body::ProxyBody;
 use crate::breaker::{BreakerGate, BreakerHandle, BreakerLayer, Breakers};
+use crate::controls::RequestControls;
 use crate::error::{ErrorKind, ProxyError};
 use crate::limit::{self, Limiter};
 use crate::respond;
@@ -281,8 +282,9 @@ where
     }
 }
 
-/// Who is asking, where to, and whether they may: identity, route, framing and size checks, and
-/// the upstream's injected credential (so batching and quota scopes see what the vendor sees).
+/// Who is asking, where to, and whether they may: identity, route, framing and size checks, the
+/// caller's `Sluice-*` controls (parsed once, into [`RequestControls`]), and the upstream's
+/// injected credential (so batching and quota scopes see what the vendor sees).
 fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
     let generation = request.extensions().get::<Arc<Generation>>().cloned().ok_or_else(|| internal("no generation"))?;
     // A message with both framings is a smuggling attempt (RFC 9112 §6.3). hyper already drops
@@ -327,6 +329,10 @@ fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
         }
         credential.apply(request.headers_mut());
     }
+    let controls = RequestControls::parse(request.headers(), Instant::now()).map_err(|error| {
+        ProxyError::new(ErrorKind::Malformed { detail: error.to_string() }, Some(routed.upstream.name.clone()))
+    })?;
+    request.extensions_mut().insert(controls);
     let limit = generation.config.limits.max_body_bytes;
     let declared = request.headers().get(CONTENT_LENGTH).and_then(|value: &HeaderValue| value.to_str().ok());
     if let Some(declared) = declared {
@@ -414,8 +420,14 @@ where
             let opened = breaker.as_ref().map(BreakerHandle::opened);
             let client = request.extensions().get::<ClientIdentity>().map(|identity| identity.name.clone());
             let host = routed.uri.host().map(str::to_owned);
-            let caller =
-                limit::Caller { headers: request.headers(), peer, client: client.as_deref(), host: host.as_deref() };
+            let max_wait = request.extensions().get::<RequestControls>().and_then(|controls| controls.max_wait);
+            let caller = limit::Caller {
+                headers: request.headers(),
+                peer,
+                client: client.as_deref(),
+                host: host.as_deref(),
+                max_wait,
+            };
             let mut admission = limiter.admit(&upstream, request.method(), &path, caller, opened).await?;
             if let Some(scope) = admission.scope.take() {
                 request.extensions_mut().insert(scope);

@@ -28,7 +28,12 @@ impl Finished {
 
 /// A `sluice` command with no inherited `SLUICE_*` settings, run from `cwd`.
 pub fn sluice_command(args: &[&str], envs: &[(&str, &str)], cwd: &Path) -> Command {
-    let mut command = Command::new(SLUICE_BIN);
+    binary_command(Path::new(SLUICE_BIN), args, envs, cwd)
+}
+
+/// [`sluice_command`] for another build of the binary (e.g. the release one).
+pub fn binary_command(binary: &Path, args: &[&str], envs: &[(&str, &str)], cwd: &Path) -> Command {
+    let mut command = Command::new(binary);
     command.args(args).current_dir(cwd);
     for name in ["SLUICE_CONFIG", "SLUICE_LOG", "SLUICE_LOG_FORMAT"] {
         command.env_remove(name);
@@ -85,7 +90,12 @@ pub struct SluiceProcess {
 
 impl SluiceProcess {
     pub fn spawn(args: &[&str], envs: &[(&str, &str)], cwd: &Path) -> Self {
-        let mut child = sluice_command(args, envs, cwd)
+        Self::spawn_binary(Path::new(SLUICE_BIN), args, envs, cwd)
+    }
+
+    /// [`SluiceProcess::spawn`] of another build of the binary.
+    pub fn spawn_binary(binary: &Path, args: &[&str], envs: &[(&str, &str)], cwd: &Path) -> Self {
+        let mut child = binary_command(binary, args, envs, cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
