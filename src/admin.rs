@@ -301,7 +301,8 @@ async fn route(
         }
         (&Method::GET, "/quotas") => {
             let generation = shared.current();
-            let mut quotas = shared.limiter.snapshot(&generation.config.upstreams).await;
+            let snapshot = shared.limiter.snapshot(&generation.config.upstreams).await;
+            let mut quotas = serde_json::to_value(snapshot).unwrap_or_default();
             if !privileged {
                 hash_scopes(&mut quotas);
             }

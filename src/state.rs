@@ -113,6 +113,8 @@ pub struct Shared {
     /// Circuit breakers by upstream; kept across reloads while their settings are unchanged.
     pub breakers: Arc<crate::breaker::Breakers>,
     pub retry_budgets: Arc<crate::retry::RetryBudgets>,
+    /// Throttles in a row per upstream, for the Feedback layer's backoff.
+    pub throttles: Arc<crate::vendor::feedback::Throttles>,
     /// Batches being filled, shared by all connections.
     pub batcher: Arc<crate::batch::Batcher>,
     /// `limits.max_tunnels`, held by each open tunnel.
@@ -143,6 +145,7 @@ impl Shared {
             limiter,
             breakers: Arc::default(),
             retry_budgets: Arc::default(),
+            throttles: Arc::default(),
             batcher,
             tunnel_slots,
             tunnel_shares: Arc::default(),
@@ -160,6 +163,7 @@ impl Shared {
             limiter: self.limiter.clone(),
             breakers: self.breakers.clone(),
             budgets: self.retry_budgets.clone(),
+            throttles: self.throttles.clone(),
             batcher: self.batcher.clone(),
         }
     }

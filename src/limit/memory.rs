@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::decide::{self, Decision, Micros, Rule, State};
+use super::store::{Ask, QuotaStore, StoreError};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -185,6 +186,31 @@ impl MemoryStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, Buckets> {
         // The map holds plain numbers: still consistent if another thread panicked mid-decision.
         self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The memory store never fails: every answer is `Ok`.
+impl QuotaStore for MemoryStore {
+    async fn decide(&self, ask: Ask<'_>) -> Result<(Decision, i64), StoreError> {
+        let cost = ask.rules.first().map_or(1, |(_, cost)| *cost);
+        Ok((MemoryStore::decide(self, ask.keys, ask.pause_key, ask.rules, ask.now, ask.max_wait), cost))
+    }
+
+    async fn pause(&self, key: &str, hold: Micros, outage: bool, now: Micros) -> Result<(), StoreError> {
+        MemoryStore::pause(self, key, now.saturating_add(hold), outage);
+        Ok(())
+    }
+
+    async fn pause_remaining(&self, key: &str, now: Micros) -> Result<Option<(Micros, bool)>, StoreError> {
+        Ok(self.paused_until(key, now).map(|(until, outage)| (until - now, outage)))
+    }
+
+    async fn adopt(&self, key: &str, rule: &Rule, remaining: i64, now: Micros) -> Result<bool, StoreError> {
+        Ok(MemoryStore::adopt(self, key, rule, remaining, now))
+    }
+
+    async fn peek(&self, keys: &[String], now: Micros) -> Result<Vec<State>, StoreError> {
+        Ok(MemoryStore::peek(self, keys, now))
     }
 }
 

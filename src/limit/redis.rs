@@ -67,6 +67,7 @@ use redis::IntoConnectionInfo;
 
 use super::decide::{Decision, Micros, Rule, Standing, State};
 use super::rolling::Admissions;
+use super::store::{Ask, QuotaStore, SharedStore};
 use crate::config::Store;
 
 const DECIDE_SCRIPT: &str = concat!(include_str!("quota.lua"), include_str!("decide.lua"));
@@ -107,39 +108,7 @@ redis.call('SET', KEYS[1], value, 'PX', math.ceil((until_at - now) / 1000) + 100
 return 1
 ";
 
-/// Tokens a decision may take ahead for this replica (see "Leases" in the module doc).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LeaseRequest {
-    /// Tokens wanted beyond the request's own cost; 0 asks for none.
-    pub extra: i64,
-    /// How long the lease lives (microseconds): no fixed window may end within it.
-    pub lasts: Micros,
-}
-
-/// Why a Redis call failed; the limiter then applies `on_failure`.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("redis is not connected")]
-    NotConnected,
-    #[error("redis did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("unexpected reply from the quota script")]
-    BadReply,
-}
-
-impl StoreError {
-    /// Bounded label for the store errors metric.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            StoreError::NotConnected => "not_connected",
-            StoreError::Timeout(_) => "timeout",
-            StoreError::Redis(_) => "redis_error",
-            StoreError::BadReply => "bad_reply",
-        }
-    }
-}
+pub use super::store::{LeaseRequest, StoreError};
 
 #[derive(Clone)]
 enum Conn {
@@ -473,6 +442,64 @@ impl RedisStore {
     /// The last known number of live replicas (at least 1).
     pub fn replicas(&self) -> u64 {
         self.replicas.load(Ordering::Relaxed).max(1)
+    }
+}
+
+impl QuotaStore for RedisStore {
+    async fn decide(&self, ask: Ask<'_>) -> Result<(Decision, i64), StoreError> {
+        // Redis decides in its own time (`TIME`), whatever the caller's clock says.
+        self.decide_leasing(ask.keys, ask.pause_key, ask.rules, ask.max_wait, 0, ask.lease).await
+    }
+
+    async fn pause(&self, key: &str, hold: Micros, outage: bool, _now: Micros) -> Result<(), StoreError> {
+        let cap = i64::try_from(super::MAX_PAUSE.as_micros()).unwrap_or(i64::MAX);
+        RedisStore::pause(self, key, hold, outage, cap).await
+    }
+
+    async fn pause_remaining(&self, key: &str, _now: Micros) -> Result<Option<(Micros, bool)>, StoreError> {
+        RedisStore::pause_remaining(self, key).await
+    }
+
+    async fn adopt(&self, key: &str, rule: &Rule, remaining: i64, _now: Micros) -> Result<bool, StoreError> {
+        RedisStore::adopt(self, key, rule, remaining, 0).await
+    }
+
+    async fn peek(&self, keys: &[String], _now: Micros) -> Result<Vec<State>, StoreError> {
+        self.peek_states(keys).await
+    }
+}
+
+impl SharedStore for RedisStore {
+    async fn reconnect(&self) -> Result<(), StoreError> {
+        RedisStore::reconnect(self).await
+    }
+
+    fn drop_connection(&self) {
+        RedisStore::drop_connection(self);
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        RedisStore::ping(self).await
+    }
+
+    async fn heartbeat(&self) -> Result<u64, StoreError> {
+        RedisStore::heartbeat(self).await
+    }
+
+    async fn leave(&self) {
+        RedisStore::leave(self).await;
+    }
+
+    fn replicas(&self) -> u64 {
+        RedisStore::replicas(self)
+    }
+
+    async fn time(&self) -> Result<Micros, StoreError> {
+        RedisStore::time(self).await
+    }
+
+    async fn merge(&self, key: &str, rule: &Rule, state: &State) -> Result<i64, StoreError> {
+        RedisStore::merge(self, key, rule, state, 0).await
     }
 }
 

@@ -52,12 +52,13 @@ pub struct StackParts {
     pub limiter: Arc<Limiter>,
     pub breakers: Arc<Breakers>,
     pub budgets: Arc<RetryBudgets>,
+    pub throttles: Arc<crate::vendor::feedback::Throttles>,
     pub batcher: Arc<Batcher>,
 }
 
 /// Builds the journey. The order is the contract; each line says why it stands where it does.
 pub fn http_stack(parts: StackParts) -> HttpStack {
-    let StackParts { metrics, limiter, breakers, budgets, batcher } = parts;
+    let StackParts { metrics, limiter, breakers, budgets, throttles, batcher } = parts;
     ServiceBuilder::new()
         // Outermost: sees every final response, synthetic ones included, for metrics and logs,
         // and gives each request its id before anything else can log.
@@ -78,7 +79,7 @@ pub fn http_stack(parts: StackParts) -> HttpStack {
         // work, and reports the caller's standing in `RateLimit` and `Server-Timing`.
         .layer(LimitLayer { limiter: limiter.clone(), metrics: metrics.clone() })
         // Every attempt's response is read for the vendor's own quota signals (pauses, limits).
-        .layer(FeedbackLayer { limiter, metrics: metrics.clone() })
+        .layer(FeedbackLayer { limiter, throttles, metrics: metrics.clone() })
         // Innermost: the pooled client call, timed per attempt.
         .service(Forward { metrics })
 }

@@ -80,7 +80,45 @@ async fn read_prefix(mut body: ProxyBody, cap: u64) -> Result<(ProxyBody, Option
 #[derive(Clone)]
 pub struct FeedbackLayer {
     pub limiter: Arc<Limiter>,
+    pub throttles: Arc<Throttles>,
     pub metrics: Arc<Metrics>,
+}
+
+/// Throttles in a row per upstream: a throttle with no stated end backs off exponentially, with
+/// full jitter, and a success ends the streak. Outlives reloads (it is in `state::Shared`).
+#[derive(Default)]
+pub struct Throttles {
+    streaks: std::sync::Mutex<std::collections::HashMap<Arc<str>, u32>>,
+}
+
+impl Throttles {
+    /// The next backoff for a throttle with no stated end: full jitter over an exponential cap.
+    pub fn backoff(&self, upstream: &crate::config::Upstream) -> Duration {
+        let streak = {
+            let mut streaks = self.lock();
+            let streak = streaks.entry(upstream.name.clone()).or_insert(0);
+            *streak = streak.saturating_add(1);
+            *streak
+        };
+        let (base, cap) = match &upstream.retry {
+            Some(retry) => (retry.backoff, retry.max_backoff.max(retry.backoff)),
+            None => (Duration::from_secs(1), Duration::from_secs(60)),
+        };
+        let ceiling = base.saturating_mul(1u32 << streak.min(16)).min(cap);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+
+    /// A success from the vendor ends a throttle streak.
+    pub fn vendor_ok(&self, upstream: &crate::config::Upstream) {
+        if let Some(streak) = self.lock().get_mut(&upstream.name) {
+            *streak = 0;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Arc<str>, u32>> {
+        // Plain counters: still consistent if another thread panicked while holding the lock.
+        self.streaks.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl<S> Layer<S> for FeedbackLayer {
@@ -160,12 +198,12 @@ where
                 let (hold, reason) = match (throttle.pause, throttle.class) {
                     (Some(pause), _) => (pause, if has_retry_after { "retry_after" } else { "profile" }),
                     (None, ThrottleClass::Daily) => (DAILY_PROBE_EVERY, "daily"),
-                    (None, _) => (layer.limiter.backoff(&upstream), "backoff"),
+                    (None, _) => (layer.throttles.backoff(&upstream), "backoff"),
                 };
                 let outage = status.is_server_error();
                 layer.limiter.pause(&upstream, &scope.pause_key, hold, reason, outage).await;
             } else if status.is_success() || status.is_redirection() {
-                layer.limiter.vendor_ok(&upstream);
+                layer.throttles.vendor_ok(&upstream);
                 let mut pause_for: Option<Duration> = None;
                 for window in &observation.windows {
                     let Some(remaining) = window.remaining else { continue };

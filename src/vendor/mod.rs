@@ -191,7 +191,7 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime, malformed: &mut u32) ->
 }
 
 /// No vendor pause is trusted beyond a day and a bit: a garbled header must not stop traffic for years.
-pub const MAX_PAUSE_SECS: u64 = 26 * 3600;
+pub const MAX_PAUSE_SECS: u64 = crate::limit::MAX_PAUSE.as_secs();
 
 /// A non-negative integer header; present but garbled counts as malformed.
 pub fn header_u64(headers: &HeaderMap, name: &str, malformed: &mut u32) -> Option<u64> {
