@@ -17,9 +17,9 @@
 
 use super::gcra::Pace;
 use super::rolling::{Admissions, Window};
+use super::window::Counts;
 
-/// Microseconds since the Unix epoch (Redis `TIME` for shared decisions, the local clock otherwise).
-pub type Micros = i64;
+pub use super::measure::{Micros, Standing};
 
 /// `retry_after` of a request that can never conform (2^50 us, about 35 years); `NEVER` in decide.lua.
 pub const NEVER: Micros = 1 << 50;
@@ -55,7 +55,7 @@ pub enum State {
     /// Smooth: the theoretical arrival time.
     Tat(Micros),
     /// Fixed: counts of (up to) two windows by their start.
-    Counts { first: (Micros, i64), second: (Micros, i64) },
+    Counts(Counts),
     /// Rolling: what the scope admitted (see `rolling`).
     Admissions(Admissions),
 }
@@ -74,16 +74,13 @@ impl State {
             _ => None,
         }
     }
-}
 
-/// What one quota reports after a decision, for `RateLimit` headers and `/quotas`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Standing {
-    /// Requests (cost 1) that would be taken at once right after this decision.
-    pub remaining: i64,
-    /// Microseconds until the quota is whole again (bucket full, window reset, or the newest
-    /// admission out of the rolling window).
-    pub reset_in: Micros,
+    fn counts(&self) -> Option<&Counts> {
+        match self {
+            State::Counts(counts) => Some(counts),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +101,7 @@ pub fn earliest(rule: &Rule, state: &State, cost: i64, at: Micros) -> Option<Mic
     match rule {
         Rule::Rolling(window) => window.earliest(state.admissions().unwrap_or(&EMPTY), cost, at),
         Rule::Smooth(pace) => pace.earliest(state.tat(), cost, at),
-        Rule::Fixed { limit, bounds } => super::window::earliest(*limit, bounds, state, cost, at),
+        Rule::Fixed { limit, bounds } => super::window::earliest(*limit, bounds, state.counts(), cost, at),
     }
 }
 
@@ -120,7 +117,7 @@ pub fn charge(rule: &Rule, state: &mut State, cost: i64, at: Micros, now: Micros
             }
         }
         Rule::Smooth(pace) => *state = State::Tat(pace.charge(state.tat(), cost, at)),
-        Rule::Fixed { bounds, .. } => *state = super::window::charge(bounds, state, cost, at),
+        Rule::Fixed { bounds, .. } => *state = State::Counts(super::window::charge(bounds, state.counts(), cost, at)),
     }
 }
 
@@ -129,7 +126,7 @@ pub fn standing(rule: &Rule, state: &State, now: Micros) -> Standing {
     match rule {
         Rule::Rolling(window) => window.standing(state.admissions().unwrap_or(&EMPTY), now),
         Rule::Smooth(pace) => pace.standing(state.tat(), now),
-        Rule::Fixed { limit, bounds } => super::window::standing(*limit, bounds, state, now),
+        Rule::Fixed { limit, bounds } => super::window::standing(*limit, bounds, state.counts(), now),
     }
 }
 
@@ -153,7 +150,13 @@ pub fn adopt(rule: &Rule, state: &mut State, remaining: i64, now: Micros) -> boo
             }
             None => false,
         },
-        Rule::Fixed { limit, bounds } => super::window::adopt(*limit, bounds, state, remaining, now),
+        Rule::Fixed { limit, bounds } => match super::window::adopt(*limit, bounds, state.counts(), remaining, now) {
+            Some(counts) => {
+                *state = State::Counts(counts);
+                true
+            }
+            None => false,
+        },
     }
 }
 
@@ -166,7 +169,7 @@ pub fn expires_at(rule: &Rule, state: &State, now: Micros) -> Micros {
             None => now,
         },
         (Rule::Smooth(_), State::Tat(tat)) => *tat,
-        (Rule::Fixed { bounds, .. }, state) => super::window::ends(bounds, state).unwrap_or(now),
+        (Rule::Fixed { bounds, .. }, State::Counts(counts)) => super::window::ends(bounds, counts).unwrap_or(now),
         _ => now,
     }
 }

@@ -24,7 +24,7 @@
 //! That cost is why this shape is opt-in: a vendor that counts a rolling window accepts a full
 //! burst of L, which `rolling` delivers.
 
-use super::decide::{Micros, Standing};
+use super::measure::{Micros, Standing};
 
 /// One paced quota: the emission interval T and the tolerance τ (microseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,6 +28,7 @@ pub mod gcra;
 pub mod headers;
 pub mod keys;
 pub mod lease;
+pub mod measure;
 pub mod memory;
 pub mod redis;
 pub mod rolling;

@@ -68,6 +68,7 @@ use redis::IntoConnectionInfo;
 use super::decide::{Decision, Micros, Rule, Standing, State};
 use super::rolling::Admissions;
 use super::store::{Ask, QuotaStore, SharedStore};
+use super::window::Counts;
 use crate::config::Store;
 
 const DECIDE_SCRIPT: &str = concat!(include_str!("quota.lua"), include_str!("decide.lua"));
@@ -308,7 +309,7 @@ impl RedisStore {
         let pairs: Vec<(Micros, i64)> = match state {
             State::Empty => return Ok(0),
             State::Tat(tat) => vec![(*tat, 0)],
-            State::Counts { first, second } => vec![*first, *second],
+            State::Counts(counts) => vec![counts.first, counts.second],
             State::Admissions(record) => record.entries.clone(),
         };
         let conn = self.conn()?;
@@ -394,8 +395,8 @@ impl RedisStore {
                             counts.sort_unstable_by_key(|count| std::cmp::Reverse(count.0));
                             match counts.as_slice() {
                                 [] => State::Empty,
-                                [first] => State::Counts { first: *first, second: (0, 0) },
-                                [first, second, ..] => State::Counts { first: *first, second: *second },
+                                [first] => State::Counts(Counts { first: *first, second: (0, 0) }),
+                                [first, second, ..] => State::Counts(Counts { first: *first, second: *second }),
                             }
                         }
                     }

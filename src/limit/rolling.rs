@@ -57,7 +57,7 @@
 //! cheaper request may take a slot a dearer one cannot use yet), and only those whose slot
 //! came wake up: no thundering herd.
 
-use super::decide::{Micros, Standing};
+use super::measure::{Micros, Standing};
 
 /// Limits up to this many tokens per window keep an exact log of admission times.
 pub const EXACT_LOG_MAX: u64 = 1024;

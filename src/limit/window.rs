@@ -11,7 +11,7 @@
 use jiff::civil::Date;
 use jiff::Timestamp;
 
-use super::decide::{Micros, Standing, State};
+use super::measure::{Micros, Standing};
 use crate::config::policy::ResetsAt;
 
 /// Four consecutive window starts: the previous window, the current one, the next, and its end.
@@ -29,8 +29,32 @@ pub fn bounds(per_micros: i64, resets_at: Option<&ResetsAt>, now: Micros) -> [Mi
     }
 }
 
+/// A fixed quota's counts of (up to) two windows, by their start: the window charged last and
+/// the most recent other one (a reservation in the next window must not forget the current one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub first: (Micros, i64),
+    pub second: (Micros, i64),
+}
+
+impl Counts {
+    fn count_in(&self, start: Micros) -> i64 {
+        if self.first.0 == start {
+            self.first.1
+        } else if self.second.0 == start {
+            self.second.1
+        } else {
+            0
+        }
+    }
+}
+
+fn count_in(counts: Option<&Counts>, start: Micros) -> i64 {
+    counts.map_or(0, |counts| counts.count_in(start))
+}
+
 /// Earliest time >= `at` at which `cost` fits in a window (current or next); `None` if never.
-pub fn earliest(limit: i64, bounds: &[Micros; 4], state: &State, cost: i64, at: Micros) -> Option<Micros> {
+pub fn earliest(limit: i64, bounds: &[Micros; 4], counts: Option<&Counts>, cost: i64, at: Micros) -> Option<Micros> {
     if cost > limit {
         return None;
     }
@@ -38,68 +62,43 @@ pub fn earliest(limit: i64, bounds: &[Micros; 4], state: &State, cost: i64, at: 
     bounds[first..3]
         .iter()
         .map(|&start| (start, at.max(start)))
-        .find_map(|(start, when)| (count_in(state, start) + cost <= limit).then_some(when))
+        .find_map(|(start, when)| (count_in(counts, start) + cost <= limit).then_some(when))
 }
 
-/// The state after charging `cost` at `at` (which must conform).
-pub fn charge(bounds: &[Micros; 4], state: &State, cost: i64, at: Micros) -> State {
+/// The counts after charging `cost` at `at` (which must conform).
+pub fn charge(bounds: &[Micros; 4], counts: Option<&Counts>, cost: i64, at: Micros) -> Counts {
     let start = bounds[window_index(bounds, at)];
-    let count = count_in(state, start) + cost;
-    // Keep this window and the most recent other one: a reservation in the next window
-    // must not forget the current window's count.
-    let other = match state {
-        State::Counts { first, second } => {
-            [*first, *second].into_iter().filter(|(s, c)| *s != start && *c > 0).max_by_key(|(s, _)| *s)
-        }
-        _ => None,
-    };
-    State::Counts { first: (start, count), second: other.unwrap_or((0, 0)) }
+    let count = count_in(counts, start) + cost;
+    let other = counts.and_then(|counts| {
+        [counts.first, counts.second].into_iter().filter(|(s, c)| *s != start && *c > 0).max_by_key(|(s, _)| *s)
+    });
+    Counts { first: (start, count), second: other.unwrap_or((0, 0)) }
 }
 
 /// Where the quota stands at `now`.
-pub fn standing(limit: i64, bounds: &[Micros; 4], state: &State, now: Micros) -> Standing {
+pub fn standing(limit: i64, bounds: &[Micros; 4], counts: Option<&Counts>, now: Micros) -> Standing {
     let index = window_index(bounds, now);
-    let remaining = (limit - count_in(state, bounds[index])).max(0);
+    let remaining = (limit - count_in(counts, bounds[index])).max(0);
     Standing { remaining, reset_in: bounds[index + 1] - now }
 }
 
-/// Lowers the current window's remaining to `remaining` (the vendor's figure); whether it changed.
-pub fn adopt(limit: i64, bounds: &[Micros; 4], state: &mut State, remaining: i64, now: Micros) -> bool {
+/// The counts with the current window's remaining lowered to `remaining` (the vendor's
+/// figure), or `None` when that changes nothing.
+pub fn adopt(limit: i64, bounds: &[Micros; 4], counts: Option<&Counts>, remaining: i64, now: Micros) -> Option<Counts> {
     let start = bounds[window_index(bounds, now)];
-    let used = count_in(state, start);
-    let missing = (limit - remaining.clamp(0, limit)) - used;
-    if missing <= 0 {
-        return false;
-    }
-    *state = charge(bounds, state, missing, now);
-    true
+    let missing = (limit - remaining.clamp(0, limit)) - count_in(counts, start);
+    (missing > 0).then(|| charge(bounds, counts, missing, now))
 }
 
-/// When the newest window this state counts in ends: after that the state is a fresh one.
-pub fn ends(bounds: &[Micros; 4], state: &State) -> Option<Micros> {
-    let State::Counts { first, second } = state else { return None };
-    let newest = first.0.max(second.0);
+/// When the newest window these counts are in ends: after that they are fresh ones.
+pub fn ends(bounds: &[Micros; 4], counts: &Counts) -> Option<Micros> {
+    let newest = counts.first.0.max(counts.second.0);
     let index = bounds[..3].iter().position(|&start| start == newest)?;
     Some(bounds[index + 1])
 }
 
 fn window_index(bounds: &[Micros; 4], at: Micros) -> usize {
     (0..3).rev().find(|&index| bounds[index] <= at).unwrap_or(0)
-}
-
-fn count_in(state: &State, start: Micros) -> i64 {
-    match state {
-        State::Counts { first, second } => {
-            if first.0 == start {
-                first.1
-            } else if second.0 == start {
-                second.1
-            } else {
-                0
-            }
-        }
-        _ => 0,
-    }
 }
 
 fn calendar_bounds(per_micros: i64, resets_at: &ResetsAt, now: Micros) -> Option<[Micros; 4]> {
