@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::reload::Reloader;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Loaded};
 use crate::state::{Generation, Shared};
 use crate::telemetry::Metrics;
 
@@ -38,11 +38,9 @@ pub struct Running {
 /// Starts sluice on the config at `path`, binding the addresses it names (port 0 picks a free one).
 pub async fn start(path: &Path) -> Result<Running, StartError> {
     crate::tls::install_crypto_provider();
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-    let config = Config::load(path)?;
-    let proxy = bind("proxy", config.listen.proxy).await?;
-    let admin = bind("admin", config.listen.admin).await?;
+    let Loaded { text, config, .. } = Loaded::read(path)?;
+    let proxy = bind("proxy", config.process.listen.proxy).await?;
+    let admin = bind("admin", config.process.listen.admin).await?;
     let metrics = Arc::new(Metrics::new());
     let generation = Generation::build(config, None).map_err(|error| error.located(path, &text))?;
     metrics.reloads.with_label_values(&["success"]).inc();
@@ -50,8 +48,7 @@ pub async fn start(path: &Path) -> Result<Running, StartError> {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64()),
     );
     let shutdown = CancellationToken::new();
-    let limiter =
-        crate::limit::Limiter::start(generation.config.store.clone(), metrics.clone(), shutdown.clone()).await;
+    let limiter = crate::limit::Limiter::start(generation.store.clone(), metrics.clone(), shutdown.clone()).await;
     let shared = Shared::new(generation, metrics, limiter, shutdown);
     let reloader = Reloader::new(path.to_path_buf(), shared.clone(), &text);
     start_with(proxy, admin, shared, reloader)
@@ -83,7 +80,7 @@ fn start_with(
     tracing::info!(
         proxy = %proxy_addr,
         admin = %admin_addr,
-        upstreams = generation.config.upstreams.len(),
+        upstreams = generation.config.live.upstreams.len(),
         "sluice is serving."
     );
     Ok(Running { proxy_addr, admin_addr, shared, reloader, admin_stop, accept_loop, admin_loop })
@@ -97,7 +94,7 @@ impl Running {
     /// Stops accepting, lets in-flight requests and tunnels finish for up to the configured
     /// grace period, then stops the admin API. Returns whether everything finished in time.
     pub async fn shutdown(self) -> bool {
-        let grace = self.shared.current().config.shutdown_grace;
+        let grace = self.shared.current().config.live.shutdown_grace;
         self.shutdown_within(grace).await
     }
 
@@ -146,7 +143,7 @@ pub async fn wait_for_stop_signal() {
 /// blind tunnel would skip their limits, or allowed by `blind_tunnel: true` despite that.
 fn blind_tunnel_notes(config: &Config, text: &str) -> Vec<String> {
     let mut notes = Vec::new();
-    for (at, upstream) in config.upstreams.iter().enumerate() {
+    for (at, upstream) in config.live.upstreams.iter().enumerate() {
         if upstream.hosts.is_empty() || upstream.intercept {
             continue;
         }
@@ -169,12 +166,10 @@ fn blind_tunnel_notes(config: &Config, text: &str) -> Vec<String> {
 
 pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
     crate::tls::install_crypto_provider();
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-    let config = Config::load(path)?;
+    let Loaded { text, config, .. } = Loaded::read(path)?;
     let located = |error: ConfigError| error.located(path, &text);
     let mut notes = Vec::new();
-    if let Some(intercept) = &config.intercept {
+    if let Some(intercept) = &config.live.intercept {
         if !intercept.ca_cert.exists() && !intercept.ca_key.exists() {
             notes.push(format!(
                 "intercept: {} and {} do not exist yet; `sluice run` will create them",
@@ -188,13 +183,13 @@ pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
     // Everything else `run` builds (trust roots, client certificates, credentials, clients) is
     // built here too, so `check` passing means `run` starts. A missing CA is left uncreated.
     let mut probe = config.clone();
-    probe.intercept = None;
+    probe.live.intercept = None;
     crate::state::Generation::build(probe, None).map_err(located)?;
     notes.extend(blind_tunnel_notes(&config, &text));
     notes.push(format!(
         "{} upstream(s): {}",
-        config.upstreams.len(),
-        config.upstreams.iter().map(|u| &*u.name).collect::<Vec<_>>().join(", ")
+        config.live.upstreams.len(),
+        config.live.upstreams.iter().map(|u| &*u.name).collect::<Vec<_>>().join(", ")
     ));
     Ok(notes)
 }

@@ -78,8 +78,8 @@ fn main() -> ExitCode {
 fn run(config_path: PathBuf) -> ExitCode {
     sluice::telemetry::init_logging();
     // The config decides the runtime's size, so it is read once before the runtime exists.
-    let worker_threads = match sluice::config::Config::load(&config_path) {
-        Ok(config) => config.worker_threads,
+    let worker_threads = match sluice::config::Loaded::read(&config_path) {
+        Ok(loaded) => loaded.config.process.worker_threads,
         Err(error) => {
             tracing::error!(%error, "Cannot start: invalid config.");
             eprintln!("{error}");

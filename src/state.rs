@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Store};
 use crate::limit::Limiter;
 use crate::proxy::forward::UpstreamClient;
 use crate::proxy::route::RouteTable;
@@ -26,6 +26,8 @@ pub struct Generation {
     /// Increases by one with every successful load.
     pub id: u64,
     pub config: Arc<Config>,
+    /// The store settings with the URL read (the limiter runs on the first generation's).
+    pub store: Store,
     pub routes: RouteTable,
     /// One pooled client per upstream, by upstream name.
     pub clients: HashMap<Arc<str>, UpstreamClient>,
@@ -39,11 +41,12 @@ pub struct Generation {
 impl Generation {
     /// Builds everything a config needs, reusing unchanged parts of `previous`.
     pub fn build(config: Config, previous: Option<&Generation>) -> Result<Self, ConfigError> {
-        let ca = match &config.intercept {
+        let store = config.process.store.resolve().map_err(|problems| ConfigError::Invalid { path: None, problems })?;
+        let ca = match &config.live.intercept {
             None => None,
             Some(settings) => match previous {
                 Some(old)
-                    if old.config.intercept.as_ref() == Some(settings)
+                    if old.config.live.intercept.as_ref() == Some(settings)
                         && old.ca.is_some()
                         && !ca_files_changed(old, settings) =>
                 {
@@ -52,8 +55,8 @@ impl Generation {
                 _ => Some(Arc::new(CertAuthority::load_or_generate(settings)?)),
             },
         };
-        let mut clients = HashMap::with_capacity(config.upstreams.len());
-        for (index, upstream) in config.upstreams.iter().enumerate() {
+        let mut clients = HashMap::with_capacity(config.live.upstreams.len());
+        for (index, upstream) in config.live.upstreams.iter().enumerate() {
             let reused =
                 previous.and_then(|old| old.clients.get(&upstream.name)).filter(|client| client.fits(upstream));
             let client = match reused {
@@ -63,13 +66,13 @@ impl Generation {
             clients.insert(upstream.name.clone(), client);
         }
         let proxy_clients =
-            crate::security::clients::Clients::new(&config.file.clients, config.listen.allow_remote_clients)?;
+            crate::security::clients::Clients::new(&config.live.clients, config.process.listen.allow_remote_clients)?;
         let mut credentials = HashMap::new();
-        for (index, upstream) in config.upstreams.iter().enumerate() {
+        for (index, upstream) in config.live.upstreams.iter().enumerate() {
             let Some(settings) = &upstream.credentials else { continue };
-            let reused = previous
-                .and_then(|old| old.credentials.get(&upstream.name))
-                .filter(|credential| credential.settings == *settings && settings.value_env.is_none());
+            let reused = previous.and_then(|old| old.credentials.get(&upstream.name)).filter(|credential| {
+                credential.settings == *settings && matches!(settings.value, crate::config::SecretSource::File(_))
+            });
             let credential = match reused {
                 Some(credential) => credential.clone(),
                 None => Arc::new(crate::security::credentials::Credential::load(
@@ -84,7 +87,8 @@ impl Generation {
             proxy_clients,
             credentials,
             id: previous.map_or(1, |old| old.id + 1),
-            routes: RouteTable::new(&config.upstreams),
+            store,
+            routes: RouteTable::new(&config.live.upstreams),
             config: Arc::new(config),
             clients,
             ca,
@@ -93,7 +97,7 @@ impl Generation {
 }
 
 /// The CA is re-read when its files changed on disk (a rotated Secret), even if paths did not.
-fn ca_files_changed(old: &Generation, settings: &crate::config::InterceptFile) -> bool {
+fn ca_files_changed(old: &Generation, settings: &crate::config::Intercept) -> bool {
     let Some(ca) = &old.ca else { return true };
     match rustls_pki_types::pem::PemObject::from_pem_file(&settings.ca_cert) {
         Ok(cert) => {
@@ -136,7 +140,7 @@ impl Shared {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let batcher = crate::batch::Batcher::new(metrics.clone());
-        let tunnel_slots = Arc::new(tokio::sync::Semaphore::new(generation.config.limits.max_tunnels));
+        let tunnel_slots = Arc::new(tokio::sync::Semaphore::new(generation.config.process.max_tunnels));
         Arc::new(Self {
             current: ArcSwap::from_pointee(generation),
             metrics,

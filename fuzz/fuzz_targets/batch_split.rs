@@ -9,8 +9,7 @@ use http::StatusCode;
 use libfuzzer_sys::fuzz_target;
 use serde_json::json;
 use sluice::batch::codec::{split, splittable, Item};
-use sluice::config::file_types::BatchFormat;
-use sluice::config::policy::BatchOp;
+use sluice::config::{BatchFormat, BatchOp};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&shape, body)) = data.split_first() else { return };

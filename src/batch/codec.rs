@@ -8,8 +8,7 @@
 use http::StatusCode;
 use serde_json::{json, Map, Value};
 
-use crate::config::file_types::BatchFormat;
-use crate::config::policy::BatchOp;
+use crate::config::{BatchFormat, BatchOp};
 
 /// One queued single call, as the codec needs it.
 #[derive(Debug, Clone)]

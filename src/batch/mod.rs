@@ -35,8 +35,8 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::body::{self, ProxyBody};
-use crate::config::policy::{BatchOp, BatchRule, ScopeKey};
 use crate::config::Upstream;
+use crate::config::{BatchOp, BatchRule, ScopeKey};
 use crate::controls::RequestControls;
 use crate::error::{ErrorKind, ProxyError};
 use crate::proxy::route::Routed;
@@ -225,7 +225,7 @@ impl Candidate {
             BatchOp::Create | BatchOp::Update => {
                 let mut value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
                 let map = value.as_object_mut()?;
-                if rule.format == crate::config::file_types::BatchFormat::SalesforceCollections {
+                if rule.format == crate::config::BatchFormat::SalesforceCollections {
                     let sobject = self.captures.iter().find(|(name, _)| name == "sobject").map(|(_, v)| v.clone())?;
                     map.insert("attributes".into(), serde_json::json!({ "type": sobject }));
                     if let Some(id) = &self.id {
@@ -381,9 +381,7 @@ impl SharedHead {
 fn kept_headers(upstream: &Upstream) -> Vec<http::HeaderName> {
     let mut kept = Vec::new();
     if let Some(credentials) = &upstream.credentials {
-        if let Ok(name) = http::HeaderName::from_bytes(credentials.header.trim().as_bytes()) {
-            kept.push(name);
-        }
+        kept.push(credentials.header.clone());
     }
     for quota in &upstream.limits.quotas {
         for scope in &quota.scope {
@@ -737,7 +735,7 @@ upstreams:
 ",
         )
         .unwrap();
-        config.upstreams[0].clone()
+        config.live.upstreams[0].clone()
     }
 
     fn head(headers: &[(&str, &str)]) -> SharedHead {

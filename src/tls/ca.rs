@@ -21,7 +21,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
-use crate::config::{ConfigError, InterceptFile};
+use crate::config::{ConfigError, Intercept};
 
 /// A leaf is replaced when it has less than this much life left (or a quarter of its TTL).
 const RENEW_BEFORE: Duration = Duration::from_secs(3600);
@@ -63,7 +63,7 @@ impl std::fmt::Debug for CertAuthority {
 
 impl CertAuthority {
     /// Loads the CA named in the config; when both files are absent, creates them first.
-    pub fn load_or_generate(settings: &InterceptFile) -> Result<Self, ConfigError> {
+    pub fn load_or_generate(settings: &Intercept) -> Result<Self, ConfigError> {
         let (cert_path, key_path) = (&settings.ca_cert, &settings.ca_key);
         match (cert_path.exists(), key_path.exists()) {
             (false, false) => {
