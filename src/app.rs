@@ -166,8 +166,8 @@ fn blind_tunnel_notes(config: &Config, text: &str) -> Vec<String> {
 
 pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
     crate::tls::install_crypto_provider();
-    let Loaded { text, config, .. } = Loaded::read(path)?;
-    let located = |error: ConfigError| error.located(path, &text);
+    let loaded = Loaded::read(path)?;
+    let config = &loaded.config;
     let mut notes = Vec::new();
     if let Some(intercept) = &config.live.intercept {
         if !intercept.ca_cert.exists() && !intercept.ca_key.exists() {
@@ -176,20 +176,65 @@ pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
                 intercept.ca_cert.display(),
                 intercept.ca_key.display()
             ));
-        } else {
-            crate::tls::ca::CertAuthority::load_or_generate(intercept).map_err(located)?;
         }
     }
-    // Everything else `run` builds (trust roots, client certificates, credentials, clients) is
-    // built here too, so `check` passing means `run` starts. A missing CA is left uncreated.
-    let mut probe = config.clone();
-    probe.live.intercept = None;
-    crate::state::Generation::build(probe, None).map_err(located)?;
-    notes.extend(blind_tunnel_notes(&config, &text));
+    // Everything `run` reads (the store URL, the CA, trust roots, client certificates,
+    // credentials, client secrets) is read here too, so `check` passing means `run` starts.
+    crate::state::Generation::check(config.clone()).map_err(|error| loaded.locate(error))?;
+    notes.extend(blind_tunnel_notes(config, &loaded.text));
     notes.push(format!(
         "{} upstream(s): {}",
         config.live.upstreams.len(),
         config.live.upstreams.iter().map(|u| &*u.name).collect::<Vec<_>>().join(", ")
     ));
     Ok(notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The resolve phase reports every file it could not use, each with its key and line, as
+    /// validation does: not just the first.
+    #[test]
+    fn check_reports_every_file_problem_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.crt"), "not a certificate\n").unwrap();
+        let path = dir.path().join("sluice.yaml");
+        let text = format!(
+            "listen: {{ proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }}
+store:
+  url_file: {dir}/no-url
+intercept:
+  ca_cert: {dir}/ca.crt
+  ca_key: {dir}/ca.key
+upstreams:
+  - name: hubspot
+    hosts: [api.hubapi.com]
+    intercept: true
+    tls: {{ extra_ca: {dir}/no-ca.pem }}
+    credentials: {{ value_file: {dir}/no-token }}
+  - name: salesforce
+    hosts: [x.my.salesforce.com]
+    credentials: {{ value_env: SLUICE_UNIT_UNSET_TOKEN }}
+clients:
+  - {{ name: billing, secret_file: {dir}/no-secret, upstreams: ['*'] }}
+",
+            dir = dir.path().display()
+        );
+        std::fs::write(&path, text).unwrap();
+        let error = check(&path).unwrap_err().to_string();
+        for expected in [
+            "sluice.yaml: 6 problems",
+            "store.url_file (line 3): cannot read",
+            "intercept.ca_key (line 6):",
+            "upstreams[0].tls (line 11): cannot read",
+            "upstreams[0].credentials.value_file (line 12): cannot read",
+            "upstreams[1].credentials.value_env (line 15): environment variable SLUICE_UNIT_UNSET_TOKEN",
+            "clients[0].secret_file (line 17): cannot read",
+        ] {
+            assert!(error.contains(expected), "`{expected}` in:\n{error}");
+        }
+        assert!(!dir.path().join("ca.key").exists(), "check writes nothing");
+    }
 }

@@ -247,28 +247,58 @@ impl ConfigError {
         }
     }
 
-    /// The problems of a refused config; an unreadable file is one problem, with no key.
-    pub fn into_problems(self) -> Vec<Problem> {
-        match self {
-            ConfigError::Invalid { problems, .. } => problems,
-            ConfigError::Read { path, source } => {
-                vec![Problem::parse(format!("cannot read config file {}: {source}", path.display()), None)]
+    /// A refusal found after parsing (a CA file that doesn't load, say), for one key.
+    pub fn at_key(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid { path: None, problems: vec![Problem::new(key, message)] }
+    }
+}
+
+/// The problems a phase has found so far, so that it reports them all at once: each part is
+/// tried whatever became of the others.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<Problem>);
+
+impl Problems {
+    pub fn push(&mut self, problem: Problem) {
+        self.0.push(problem);
+    }
+
+    /// The value, or `None` with the error's problems kept.
+    pub fn keep<T>(&mut self, result: Result<T, ConfigError>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(ConfigError::Invalid { problems, .. }) => {
+                self.0.extend(problems);
+                None
+            }
+            Err(ConfigError::Read { path, source }) => {
+                self.0.push(Problem::parse(format!("cannot read {}: {source}", path.display()), None));
+                None
             }
         }
     }
 
-    /// Refuses a config for every problem in `problems`, if there is one.
-    pub fn check(problems: Vec<Problem>) -> Result<(), Self> {
-        if problems.is_empty() {
+    pub fn extend(&mut self, problems: impl IntoIterator<Item = Problem>) {
+        self.0.extend(problems);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `Ok` when nothing was found, else the refusal listing every problem.
+    pub fn finish(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
             Ok(())
         } else {
-            Err(ConfigError::Invalid { path: None, problems })
+            Err(self.refusal())
         }
     }
 
-    /// A refusal found after parsing (a CA file that doesn't load, say), for one key.
-    pub fn at_key(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Invalid { path: None, problems: vec![Problem::new(key, message)] }
+    /// The refusal listing every problem found: for a part that [`keep`](Self::keep) left
+    /// without a value, which it did only after recording why.
+    pub fn refusal(self) -> ConfigError {
+        ConfigError::Invalid { path: None, problems: self.0 }
     }
 }
 
@@ -385,8 +415,8 @@ clients:
     fn validation_reads_nothing_but_the_text() {
         let config = Config::from_yaml(RICH).unwrap();
         assert_eq!(config.process.store.url, Some(StoreUrl::Env("SLUICE_TEST_REDIS_URL".into())));
-        let problems = config.process.store.resolve().unwrap_err();
-        assert_eq!(problems[0].key, "store.url_env");
+        let error = config.process.store.resolve().unwrap_err().to_string();
+        assert!(error.starts_with("store.url_env: environment variable SLUICE_TEST_REDIS_URL"), "{error}");
         let credentials = config.live.upstreams[0].credentials.as_ref().unwrap();
         assert_eq!(credentials.header, "x-token");
         assert_eq!(credentials.value, SecretSource::Env("SLUICE_TEST_TOKEN".into()));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::file::StoreFile;
-use super::Problem;
+use super::{ConfigError, Problem, Problems};
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -81,8 +81,8 @@ pub struct Store {
 impl StoreConfig {
     /// Reads the URL from its file or environment variable, and checks it when the store is
     /// Redis. Every problem is named by its key.
-    pub fn resolve(&self) -> Result<Store, Vec<Problem>> {
-        let mut problems = Vec::new();
+    pub fn resolve(&self) -> Result<Store, ConfigError> {
+        let mut problems = Problems::default();
         let url = match &self.url {
             None => None,
             Some(StoreUrl::Inline(url)) => Some(url.clone()),
@@ -102,11 +102,9 @@ impl StoreConfig {
             },
         };
         if let (StoreKind::Redis, Some(url)) = (self.kind, &url) {
-            check_url(url, &mut problems);
+            problems.extend(check_url(url));
         }
-        if !problems.is_empty() {
-            return Err(problems);
-        }
+        problems.finish()?;
         Ok(Store {
             kind: self.kind,
             url,
@@ -120,13 +118,12 @@ impl StoreConfig {
     }
 }
 
-fn check_url(url: &str, problems: &mut Vec<Problem>) {
+/// The URL schemes the Redis client takes.
+fn check_url(url: &str) -> Option<Problem> {
     let scheme_ok = ["redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "redis+unix://", "unix://"]
         .iter()
         .any(|scheme| url.starts_with(scheme));
-    if !scheme_ok {
-        problems.push(Problem::new("store.url", "must start with redis://, rediss:// or redis+cluster://"));
-    }
+    (!scheme_ok).then(|| Problem::new("store.url", "must start with redis://, rediss:// or redis+cluster://"))
 }
 
 pub(super) fn validate_store(raw: &StoreFile, problems: &mut Vec<Problem>) -> StoreConfig {
@@ -143,7 +140,7 @@ pub(super) fn validate_store(raw: &StoreFile, problems: &mut Vec<Problem>) -> St
     if raw.kind == StoreKind::Redis {
         match &url {
             None => problems.push(Problem::new("store.url", "required when kind is redis (or url_file / url_env)")),
-            Some(StoreUrl::Inline(url)) => check_url(url, problems),
+            Some(StoreUrl::Inline(url)) => problems.extend(check_url(url)),
             Some(StoreUrl::File(_) | StoreUrl::Env(_)) => {}
         }
     }

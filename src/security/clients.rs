@@ -12,7 +12,7 @@ use http::header::PROXY_AUTHORIZATION;
 use http::HeaderMap;
 use subtle::{Choice, ConstantTimeEq};
 
-use crate::config::{ClientSecret, ClientSettings, ConfigError};
+use crate::config::{ClientSecret, ClientSettings, ConfigError, Problem, Problems};
 use crate::error::{ErrorKind, ProxyError};
 
 /// Who a request came from, once authenticated.
@@ -95,13 +95,13 @@ impl Clients {
     /// (every client's, not only the first).
     pub fn new(settings: &[ClientSettings], allow_remote: bool) -> Result<Self, ConfigError> {
         let mut clients = Vec::with_capacity(settings.len());
-        let mut problems = Vec::new();
+        let mut problems = Problems::default();
         for (at, client) in settings.iter().enumerate() {
             let secret = match &client.secret {
                 ClientSecret::Sha256(digest) => Secret::Sha256(*digest),
                 ClientSecret::File(path) => {
                     if let Err(error) = std::fs::metadata(path) {
-                        problems.push(crate::config::Problem::new(
+                        problems.push(Problem::new(
                             format!("clients[{at}].secret_file"),
                             format!("cannot read {}: {error}", path.display()),
                         ));
@@ -116,7 +116,7 @@ impl Clients {
                 upstreams: client.upstreams.clone().into(),
             });
         }
-        ConfigError::check(problems)?;
+        problems.finish()?;
         Ok(Self { clients, allow_remote })
     }
 
