@@ -2,7 +2,7 @@
 //! admin API and the reload watchers, and drains them on shutdown.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,12 +37,18 @@ pub struct Running {
 
 /// Starts sluice on the config at `path`, binding the addresses it names (port 0 picks a free one).
 pub async fn start(path: &Path) -> Result<Running, StartError> {
+    start_loaded(Loaded::read(path)?).await
+}
+
+/// Starts sluice on a config file already read and validated (`main` reads it first, to size
+/// the runtime), binding the addresses it names.
+pub async fn start_loaded(loaded: Loaded) -> Result<Running, StartError> {
     crate::tls::install_crypto_provider();
-    let Loaded { text, config, .. } = Loaded::read(path)?;
+    let Loaded { path, text, config } = loaded;
     let proxy = bind("proxy", config.process.listen.proxy).await?;
     let admin = bind("admin", config.process.listen.admin).await?;
     let metrics = Arc::new(Metrics::new());
-    let generation = Generation::build(config, None).map_err(|error| error.located(path, &text))?;
+    let generation = Generation::build(config, None).map_err(|error| error.located(&path, &text))?;
     metrics.reloads.with_label_values(&["success"]).inc();
     metrics.reload_last_success.set(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64()),
@@ -50,7 +56,7 @@ pub async fn start(path: &Path) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
     let limiter = crate::limit::Limiter::start(generation.store.clone(), metrics.clone(), shutdown.clone()).await;
     let shared = Shared::new(generation, metrics, limiter, shutdown);
-    let reloader = Reloader::new(path.to_path_buf(), shared.clone(), &text);
+    let reloader = Reloader::new(path, shared.clone(), &text);
     start_with(proxy, admin, shared, reloader)
 }
 
@@ -117,8 +123,8 @@ impl Running {
 }
 
 /// `sluice run`: start, then drain on SIGTERM or SIGINT.
-pub async fn run(path: PathBuf) -> Result<(), StartError> {
-    let running = start(&path).await?;
+pub async fn run(loaded: Loaded) -> Result<(), StartError> {
+    let running = start_loaded(loaded).await?;
     wait_for_stop_signal().await;
     running.shutdown().await;
     Ok(())
@@ -138,7 +144,6 @@ pub async fn wait_for_stop_signal() {
     }
 }
 
-/// `sluice check`: everything `run` would verify, without binding or writing anything.
 /// What `check` says about CONNECTs to upstreams that are not intercepted: refused because a
 /// blind tunnel would skip their limits, or allowed by `blind_tunnel: true` despite that.
 fn blind_tunnel_notes(config: &Config, text: &str) -> Vec<String> {
@@ -164,6 +169,8 @@ fn blind_tunnel_notes(config: &Config, text: &str) -> Vec<String> {
     notes
 }
 
+/// `sluice check`: everything `run` would verify, without binding or writing anything; the
+/// notes it prints when the file is good.
 pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
     crate::tls::install_crypto_provider();
     let loaded = Loaded::read(path)?;
