@@ -15,8 +15,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use serde_json::Value;
 
-use sluice::batch::codec::{self, Item};
-use sluice::config::{BatchFormat, BatchOp, Config, ScopeKey};
+use sluice::batch::format::{BatchOp, Item};
+use sluice::config::{Config, ScopeKey};
 use sluice::limit::decide::{self, Rule, State};
 use sluice::limit::memory::MemoryStore;
 use sluice::limit::rolling::Admissions;
@@ -247,10 +247,9 @@ fn batch_split(c: &mut Criterion) {
         })
         .collect();
     let body = serde_json::to_vec(&response["response"]["body"]).unwrap();
-    let name = format!("batch::codec::split, hubspot create success ({} items)", items.len());
-    c.bench_function(&name, |b| {
-        b.iter(|| codec::split(BatchFormat::Hubspot, BatchOp::Create, black_box(&body), black_box(&items)))
-    });
+    let hubspot = sluice::batch::format("hubspot").expect("the hubspot format");
+    let name = format!("batch::hubspot split, create success ({} items)", items.len());
+    c.bench_function(&name, |b| b.iter(|| hubspot.split(BatchOp::Create, black_box(&body), black_box(&items))));
 }
 
 criterion_group! {

@@ -201,8 +201,8 @@ pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
 mod tests {
     use super::*;
 
-    /// The resolve phase reports every file it could not use, each with its key and line, as
-    /// validation does: not just the first.
+    /// The resolve phase reports every file it could not use, and every batch rule its format
+    /// refuses, each with its key and line, as validation does: not just the first.
     #[test]
     fn check_reports_every_file_problem_at_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -221,6 +221,7 @@ upstreams:
     intercept: true
     tls: {{ extra_ca: {dir}/no-ca.pem }}
     credentials: {{ value_file: {dir}/no-token }}
+    batch: [{{ match: 'POST /o/{{object}}', bulk: 'POST /o/{{object}}/batch/create', format: hubspot, max_items: 500 }}]
   - name: salesforce
     hosts: [x.my.salesforce.com]
     credentials: {{ value_env: SLUICE_UNIT_UNSET_TOKEN }}
@@ -232,13 +233,14 @@ clients:
         std::fs::write(&path, text).unwrap();
         let error = check(&path).unwrap_err().to_string();
         for expected in [
-            "sluice.yaml: 6 problems",
+            "sluice.yaml: 7 problems",
             "store.url_file (line 3): cannot read",
             "intercept.ca_key (line 6):",
             "upstreams[0].tls (line 11): cannot read",
             "upstreams[0].credentials.value_file (line 12): cannot read",
-            "upstreams[1].credentials.value_env (line 15): environment variable SLUICE_UNIT_UNSET_TOKEN",
-            "clients[0].secret_file (line 17): cannot read",
+            "upstreams[0].batch[0].max_items (line 13): must be between 2 and 100 for this format",
+            "upstreams[1].credentials.value_env (line 16): environment variable SLUICE_UNIT_UNSET_TOKEN",
+            "clients[0].secret_file (line 18): cannot read",
         ] {
             assert!(error.contains(expected), "`{expected}` in:\n{error}");
         }

@@ -53,8 +53,9 @@ impl Generation {
     ///
     /// This is the resolve phase of loading: everything the config names outside its own text
     /// (the store URL, PEM files, the CA, client and credential secrets) is read and checked
-    /// here. Every part is tried whatever became of the others, so the refusal lists every
-    /// problem, each with its key (the caller adds the lines), like validation does.
+    /// here, and so is what only the rooms below know (a batch rule against its bulk format).
+    /// Every part is tried whatever became of the others, so the refusal lists every problem,
+    /// each with its key (the caller adds the lines), like validation does.
     pub fn build(config: Config, previous: Option<&Generation>) -> Result<Self, ConfigError> {
         Self::resolve(config, previous, MissingCa::Create)
     }
@@ -67,6 +68,7 @@ impl Generation {
 
     fn resolve(config: Config, previous: Option<&Generation>, missing_ca: MissingCa) -> Result<Self, ConfigError> {
         let mut problems = Problems::default();
+        problems.extend(crate::batch::check(&config.live.upstreams));
         let store = problems.keep(config.process.store.resolve());
         let ca = match &config.live.intercept {
             None => None,

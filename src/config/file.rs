@@ -307,22 +307,15 @@ pub struct BatchFile {
     pub matches: String,
     /// The bulk call, with the same captures: `POST /crm/v3/objects/{object}/batch/create`.
     pub bulk: String,
-    pub format: BatchFormat,
+    /// The vendor's bulk format: `hubspot` (CRM v3 `batch/create|read|update|archive`) or
+    /// `salesforce-collections` (sObject Collections create/update). The batch room knows them.
+    pub format: String,
     /// Flush when a batch holds this many calls.
     #[serde(default = "default_max_items")]
     pub max_items: usize,
     /// Flush this long after a batch's first call, full or not.
     #[serde(default = "default_max_delay", with = "humantime_serde")]
     pub max_delay: Duration,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum BatchFormat {
-    /// HubSpot CRM v3 `batch/create|read|update|archive`.
-    Hubspot,
-    /// Salesforce sObject Collections create/update (`allOrNone: false`).
-    SalesforceCollections,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]

@@ -10,8 +10,9 @@
 //!
 //! A [`Config`] is immutable and comes in two parts: [`ProcessConfig`], fixed at start (a reload
 //! keeps it as it runs), and [`LiveConfig`], which a reload replaces whole (see `reload`).
-//! `config` is the leaf of the module graph: it imports nothing else from sluice, and the
-//! rooms that apply a section's settings read its validated type.
+//! `config` is the leaf of the module graph: the rooms that apply a section's settings read its
+//! validated type, and config imports nothing else from sluice (but for `reload`, which drives
+//! `state` and belongs above it).
 
 mod batch;
 mod file;
@@ -30,8 +31,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-pub use batch::{BatchOp, BatchRule};
-pub use file::BatchFormat;
+pub use batch::BatchRule;
 pub use policy::{Feedback, Limits as UpstreamLimits, OverLimit, ProfileKind, Quota, ResetUnit, ScopeKey, Window};
 pub use resilience::{BreakerSettings, RetryPolicy};
 pub use store::{OnFailure, Store, StoreConfig, StoreKind, StoreUrl};
