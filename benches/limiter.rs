@@ -15,9 +15,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use serde_json::Value;
 
-use sluice::batch::codec::{self, Item};
-use sluice::config::file_types::BatchFormat;
-use sluice::config::policy::BatchOp;
+use sluice::batch::format::{BatchOp, Item};
 use sluice::config::{Config, ScopeKey};
 use sluice::limit::decide::{self, Rule, State};
 use sluice::limit::memory::MemoryStore;
@@ -132,7 +130,7 @@ upstreams:
 ",
     )
     .unwrap();
-    let table = RouteTable::new(&config.upstreams);
+    let table = RouteTable::new(&config.live.upstreams);
     let via = Via::default();
     let reverse = Request::get("/hubspot/crm/v3/objects/contacts?limit=1").body(()).unwrap();
     c.bench_function("RouteTable::route, reverse prefix", |b| b.iter(|| table.route(black_box(&reverse), &via)));
@@ -165,8 +163,9 @@ upstreams:
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let metrics = std::sync::Arc::new(sluice::telemetry::Metrics::new());
     let stop = tokio_util::sync::CancellationToken::new();
-    let limiter = runtime.block_on(sluice::limit::Limiter::start(config.store.clone(), metrics, stop));
-    let upstream = config.upstreams[0].clone();
+    let limiter =
+        runtime.block_on(sluice::limit::Limiter::start(config.process.store.resolve().unwrap(), metrics, stop));
+    let upstream = config.live.upstreams[0].clone();
     let mut headers = HeaderMap::new();
     headers.insert("x-tenant-id", HeaderValue::from_static("acme"));
     let caller = sluice::limit::Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None };
@@ -248,10 +247,9 @@ fn batch_split(c: &mut Criterion) {
         })
         .collect();
     let body = serde_json::to_vec(&response["response"]["body"]).unwrap();
-    let name = format!("batch::codec::split, hubspot create success ({} items)", items.len());
-    c.bench_function(&name, |b| {
-        b.iter(|| codec::split(BatchFormat::Hubspot, BatchOp::Create, black_box(&body), black_box(&items)))
-    });
+    let hubspot = sluice::batch::format("hubspot").expect("the hubspot format");
+    let name = format!("batch::hubspot split, create success ({} items)", items.len());
+    c.bench_function(&name, |b| b.iter(|| hubspot.split(BatchOp::Create, black_box(&body), black_box(&items))));
 }
 
 criterion_group! {

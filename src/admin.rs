@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 
 use crate::body::{self, ProxyBody};
 use crate::config::reload::{Outcome, Reloader};
+use crate::config::AdminToken;
 use crate::respond::json_response;
 use crate::state::Shared;
 
@@ -45,7 +46,7 @@ pub async fn serve_admin(
     // Off loopback, the endpoints that reveal or change config need the admin token.
     let exposed = listener.local_addr().is_ok_and(|addr| !addr.ip().is_loopback());
     // Sized at start, like the proxy's connection cap.
-    let slots = Arc::new(tokio::sync::Semaphore::new(shared.current().config.file.admin.max_connections));
+    let slots = Arc::new(tokio::sync::Semaphore::new(shared.current().config.process.admin_max_connections));
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -67,7 +68,7 @@ pub async fn serve_admin(
             drop(stream);
             continue;
         };
-        let header_read_timeout = shared.current().config.file.admin.header_read_timeout;
+        let header_read_timeout = shared.current().config.live.admin.header_read_timeout;
         let shared = shared.clone();
         let reloader = reloader.clone();
         let stop = stop.clone();
@@ -131,11 +132,10 @@ const ADMIN_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from
 
 /// The admin token expected now, if one is configured (re-read on every check).
 fn expected_token(shared: &Shared) -> Option<String> {
-    let settings = &shared.current().config.file.admin;
-    match (&settings.token_file, &settings.token_env) {
-        (Some(path), _) => std::fs::read_to_string(path).ok().map(|text| text.trim().to_owned()),
-        (None, Some(name)) => std::env::var(name).ok().map(|text| text.trim().to_owned()),
-        (None, None) => None,
+    match &shared.current().config.live.admin.token {
+        Some(AdminToken::File(path)) => std::fs::read_to_string(path).ok().map(|text| text.trim().to_owned()),
+        Some(AdminToken::Env(name)) => std::env::var(name).ok().map(|text| text.trim().to_owned()),
+        None => None,
     }
     .filter(|token| !token.is_empty())
 }
@@ -269,7 +269,7 @@ async fn route(
             let body = json!({
                 "status": if ready { "ready" } else if shared.shutdown.is_cancelled() { "draining" } else { "starting" },
                 "store": {
-                    "kind": match shared.limiter.store_kind() { crate::config::StoreKind::Memory => "memory", crate::config::StoreKind::Redis => "redis" },
+                    "kind": shared.limiter.store_kind().as_str(),
                     "mode": shared.limiter.mode().as_str(),
                     "replicas": shared.limiter.replicas(),
                 },
@@ -279,7 +279,7 @@ async fn route(
         }
         (&Method::GET, "/config") => {
             let generation = shared.current();
-            let mut config = serde_json::to_value(&generation.config.file).unwrap_or(Value::Null);
+            let mut config = generation.config.effective();
             redact(&mut config);
             json_response(StatusCode::OK, &json!({"generation": generation.id, "config": config}))
         }
@@ -301,7 +301,7 @@ async fn route(
         }
         (&Method::GET, "/quotas") => {
             let generation = shared.current();
-            let snapshot = shared.limiter.snapshot(&generation.config.upstreams).await;
+            let snapshot = shared.limiter.snapshot(&generation.config.live.upstreams).await;
             let mut quotas = serde_json::to_value(snapshot).unwrap_or_default();
             if !privileged {
                 hash_scopes(&mut quotas);

@@ -2,7 +2,7 @@
 //! admin API and the reload watchers, and drains them on shutdown.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::reload::Reloader;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Loaded};
 use crate::state::{Generation, Shared};
 use crate::telemetry::Metrics;
 
@@ -37,23 +37,26 @@ pub struct Running {
 
 /// Starts sluice on the config at `path`, binding the addresses it names (port 0 picks a free one).
 pub async fn start(path: &Path) -> Result<Running, StartError> {
+    start_loaded(Loaded::read(path)?).await
+}
+
+/// Starts sluice on a config file already read and validated (`main` reads it first, to size
+/// the runtime), binding the addresses it names.
+pub async fn start_loaded(loaded: Loaded) -> Result<Running, StartError> {
     crate::tls::install_crypto_provider();
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-    let config = Config::load(path)?;
-    let proxy = bind("proxy", config.listen.proxy).await?;
-    let admin = bind("admin", config.listen.admin).await?;
+    let Loaded { path, text, config } = loaded;
+    let proxy = bind("proxy", config.process.listen.proxy).await?;
+    let admin = bind("admin", config.process.listen.admin).await?;
     let metrics = Arc::new(Metrics::new());
-    let generation = Generation::build(config, None).map_err(|error| error.located(path, &text))?;
+    let generation = Generation::build(config, None).map_err(|error| error.located(&path, &text))?;
     metrics.reloads.with_label_values(&["success"]).inc();
     metrics.reload_last_success.set(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64()),
     );
     let shutdown = CancellationToken::new();
-    let limiter =
-        crate::limit::Limiter::start(generation.config.store.clone(), metrics.clone(), shutdown.clone()).await;
+    let limiter = crate::limit::Limiter::start(generation.store.clone(), metrics.clone(), shutdown.clone()).await;
     let shared = Shared::new(generation, metrics, limiter, shutdown);
-    let reloader = Reloader::new(path.to_path_buf(), shared.clone(), &text);
+    let reloader = Reloader::new(path, shared.clone(), &text);
     start_with(proxy, admin, shared, reloader)
 }
 
@@ -83,7 +86,7 @@ fn start_with(
     tracing::info!(
         proxy = %proxy_addr,
         admin = %admin_addr,
-        upstreams = generation.config.upstreams.len(),
+        upstreams = generation.config.live.upstreams.len(),
         "sluice is serving."
     );
     Ok(Running { proxy_addr, admin_addr, shared, reloader, admin_stop, accept_loop, admin_loop })
@@ -97,7 +100,7 @@ impl Running {
     /// Stops accepting, lets in-flight requests and tunnels finish for up to the configured
     /// grace period, then stops the admin API. Returns whether everything finished in time.
     pub async fn shutdown(self) -> bool {
-        let grace = self.shared.current().config.shutdown_grace;
+        let grace = self.shared.current().config.live.shutdown_grace;
         self.shutdown_within(grace).await
     }
 
@@ -120,8 +123,8 @@ impl Running {
 }
 
 /// `sluice run`: start, then drain on SIGTERM or SIGINT.
-pub async fn run(path: PathBuf) -> Result<(), StartError> {
-    let running = start(&path).await?;
+pub async fn run(loaded: Loaded) -> Result<(), StartError> {
+    let running = start_loaded(loaded).await?;
     wait_for_stop_signal().await;
     running.shutdown().await;
     Ok(())
@@ -141,12 +144,11 @@ pub async fn wait_for_stop_signal() {
     }
 }
 
-/// `sluice check`: everything `run` would verify, without binding or writing anything.
 /// What `check` says about CONNECTs to upstreams that are not intercepted: refused because a
 /// blind tunnel would skip their limits, or allowed by `blind_tunnel: true` despite that.
 fn blind_tunnel_notes(config: &Config, text: &str) -> Vec<String> {
     let mut notes = Vec::new();
-    for (at, upstream) in config.upstreams.iter().enumerate() {
+    for (at, upstream) in config.live.upstreams.iter().enumerate() {
         if upstream.hosts.is_empty() || upstream.intercept {
             continue;
         }
@@ -167,34 +169,81 @@ fn blind_tunnel_notes(config: &Config, text: &str) -> Vec<String> {
     notes
 }
 
+/// `sluice check`: everything `run` would verify, without binding or writing anything; the
+/// notes it prints when the file is good.
 pub fn check(path: &Path) -> Result<Vec<String>, ConfigError> {
     crate::tls::install_crypto_provider();
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-    let config = Config::load(path)?;
-    let located = |error: ConfigError| error.located(path, &text);
+    let loaded = Loaded::read(path)?;
+    let config = &loaded.config;
     let mut notes = Vec::new();
-    if let Some(intercept) = &config.intercept {
+    if let Some(intercept) = &config.live.intercept {
         if !intercept.ca_cert.exists() && !intercept.ca_key.exists() {
             notes.push(format!(
                 "intercept: {} and {} do not exist yet; `sluice run` will create them",
                 intercept.ca_cert.display(),
                 intercept.ca_key.display()
             ));
-        } else {
-            crate::tls::ca::CertAuthority::load_or_generate(intercept).map_err(located)?;
         }
     }
-    // Everything else `run` builds (trust roots, client certificates, credentials, clients) is
-    // built here too, so `check` passing means `run` starts. A missing CA is left uncreated.
-    let mut probe = config.clone();
-    probe.intercept = None;
-    crate::state::Generation::build(probe, None).map_err(located)?;
-    notes.extend(blind_tunnel_notes(&config, &text));
+    // Everything `run` reads (the store URL, the CA, trust roots, client certificates,
+    // credentials, client secrets) is read here too, so `check` passing means `run` starts.
+    crate::state::Generation::check(config.clone()).map_err(|error| loaded.locate(error))?;
+    notes.extend(blind_tunnel_notes(config, &loaded.text));
     notes.push(format!(
         "{} upstream(s): {}",
-        config.upstreams.len(),
-        config.upstreams.iter().map(|u| &*u.name).collect::<Vec<_>>().join(", ")
+        config.live.upstreams.len(),
+        config.live.upstreams.iter().map(|u| &*u.name).collect::<Vec<_>>().join(", ")
     ));
     Ok(notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The resolve phase reports every file it could not use, and every batch rule its format
+    /// refuses, each with its key and line, as validation does: not just the first.
+    #[test]
+    fn check_reports_every_file_problem_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.crt"), "not a certificate\n").unwrap();
+        let path = dir.path().join("sluice.yaml");
+        let text = format!(
+            "listen: {{ proxy: 127.0.0.1:0, admin: 127.0.0.1:0 }}
+store:
+  url_file: {dir}/no-url
+intercept:
+  ca_cert: {dir}/ca.crt
+  ca_key: {dir}/ca.key
+upstreams:
+  - name: hubspot
+    hosts: [api.hubapi.com]
+    intercept: true
+    tls: {{ extra_ca: {dir}/no-ca.pem }}
+    credentials: {{ value_file: {dir}/no-token }}
+    batch: [{{ match: 'POST /o/{{object}}', bulk: 'POST /o/{{object}}/batch/create', format: hubspot, max_items: 500 }}]
+  - name: salesforce
+    hosts: [x.my.salesforce.com]
+    credentials: {{ value_env: SLUICE_UNIT_UNSET_TOKEN }}
+clients:
+  - {{ name: billing, secret_file: {dir}/no-secret, upstreams: ['*'] }}
+",
+            dir = dir.path().display()
+        );
+        std::fs::write(&path, text).unwrap();
+        let error = check(&path).unwrap_err().to_string();
+        for expected in [
+            "sluice.yaml: 7 problems",
+            "store.url_file (line 3): cannot read",
+            "intercept.ca_key (line 6):",
+            "upstreams[0].tls (line 11): cannot read",
+            "upstreams[0].credentials.value_file (line 12): cannot read",
+            "upstreams[0].batch[0].max_items (line 13): must be between 2 and 100 for this format",
+            "upstreams[1].credentials.value_env (line 16): environment variable SLUICE_UNIT_UNSET_TOKEN",
+            "clients[0].secret_file (line 18): cannot read",
+        ] {
+            assert!(error.contains(expected), "`{expected}` in:\n{error}");
+        }
+        assert!(!dir.path().join("ca.key").exists(), "check writes nothing");
+    }
 }

@@ -77,15 +77,17 @@ fn main() -> ExitCode {
 
 fn run(config_path: PathBuf) -> ExitCode {
     sluice::telemetry::init_logging();
-    // The config decides the runtime's size, so it is read once before the runtime exists.
-    let worker_threads = match sluice::config::Config::load(&config_path) {
-        Ok(config) => config.worker_threads,
+    // The config decides the runtime's size, so it is read (once: `app` runs on the same
+    // parsed file) before the runtime exists.
+    let loaded = match sluice::config::Loaded::read(&config_path) {
+        Ok(loaded) => loaded,
         Err(error) => {
             tracing::error!(%error, "Cannot start: invalid config.");
             eprintln!("{error}");
             return ExitCode::from(1);
         }
     };
+    let worker_threads = loaded.config.process.worker_threads;
     // One worker is the sidecar's setting: the single-threaded scheduler skips work stealing and
     // cross-thread wake-ups, measurably less CPU per request (BENCHMARKS.md).
     let mut builder = if worker_threads == Some(1) {
@@ -104,7 +106,7 @@ fn run(config_path: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(sluice::app::run(config_path)) {
+    match runtime.block_on(sluice::app::run(loaded)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "Cannot start.");

@@ -21,7 +21,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::body::{self, ProxyBody};
 use crate::breaker::{Breakers, Phase};
-use crate::config::RetryFile;
+use crate::config::RetryPolicy;
 use crate::controls::{RequestControls, MAX_CONTROL};
 use crate::error::{ErrorKind, ProxyError};
 use crate::proxy::route::Routed;
@@ -220,7 +220,7 @@ fn retry_reason(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<&'st
 }
 
 /// Full jitter: uniform in [0, min(max_backoff, backoff * 2^(attempt-1))].
-fn backoff(policy: &RetryFile, attempt: u32) -> Duration {
+fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
     let ceiling = policy.backoff.saturating_mul(1u32 << (attempt - 1).min(16)).min(policy.max_backoff);
     ceiling.mul_f64(rand::random::<f64>())
 }
@@ -336,7 +336,7 @@ mod tests {
 
     #[test]
     fn backoff_is_capped_full_jitter() {
-        let policy = RetryFile {
+        let policy = RetryPolicy {
             attempts: 5,
             backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(300),

@@ -14,10 +14,12 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Intercept, Problems, SecretSource, Store};
 use crate::limit::Limiter;
 use crate::proxy::forward::UpstreamClient;
 use crate::proxy::route::RouteTable;
+use crate::security::clients::Clients;
+use crate::security::credentials::Credential;
 use crate::telemetry::Metrics;
 use crate::tls::ca::CertAuthority;
 
@@ -26,65 +28,100 @@ pub struct Generation {
     /// Increases by one with every successful load.
     pub id: u64,
     pub config: Arc<Config>,
+    /// The store settings with the URL read (the limiter runs on the first generation's).
+    pub store: Store,
     pub routes: RouteTable,
     /// One pooled client per upstream, by upstream name.
     pub clients: HashMap<Arc<str>, UpstreamClient>,
     pub ca: Option<Arc<CertAuthority>>,
     /// Proxy clients allowed to use sluice (`clients:`), or loopback-only sidecar mode.
-    pub proxy_clients: crate::security::clients::Clients,
+    pub proxy_clients: Clients,
     /// Injected credentials by upstream name.
-    pub credentials: HashMap<Arc<str>, Arc<crate::security::credentials::Credential>>,
+    pub credentials: HashMap<Arc<str>, Arc<Credential>>,
+}
+
+/// Whether building a generation may write: `run` creates an interception CA whose two files
+/// are both absent; `sluice check` leaves it uncreated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MissingCa {
+    Create,
+    Leave,
 }
 
 impl Generation {
     /// Builds everything a config needs, reusing unchanged parts of `previous`.
+    ///
+    /// This is the resolve phase of loading: everything the config names outside its own text
+    /// (the store URL, PEM files, the CA, client and credential secrets) is read and checked
+    /// here, and so is what only the rooms below know (a batch rule against its bulk format).
+    /// Every part is tried whatever became of the others, so the refusal lists every problem,
+    /// each with its key (the caller adds the lines), like validation does.
     pub fn build(config: Config, previous: Option<&Generation>) -> Result<Self, ConfigError> {
-        let ca = match &config.intercept {
+        Self::resolve(config, previous, MissingCa::Create)
+    }
+
+    /// What `sluice check` verifies: everything [`build`](Self::build) reads, without writing
+    /// (a CA whose files do not exist yet is not created).
+    pub fn check(config: Config) -> Result<(), ConfigError> {
+        Self::resolve(config, None, MissingCa::Leave).map(drop)
+    }
+
+    fn resolve(config: Config, previous: Option<&Generation>, missing_ca: MissingCa) -> Result<Self, ConfigError> {
+        let mut problems = Problems::default();
+        problems.extend(crate::batch::check(&config.live.upstreams));
+        let store = problems.keep(config.process.store.resolve());
+        let ca = match &config.live.intercept {
             None => None,
             Some(settings) => match previous {
                 Some(old)
-                    if old.config.intercept.as_ref() == Some(settings)
+                    if old.config.live.intercept.as_ref() == Some(settings)
                         && old.ca.is_some()
                         && !ca_files_changed(old, settings) =>
                 {
                     old.ca.clone()
                 }
-                _ => Some(Arc::new(CertAuthority::load_or_generate(settings)?)),
+                _ if missing_ca == MissingCa::Leave && !settings.ca_cert.exists() && !settings.ca_key.exists() => None,
+                _ => problems.keep(CertAuthority::load_or_generate(settings)).map(Arc::new),
             },
         };
-        let mut clients = HashMap::with_capacity(config.upstreams.len());
-        for (index, upstream) in config.upstreams.iter().enumerate() {
+        let mut clients = HashMap::with_capacity(config.live.upstreams.len());
+        for (index, upstream) in config.live.upstreams.iter().enumerate() {
             let reused =
                 previous.and_then(|old| old.clients.get(&upstream.name)).filter(|client| client.fits(upstream));
             let client = match reused {
-                Some(client) => client.clone(),
-                None => UpstreamClient::new(upstream, &format!("upstreams[{index}].tls"))?,
+                Some(client) => Some(client.clone()),
+                None => problems.keep(UpstreamClient::new(upstream, &format!("upstreams[{index}].tls"))),
             };
-            clients.insert(upstream.name.clone(), client);
+            if let Some(client) = client {
+                clients.insert(upstream.name.clone(), client);
+            }
         }
         let proxy_clients =
-            crate::security::clients::Clients::new(&config.file.clients, config.listen.allow_remote_clients)?;
+            problems.keep(Clients::new(&config.live.clients, config.process.listen.allow_remote_clients));
         let mut credentials = HashMap::new();
-        for (index, upstream) in config.upstreams.iter().enumerate() {
+        for (index, upstream) in config.live.upstreams.iter().enumerate() {
             let Some(settings) = &upstream.credentials else { continue };
-            let reused = previous
-                .and_then(|old| old.credentials.get(&upstream.name))
-                .filter(|credential| credential.settings == *settings && settings.value_env.is_none());
+            let reused = previous.and_then(|old| old.credentials.get(&upstream.name)).filter(|credential| {
+                credential.settings == *settings && matches!(settings.value, SecretSource::File(_))
+            });
             let credential = match reused {
-                Some(credential) => credential.clone(),
-                None => Arc::new(crate::security::credentials::Credential::load(
-                    upstream.name.clone(),
-                    settings,
-                    &format!("upstreams[{index}].credentials"),
-                )?),
+                Some(credential) => Some(credential.clone()),
+                None => problems
+                    .keep(Credential::load(upstream.name.clone(), settings, &format!("upstreams[{index}].credentials")))
+                    .map(Arc::new),
             };
-            credentials.insert(upstream.name.clone(), credential);
+            if let Some(credential) = credential {
+                credentials.insert(upstream.name.clone(), credential);
+            }
         }
+        let (Some(store), Some(proxy_clients)) = (store, proxy_clients) else { return Err(problems.refusal()) };
+        problems.finish()?;
         Ok(Self {
             proxy_clients,
             credentials,
             id: previous.map_or(1, |old| old.id + 1),
-            routes: RouteTable::new(&config.upstreams),
+            store,
+            routes: RouteTable::new(&config.live.upstreams),
             config: Arc::new(config),
             clients,
             ca,
@@ -93,7 +130,7 @@ impl Generation {
 }
 
 /// The CA is re-read when its files changed on disk (a rotated Secret), even if paths did not.
-fn ca_files_changed(old: &Generation, settings: &crate::config::InterceptFile) -> bool {
+fn ca_files_changed(old: &Generation, settings: &Intercept) -> bool {
     let Some(ca) = &old.ca else { return true };
     match rustls_pki_types::pem::PemObject::from_pem_file(&settings.ca_cert) {
         Ok(cert) => {
@@ -138,7 +175,7 @@ impl Shared {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let batcher = crate::batch::Batcher::new(metrics.clone());
-        let tunnel_slots = Arc::new(tokio::sync::Semaphore::new(generation.config.limits.max_tunnels));
+        let tunnel_slots = Arc::new(tokio::sync::Semaphore::new(generation.config.process.max_tunnels));
         Arc::new(Self {
             current: ArcSwap::from_pointee(generation),
             metrics,

@@ -8,9 +8,8 @@
 use http::StatusCode;
 use libfuzzer_sys::fuzz_target;
 use serde_json::json;
-use sluice::batch::codec::{split, splittable, Item};
-use sluice::config::file_types::BatchFormat;
-use sluice::config::policy::BatchOp;
+use sluice::batch::format::{BatchOp, Item};
+use sluice::batch::FORMATS;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&shape, body)) = data.split_first() else { return };
@@ -23,13 +22,13 @@ fuzz_target!(|data: &[u8]| {
             trace: format!("trace-{at}"),
         })
         .collect();
-    for format in [BatchFormat::Hubspot, BatchFormat::SalesforceCollections] {
+    for format in FORMATS {
         for op in [BatchOp::Create, BatchOp::Read, BatchOp::Update, BatchOp::Archive] {
             for status in [StatusCode::OK, StatusCode::CREATED, StatusCode::MULTI_STATUS, StatusCode::NO_CONTENT] {
-                let _ = splittable(format, op, status);
+                let _ = format.splittable(op, status);
             }
-            if let Ok(answers) = split(format, op, body, &items) {
-                assert_eq!(answers.len(), items.len(), "{format:?} {op:?}: one answer per call");
+            if let Ok(answers) = format.split(op, body, &items) {
+                assert_eq!(answers.len(), items.len(), "{} {op:?}: one answer per call", format.name());
             }
         }
     }

@@ -14,8 +14,13 @@
 //! (`Sluice-Batch: off`), carry a precondition (`If-Match`, ...), don't parse as the expected
 //! JSON, or are too big pass through unbatched. Every queue is bounded; a caller that goes away
 //! leaves its mates unharmed.
+//!
+//! What a vendor's bulk endpoint looks like is not known here: each format is a [`BulkFormat`]
+//! in its own file, listed in [`FORMATS`].
 
-pub mod codec;
+pub mod format;
+pub mod hubspot;
+pub mod salesforce;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,13 +40,22 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::body::{self, ProxyBody};
-use crate::config::policy::{BatchOp, BatchRule, ScopeKey};
-use crate::config::Upstream;
+use crate::config::{BatchRule, ScopeKey, Upstream};
 use crate::controls::RequestControls;
 use crate::error::{ErrorKind, ProxyError};
 use crate::proxy::route::Routed;
 use crate::telemetry::Metrics;
-use codec::{Item, Single};
+pub use format::{check, BulkFormat};
+use format::{BatchOp, Item, Single};
+
+/// Every bulk format a batch rule may name. A new format is a file beside `hubspot.rs` and
+/// `salesforce.rs` implementing [`BulkFormat`], and one line here.
+pub static FORMATS: &[&dyn BulkFormat] = &[&hubspot::Hubspot, &salesforce::Collections];
+
+/// The format a rule's `format:` names.
+pub fn format(name: &str) -> Option<&'static dyn BulkFormat> {
+    FORMATS.iter().copied().find(|format| format.name() == name)
+}
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type Inner = BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, ProxyError>;
@@ -173,6 +187,8 @@ where
 struct Candidate {
     upstream: Arc<Upstream>,
     rule_index: usize,
+    format: &'static dyn BulkFormat,
+    op: BatchOp,
     captures: Vec<(String, String)>,
     id: Option<String>,
 }
@@ -199,7 +215,8 @@ impl Candidate {
         if !fits {
             return None;
         }
-        if rule.op == BatchOp::Read && !read_query_batchable(routed.uri.query()) {
+        let (format, op) = format::plan(rule)?;
+        if !format.accepts_query(op, routed.uri.query()) {
             return None;
         }
         let id = captured.iter().find(|(name, _)| *name == "id").map(|(_, value)| (*value).to_owned());
@@ -208,7 +225,7 @@ impl Candidate {
             .filter(|(name, _)| *name != "id")
             .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
             .collect();
-        Some(Self { upstream: upstream.clone(), rule_index, captures, id })
+        Some(Self { upstream: upstream.clone(), rule_index, format, op, captures, id })
     }
 
     fn rule(&self) -> &BatchRule {
@@ -217,36 +234,8 @@ impl Candidate {
 
     /// The item body, when the single call carries what the bulk endpoint expects.
     fn parse_body(&self, bytes: &Bytes) -> Option<serde_json::Value> {
-        let rule = self.rule();
-        match rule.op {
-            BatchOp::Read | BatchOp::Archive => {
-                bytes.iter().all(u8::is_ascii_whitespace).then_some(serde_json::Value::Null)
-            }
-            BatchOp::Create | BatchOp::Update => {
-                let mut value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-                let map = value.as_object_mut()?;
-                if rule.format == crate::config::file_types::BatchFormat::SalesforceCollections {
-                    let sobject = self.captures.iter().find(|(name, _)| name == "sobject").map(|(_, v)| v.clone())?;
-                    map.insert("attributes".into(), serde_json::json!({ "type": sobject }));
-                    if let Some(id) = &self.id {
-                        map.insert("id".into(), serde_json::json!(id));
-                    }
-                }
-                Some(value)
-            }
-        }
+        self.format.item_body(self.op, bytes, &self.captures, self.id.as_deref())
     }
-}
-
-/// HubSpot batch read takes `properties`, `propertiesWithHistory`, `idProperty`, `archived`;
-/// a single read asking for anything else (associations, say) is not batched.
-fn read_query_batchable(query: Option<&str>) -> bool {
-    query.is_none_or(|query| {
-        query.split('&').filter(|pair| !pair.is_empty()).all(|pair| {
-            let name = pair.split('=').next().unwrap_or("");
-            matches!(name, "properties" | "propertiesWithHistory" | "idProperty" | "archived")
-        })
-    })
 }
 
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
@@ -381,9 +370,7 @@ impl SharedHead {
 fn kept_headers(upstream: &Upstream) -> Vec<http::HeaderName> {
     let mut kept = Vec::new();
     if let Some(credentials) = &upstream.credentials {
-        if let Ok(name) = http::HeaderName::from_bytes(credentials.header.trim().as_bytes()) {
-            kept.push(name);
-        }
+        kept.push(credentials.header.clone());
     }
     for quota in &upstream.limits.quotas {
         for scope in &quota.scope {
@@ -416,6 +403,8 @@ struct Open {
     inner: Inner,
     /// The rule the batch was opened for (read, update and archive may share one path).
     rule: BatchRule,
+    format: &'static dyn BulkFormat,
+    op: BatchOp,
 }
 
 /// All batches currently filling, shared by every connection.
@@ -495,7 +484,16 @@ impl Batcher {
                 }
                 open.insert(
                     key.clone(),
-                    Open { serial, waiters: vec![waiter], head, routed, inner, rule: rule.clone() },
+                    Open {
+                        serial,
+                        waiters: vec![waiter],
+                        head,
+                        routed,
+                        inner,
+                        rule: rule.clone(),
+                        format: candidate.format,
+                        op: candidate.op,
+                    },
                 );
                 let batcher = self.clone();
                 let timer_key = key.clone();
@@ -544,7 +542,7 @@ impl Batcher {
     }
 
     async fn send(&self, batch: Open, reason: FlushReason) {
-        let Open { waiters, head, routed, inner, rule, .. } = batch;
+        let Open { waiters, head, routed, inner, rule, format, op, .. } = batch;
         let upstream = routed.upstream.clone();
         let name: &str = &upstream.name;
         self.metrics.batch_size.with_label_values(&[name]).observe(waiters.len() as f64);
@@ -556,7 +554,7 @@ impl Batcher {
             waiter.span.follows_from(&span);
         }
         let items: Vec<Item> = waiters.iter().map(|waiter| waiter.item.clone()).collect();
-        let result = match bulk_request(&rule, &routed, head, &items) {
+        let result = match bulk_request(&rule, format, op, &routed, head, &items) {
             Ok(request) => {
                 let exchange: BoxFuture<Result<(http::response::Parts, Bytes), ProxyError>> =
                     Box::pin(exchange(inner, request, upstream.name.clone()));
@@ -572,8 +570,7 @@ impl Batcher {
                 }
             }
             Ok((parts, bytes)) => {
-                let split = codec::splittable(rule.format, rule.op, parts.status)
-                    .then(|| codec::split(rule.format, rule.op, &bytes, &items));
+                let split = format.splittable(op, parts.status).then(|| format.split(op, &bytes, &items));
                 match split {
                     Some(Ok(singles)) => {
                         for (waiter, single) in waiters.into_iter().zip(singles) {
@@ -633,7 +630,7 @@ async fn exchange(
 }
 
 /// What each caller gets when the vendor answered the bulk call as a whole, with a status the
-/// codec does not split: a throttle stays a throttle (`429`, the vendor's `Retry-After`), and
+/// format does not split: a throttle stays a throttle (`429`, the vendor's `Retry-After`), and
 /// anything else is a `502` naming the status. The vendor's body is never passed on.
 fn whole_batch_failure(bulk: &http::response::Parts, upstream: Arc<str>) -> ProxyError {
     if bulk.status == StatusCode::TOO_MANY_REQUESTS {
@@ -661,6 +658,8 @@ fn whole_batch_failure(bulk: &http::response::Parts, upstream: Arc<str>) -> Prox
 /// body, accept and encoding of its own.
 fn bulk_request(
     rule: &BatchRule,
+    format: &dyn BulkFormat,
+    op: BatchOp,
     routed: &Routed,
     head: SharedHead,
     items: &[Item],
@@ -672,10 +671,9 @@ fn bulk_request(
         path = path.replace(&format!("{{{name}}}"), value);
     }
     let query = query_pairs(routed.uri.query());
-    if rule.op == BatchOp::Read {
-        if let Some((_, archived)) = query.iter().find(|(name, _)| name == "archived") {
-            path.push_str(&format!("?archived={archived}"));
-        }
+    if let Some(bulk_query) = format.bulk_query(op, &query) {
+        path.push('?');
+        path.push_str(&bulk_query);
     }
     let mut parts = routed.uri.clone().into_parts();
     parts.path_and_query = Some(path.parse().map_err(|_| {
@@ -684,7 +682,7 @@ fn bulk_request(
     let uri = Uri::from_parts(parts).map_err(|error| {
         ProxyError::new(ErrorKind::Internal { detail: error.to_string() }, Some(upstream.name.clone()))
     })?;
-    let body = serde_json::to_vec(&codec::wrap(rule.format, rule.op, items, &query)).unwrap_or_default();
+    let body = serde_json::to_vec(&format.wrap(op, items, &query)).unwrap_or_default();
     let mut request = Request::new(body::full(Bytes::from(body)));
     *request.method_mut() = rule.bulk_method.clone();
     *request.uri_mut() = uri.clone();
@@ -737,7 +735,7 @@ upstreams:
 ",
         )
         .unwrap();
-        config.upstreams[0].clone()
+        config.live.upstreams[0].clone()
     }
 
     fn head(headers: &[(&str, &str)]) -> SharedHead {
@@ -788,10 +786,7 @@ upstreams:
     }
 
     #[test]
-    fn read_queries() {
-        assert!(read_query_batchable(None));
-        assert!(read_query_batchable(Some("properties=email,firstname&archived=false")));
-        assert!(!read_query_batchable(Some("associations=companies")));
+    fn queries_are_decoded() {
         assert_eq!(decode("email%2Cfirstname"), "email,firstname");
     }
 }

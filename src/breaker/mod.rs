@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{BreakerFile, Upstream};
+use crate::config::{BreakerSettings, Upstream};
 use crate::telemetry::Metrics;
 use state::BreakerState;
 pub use state::{Admit, Outcome, Phase, Transition};
@@ -65,7 +65,7 @@ impl PhaseTally {
 }
 
 impl Breaker {
-    fn new(upstream: Arc<str>, settings: BreakerFile, metrics: Arc<Metrics>) -> Self {
+    fn new(upstream: Arc<str>, settings: BreakerSettings, metrics: Arc<Metrics>) -> Self {
         metrics.breaker_state.with_label_values(&[&upstream]).set(0);
         Self {
             upstream,
@@ -80,7 +80,7 @@ impl Breaker {
     fn for_host(
         upstream: Arc<str>,
         host: Arc<str>,
-        settings: BreakerFile,
+        settings: BreakerSettings,
         metrics: Arc<Metrics>,
         tally: Arc<PhaseTally>,
     ) -> Self {
@@ -217,7 +217,7 @@ enum UpstreamBreakers {
 }
 
 impl UpstreamBreakers {
-    fn settings(&self) -> BreakerFile {
+    fn settings(&self) -> BreakerSettings {
         match self {
             UpstreamBreakers::One(breaker) => breaker.lock().settings().clone(),
             UpstreamBreakers::PerHost(hosts) => hosts.settings.clone(),
@@ -238,7 +238,7 @@ impl UpstreamBreakers {
 /// One upstream's per-host breakers, the least recently used forgotten first past `max_hosts`
 /// (a closed one before an open one, so a flood of new names cannot reopen a failing host).
 struct HostBreakers {
-    settings: BreakerFile,
+    settings: BreakerSettings,
     tally: Arc<PhaseTally>,
     hosts: HashMap<Arc<str>, (Arc<Breaker>, u64)>,
     by_use: BTreeMap<u64, Arc<str>>,
@@ -246,7 +246,7 @@ struct HostBreakers {
 }
 
 impl HostBreakers {
-    fn new(settings: BreakerFile) -> Self {
+    fn new(settings: BreakerSettings) -> Self {
         Self { settings, tally: Arc::default(), hosts: HashMap::new(), by_use: BTreeMap::new(), tick: 0 }
     }
 
@@ -505,7 +505,7 @@ mod tests {
         let yaml = format!(
             "upstreams:\n  - name: zendesk\n    hosts: ['*.zendesk.com']\n    breaker: {{ consecutive_failures: 2, max_hosts: {max_hosts} }}\n"
         );
-        Config::from_yaml(&yaml).unwrap().upstreams[0].clone()
+        Config::from_yaml(&yaml).unwrap().live.upstreams[0].clone()
     }
 
     fn gauge(metrics: &Metrics) -> i64 {

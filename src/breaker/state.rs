@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::BreakerFile;
+use crate::config::BreakerSettings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -67,7 +67,7 @@ pub struct Transition {
 
 #[derive(Debug)]
 pub struct BreakerState {
-    settings: BreakerFile,
+    settings: BreakerSettings,
     phase: Phase,
     buckets: [(u64, u64); BUCKETS],
     /// Index of the bucket `bucket_started` belongs to.
@@ -82,7 +82,7 @@ pub struct BreakerState {
 const BUCKETS: usize = 10;
 
 impl BreakerState {
-    pub fn new(settings: BreakerFile, now: Instant) -> Self {
+    pub fn new(settings: BreakerSettings, now: Instant) -> Self {
         let open_for = settings.open_for;
         Self {
             settings,
@@ -97,7 +97,7 @@ impl BreakerState {
         }
     }
 
-    pub fn settings(&self) -> &BreakerFile {
+    pub fn settings(&self) -> &BreakerSettings {
         &self.settings
     }
 
@@ -218,8 +218,8 @@ impl BreakerState {
 mod tests {
     use super::*;
 
-    fn settings() -> BreakerFile {
-        BreakerFile {
+    fn settings() -> BreakerSettings {
+        BreakerSettings {
             failure_ratio: 0.5,
             min_requests: 10,
             window: Duration::from_secs(30),

@@ -1,8 +1,11 @@
 //! The YAML file exactly as an operator writes it.
 //!
 //! Every struct denies unknown fields: a misspelt key is an error naming the key and line, never a
-//! silently ignored setting. Defaults live here, next to the field they fill, so the file model is
-//! also the reference of what an omitted key means. `validate` turns this model into [`Config`].
+//! silently ignored setting. Defaults are written once, next to the fields they fill: a struct
+//! whose every key may be left out takes `#[serde(default)]` and one `Default` impl; a struct
+//! with required keys names a default function per optional field. The file model is therefore
+//! also the reference of what an omitted key means. Nothing outside `config` sees these types:
+//! `validate` turns them into [`Config`].
 //!
 //! [`Config`]: super::Config
 
@@ -12,80 +15,85 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::policy::{OverLimit, ProfileKind, ResetUnit};
+use super::store::{OnFailure, StoreKind};
+use super::upstream::CredentialMode;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
-    #[serde(default)]
     pub listen: ListenFile,
-    #[serde(default)]
     pub store: StoreFile,
-    #[serde(default)]
     pub intercept: Option<InterceptFile>,
-    #[serde(default)]
     pub runtime: RuntimeFile,
     /// How long in-flight requests and tunnels may run after SIGTERM before sluice exits anyway.
-    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    #[serde(default)]
     pub limits: LimitsFile,
-    #[serde(default)]
     pub upstreams: Vec<UpstreamFile>,
     /// Proxy clients for shared (non-sidecar) deployments; when set, every request must say
     /// who it is with `Proxy-Authorization`.
-    #[serde(default)]
     pub clients: Vec<ClientFile>,
-    #[serde(default)]
     pub admin: AdminFile,
 }
 
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            listen: ListenFile::default(),
+            store: StoreFile::default(),
+            intercept: None,
+            runtime: RuntimeFile::default(),
+            shutdown_grace: Duration::from_secs(30),
+            limits: LimitsFile::default(),
+            upstreams: Vec::new(),
+            clients: Vec::new(),
+            admin: AdminFile::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ListenFile {
     /// Where services send proxied traffic (HTTP_PROXY / HTTPS_PROXY / reverse prefixes).
-    #[serde(default = "default_proxy_addr")]
     pub proxy: SocketAddr,
     /// Metrics, health and the admin API; loopback unless said otherwise.
-    #[serde(default = "default_admin_addr")]
     pub admin: SocketAddr,
     /// Without `clients:`, only loopback peers may use the proxy unless this is true.
-    #[serde(default)]
     pub allow_remote_clients: bool,
 }
 
 impl Default for ListenFile {
     fn default() -> Self {
-        Self { proxy: default_proxy_addr(), admin: default_admin_addr(), allow_remote_clients: false }
+        Self {
+            proxy: SocketAddr::from(([127, 0, 0, 1], 3128)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            allow_remote_clients: false,
+        }
     }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdminFile {
     /// Bearer token for `POST /reload` and `GET /config` when the admin listener is not on
     /// loopback (read from this file; re-read on every check, so rotation needs no restart).
-    #[serde(default)]
     pub token_file: Option<PathBuf>,
     /// ... or from this environment variable.
-    #[serde(default)]
     pub token_env: Option<String>,
     /// Most admin connections open at once; past it a new one is closed at once.
-    #[serde(default = "default_admin_max_connections")]
     pub max_connections: usize,
     /// An admin connection must send its first request head within this time, and the next one
     /// within this time of the last answer; otherwise it is closed.
-    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
 }
 
 impl Default for AdminFile {
     fn default() -> Self {
-        Self {
-            token_file: None,
-            token_env: None,
-            max_connections: default_admin_max_connections(),
-            header_read_timeout: default_header_read_timeout(),
-        }
+        Self { token_file: None, token_env: None, max_connections: 128, header_read_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -108,36 +116,29 @@ pub struct ClientFile {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct StoreFile {
-    #[serde(default)]
     pub kind: StoreKind,
     /// `redis://`, `rediss://` or `redis+cluster://host:port,host:port`. Required for `kind: redis`.
-    #[serde(default)]
     pub url: Option<String>,
     /// ... or read the URL from this file (a mounted Secret), so a password stays out of the config.
-    #[serde(default)]
     pub url_file: Option<PathBuf>,
     /// ... or from this environment variable.
-    #[serde(default)]
     pub url_env: Option<String>,
     /// What to do while Redis is unreachable or slower than `timeout`.
-    #[serde(default)]
     pub on_failure: OnFailure,
     /// The longest a request waits on Redis before the `on_failure` policy applies.
-    #[serde(default = "default_store_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Prefix of every Redis key sluice writes.
-    #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
     /// How often each replica announces itself (the replica count sets the local share).
-    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
     /// Most tokens one replica takes ahead for one busy scope (0 or 1: every decision in Redis).
-    #[serde(default = "default_lease_max")]
     pub lease_max: u64,
     /// Longest a leased token may wait to be spent (capped at half a quota's `margin`).
-    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
 }
 
@@ -149,35 +150,13 @@ impl Default for StoreFile {
             url_file: None,
             url_env: None,
             on_failure: OnFailure::default(),
-            timeout: default_store_timeout(),
-            key_prefix: default_key_prefix(),
-            heartbeat: default_heartbeat(),
-            lease_max: default_lease_max(),
-            lease_ttl: default_lease_ttl(),
+            timeout: Duration::from_millis(50),
+            key_prefix: "sluice".to_owned(),
+            heartbeat: Duration::from_secs(2),
+            lease_max: 64,
+            lease_ttl: Duration::from_millis(50),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreKind {
-    /// Quota state in this process only: one replica.
-    #[default]
-    Memory,
-    /// Quota state in Redis, shared by every replica.
-    Redis,
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum OnFailure {
-    /// Enforce each quota locally at `limit / replicas` (the last known replica count).
-    #[default]
-    Local,
-    /// Let traffic through unlimited.
-    Allow,
-    /// Answer 503.
-    Deny,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -196,72 +175,65 @@ pub struct InterceptFile {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RuntimeFile {
     /// Tokio worker threads. Default: the CPUs this process may use (cgroup quota honoured).
-    #[serde(default)]
     pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitsFile {
     /// Largest request head (request line plus headers) accepted, in bytes.
-    #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
     /// Largest request body forwarded, in bytes; larger ones get 413.
-    #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
     /// A client must send its whole request head within this time (slowloris guard).
-    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Most client connections (including tunnels) open at once; further ones wait in the backlog.
-    #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Most CONNECT tunnels open at once; more get 503.
-    #[serde(default = "default_max_tunnels")]
     pub max_tunnels: usize,
     /// Most connections (tunnels included) one client address may hold open; more are refused.
-    #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: usize,
     /// An idle tunnel (no bytes either way) is closed after this long.
-    #[serde(default = "default_tunnel_idle_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub tunnel_idle_timeout: Duration,
     /// Most CONNECT tunnels one client (its authenticated name, else its address) may hold open.
     /// Default: all of `max_tunnels` in sidecar mode, a quarter of it when serving several clients.
-    #[serde(default)]
     pub max_tunnels_per_client: Option<usize>,
     /// The longest sluice waits for the next bytes of a request body before answering 408.
-    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
     /// A response the client takes no bytes of for this long is abandoned (its concurrency
     /// slot released, the vendor's connection closed).
-    #[serde(default = "default_response_idle_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub response_idle_timeout: Duration,
     /// An HTTP/2 client connection with no stream open for this long gets GOAWAY and closes.
-    #[serde(default = "default_http2_idle_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub http2_idle_timeout: Duration,
     /// A client connection older than this is closed gracefully (HTTP/1 after its current
     /// response, HTTP/2 with GOAWAY), and cut 30 s later if still open.
-    #[serde(default = "default_max_connection_age", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub max_connection_age: Duration,
 }
 
 impl Default for LimitsFile {
     fn default() -> Self {
         Self {
-            max_header_bytes: default_max_header_bytes(),
-            max_body_bytes: default_max_body_bytes(),
-            header_read_timeout: default_header_read_timeout(),
-            max_connections: default_max_connections(),
-            max_tunnels: default_max_tunnels(),
-            max_connections_per_client: default_max_connections_per_client(),
-            tunnel_idle_timeout: default_tunnel_idle_timeout(),
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_tunnels: 4096,
+            max_connections_per_client: 1024,
+            tunnel_idle_timeout: Duration::from_secs(300),
             max_tunnels_per_client: None,
-            body_read_timeout: default_body_read_timeout(),
-            response_idle_timeout: default_response_idle_timeout(),
-            http2_idle_timeout: default_http2_idle_timeout(),
-            max_connection_age: default_max_connection_age(),
+            body_read_timeout: Duration::from_secs(10),
+            response_idle_timeout: Duration::from_secs(10),
+            http2_idle_timeout: Duration::from_secs(300),
+            max_connection_age: Duration::from_secs(3600),
         }
     }
 }
@@ -335,7 +307,9 @@ pub struct BatchFile {
     pub matches: String,
     /// The bulk call, with the same captures: `POST /crm/v3/objects/{object}/batch/create`.
     pub bulk: String,
-    pub format: BatchFormat,
+    /// The vendor's bulk format: `hubspot` (CRM v3 `batch/create|read|update|archive`) or
+    /// `salesforce-collections` (sObject Collections create/update). The batch room knows them.
+    pub format: String,
     /// Flush when a batch holds this many calls.
     #[serde(default = "default_max_items")]
     pub max_items: usize,
@@ -344,86 +318,96 @@ pub struct BatchFile {
     pub max_delay: Duration,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum BatchFormat {
-    /// HubSpot CRM v3 `batch/create|read|update|archive`.
-    Hubspot,
-    /// Salesforce sObject Collections create/update (`allOrNone: false`).
-    SalesforceCollections,
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum LimitHeadersFile {
-    Profile(crate::vendor::ProfileKind),
+    Profile(ProfileKind),
     Detailed(LimitHeadersDetail),
 }
 
 impl Default for LimitHeadersFile {
     fn default() -> Self {
-        LimitHeadersFile::Profile(crate::vendor::ProfileKind::None)
+        LimitHeadersFile::Profile(ProfileKind::None)
     }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitHeadersDetail {
-    pub profile: crate::vendor::ProfileKind,
+    pub profile: ProfileKind,
     /// `x-ratelimit` only: whether the reset header counts seconds from now or epoch seconds.
     #[serde(default)]
-    pub reset: crate::vendor::ResetUnit,
+    pub reset: ResetUnit,
     /// Pause all replicas once the vendor reports this many requests left (or fewer).
     #[serde(default)]
     pub pause_at_remaining: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetryFile {
     /// Tries in all, the first included (1 = no retries).
-    #[serde(default = "default_attempts")]
     pub attempts: u32,
     /// Base of the exponential backoff (full jitter).
-    #[serde(default = "default_backoff", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub backoff: Duration,
-    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
     /// Retries allowed per ordinary request over a 10 s sliding window (0.2 = 20%).
-    #[serde(default = "default_budget")]
     pub budget: f64,
     /// Request bodies larger than this are streamed and never retried.
-    #[serde(default = "default_retry_body")]
     pub max_body_bytes: u64,
 }
 
+impl Default for RetryFile {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            budget: 0.2,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct BreakerFile {
     /// Open when failures / requests over `window` reach this (once `min_requests` were seen).
-    #[serde(default = "default_failure_ratio")]
     pub failure_ratio: f64,
-    #[serde(default = "default_min_requests")]
     pub min_requests: u64,
-    #[serde(default = "default_breaker_window", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub window: Duration,
     /// Open after this many failures in a row, whatever the ratio.
-    #[serde(default = "default_consecutive_failures")]
     pub consecutive_failures: u64,
-    #[serde(default = "default_open_for", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub open_for: Duration,
-    #[serde(default = "default_max_open_for", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub max_open_for: Duration,
     /// Probes let through per half-open period.
-    #[serde(default = "default_half_open_requests")]
     pub half_open_requests: u64,
     /// Statuses that count as failures (connect errors and timeouts always do; 429 never).
-    #[serde(default = "default_failure_statuses")]
     pub failure_statuses: Vec<u16>,
     /// Wildcard upstreams without a target keep one breaker per destination host: at most this
     /// many, the least recently used forgotten first.
-    #[serde(default = "default_breaker_max_hosts")]
     pub max_hosts: usize,
+}
+
+impl Default for BreakerFile {
+    fn default() -> Self {
+        Self {
+            failure_ratio: 0.5,
+            min_requests: 20,
+            window: Duration::from_secs(30),
+            consecutive_failures: 5,
+            open_for: Duration::from_secs(10),
+            max_open_for: Duration::from_secs(120),
+            half_open_requests: 3,
+            failure_statuses: vec![500, 502, 503, 504],
+            max_hosts: 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -479,14 +463,6 @@ pub enum WindowKind {
     Fixed,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum OverLimit {
-    #[default]
-    Queue,
-    Reject,
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteFile {
@@ -499,104 +475,73 @@ pub struct RouteFile {
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TimeoutsFile {
     /// TCP connect to the upstream (the TLS handshake counts against `request`).
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub connect: Duration,
     /// From sending the request to receiving the response head.
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub request: Duration,
 }
 
 impl Default for TimeoutsFile {
     fn default() -> Self {
-        Self { connect: default_connect_timeout(), request: default_request_timeout() }
+        Self { connect: Duration::from_secs(2), request: Duration::from_secs(30) }
     }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct UpstreamTlsFile {
     /// Extra PEM CA certificates trusted for this upstream, besides the webpki roots.
-    #[serde(default)]
     pub extra_ca: Option<PathBuf>,
     /// Client certificate (PEM chain) for mutual TLS with the vendor.
-    #[serde(default)]
     pub client_cert: Option<PathBuf>,
     /// Its private key (PEM).
-    #[serde(default)]
     pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct CredentialsFile {
     /// The header sluice sets on every upstream request.
-    #[serde(default = "default_credential_header")]
     pub header: String,
     /// Put before the secret (`"Bearer "`).
-    #[serde(default)]
     pub prefix: String,
     /// File holding the secret (a Kubernetes Secret mount); re-read when it changes.
-    #[serde(default)]
     pub value_file: Option<PathBuf>,
     /// Environment variable holding the secret.
-    #[serde(default)]
     pub value_env: Option<String>,
     /// `replace` what the client sent, or set it only `if_absent`.
-    #[serde(default)]
     pub mode: CredentialMode,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum CredentialMode {
-    #[default]
-    Replace,
-    IfAbsent,
+impl Default for CredentialsFile {
+    fn default() -> Self {
+        Self {
+            header: "authorization".to_owned(),
+            prefix: String::new(),
+            value_file: None,
+            value_env: None,
+            mode: CredentialMode::default(),
+        }
+    }
 }
 
-// === defaults ===
+// === defaults of optional keys in structs with required ones ===
 
-fn default_proxy_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 3128))
+fn default_leaf_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
-fn default_admin_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9901))
+fn default_leaf_cache() -> usize {
+    1024
 }
-fn default_store_timeout() -> Duration {
-    Duration::from_millis(50)
-}
-fn default_key_prefix() -> String {
-    "sluice".to_owned()
-}
-fn default_heartbeat() -> Duration {
-    Duration::from_secs(2)
-}
-fn default_lease_max() -> u64 {
-    64
-}
-fn default_lease_ttl() -> Duration {
-    Duration::from_millis(50)
+fn default_connect_ports() -> Vec<u16> {
+    vec![443]
 }
 fn default_max_queue_wait() -> Duration {
     Duration::from_secs(5)
-}
-fn default_max_keys() -> usize {
-    10_000
-}
-fn default_cost() -> u64 {
-    1
-}
-fn default_credential_header() -> String {
-    "authorization".to_owned()
-}
-fn default_max_tunnels() -> usize {
-    4096
-}
-fn default_max_connections_per_client() -> usize {
-    1024
 }
 fn default_max_items() -> usize {
     100
@@ -604,93 +549,9 @@ fn default_max_items() -> usize {
 fn default_max_delay() -> Duration {
     Duration::from_millis(25)
 }
-fn default_attempts() -> u32 {
-    3
-}
-fn default_backoff() -> Duration {
-    Duration::from_millis(100)
-}
-fn default_max_backoff() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_budget() -> f64 {
-    0.2
-}
-fn default_retry_body() -> u64 {
-    64 * 1024
-}
-fn default_failure_ratio() -> f64 {
-    0.5
-}
-fn default_min_requests() -> u64 {
-    20
-}
-fn default_breaker_window() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_consecutive_failures() -> u64 {
-    5
-}
-fn default_open_for() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_max_open_for() -> Duration {
-    Duration::from_secs(120)
-}
-fn default_half_open_requests() -> u64 {
-    3
-}
-fn default_failure_statuses() -> Vec<u16> {
-    vec![500, 502, 503, 504]
-}
-fn default_shutdown_grace() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_leaf_ttl() -> Duration {
-    Duration::from_secs(24 * 3600)
-}
-fn default_leaf_cache() -> usize {
-    1024
-}
-fn default_max_header_bytes() -> usize {
-    64 * 1024
-}
-fn default_max_body_bytes() -> u64 {
-    16 * 1024 * 1024
-}
-fn default_header_read_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_max_connections() -> usize {
+fn default_max_keys() -> usize {
     10_000
 }
-fn default_tunnel_idle_timeout() -> Duration {
-    Duration::from_secs(300)
-}
-fn default_body_read_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_response_idle_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_http2_idle_timeout() -> Duration {
-    Duration::from_secs(300)
-}
-fn default_max_connection_age() -> Duration {
-    Duration::from_secs(3600)
-}
-fn default_admin_max_connections() -> usize {
-    128
-}
-fn default_breaker_max_hosts() -> usize {
-    1024
-}
-fn default_connect_ports() -> Vec<u16> {
-    vec![443]
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(2)
-}
-fn default_request_timeout() -> Duration {
-    Duration::from_secs(30)
+fn default_cost() -> u64 {
+    1
 }

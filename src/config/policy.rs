@@ -1,4 +1,5 @@
-//! Validated rate-limit policy: quotas, their scopes, route costs and the store settings.
+//! Validated rate-limit policy: quotas, their scopes, route costs, and how the vendor's own
+//! rate-limit headers are read.
 //!
 //! Kept apart from `validate` because the limiter reads these types on every request: they are
 //! shaped for that (header names pre-parsed, path patterns pre-split), not for the YAML.
@@ -9,12 +10,10 @@ use std::time::Duration;
 use http::header::HeaderName;
 use http::Method;
 
-use super::file::{
-    BreakerFile, LimitHeadersFile, OnFailure, OverLimit, QuotaFile, RetryFile, RouteFile, ShapeKind, StoreFile,
-    StoreKind, WindowKind,
-};
+use serde::{Deserialize, Serialize};
+
+use super::file::{LimitHeadersFile, QuotaFile, RouteFile, ShapeKind, WindowKind};
 use super::Problem;
-use crate::vendor::{ProfileKind, ResetUnit};
 
 /// One vendor quota, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,17 +152,15 @@ pub fn parse_route_match(text: &str) -> Result<(Option<Method>, PathPattern), St
     Ok((method, PathPattern::parse(path)?))
 }
 
-/// Store settings, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Store {
-    pub kind: StoreKind,
-    pub url: Option<String>,
-    pub on_failure: OnFailure,
-    pub timeout: Duration,
-    pub key_prefix: String,
-    pub heartbeat: Duration,
-    pub lease_max: u64,
-    pub lease_ttl: Duration,
+/// What a request over quota gets (`over_limit:`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OverLimit {
+    /// Wait for a turn, at most `max_queue_wait`.
+    #[default]
+    Queue,
+    /// 429 at once.
+    Reject,
 }
 
 /// Per-upstream limiting settings, validated.
@@ -243,82 +240,9 @@ fn decode_unreserved(segment: &str) -> String {
     out
 }
 
-pub fn validate_store(raw: &StoreFile, problems: &mut Vec<Problem>) -> Store {
-    let sources = [raw.url.is_some(), raw.url_file.is_some(), raw.url_env.is_some()].iter().filter(|set| **set).count();
-    if sources > 1 {
-        problems.push(Problem::new("store.url", "set one of url, url_file and url_env"));
-    }
-    let url = raw.url.clone().or_else(|| {
-        if let Some(path) = &raw.url_file {
-            match std::fs::read_to_string(path) {
-                Ok(text) => return Some(text.trim().to_owned()),
-                Err(error) => {
-                    problems.push(Problem::new("store.url_file", format!("cannot read {}: {error}", path.display())))
-                }
-            }
-        }
-        if let Some(name) = &raw.url_env {
-            match std::env::var(name) {
-                Ok(text) => return Some(text.trim().to_owned()),
-                Err(_) => {
-                    problems.push(Problem::new("store.url_env", format!("environment variable {name} is not set")))
-                }
-            }
-        }
-        None
-    });
-    if raw.kind == StoreKind::Redis {
-        match url.as_deref() {
-            None if raw.url_file.is_none() && raw.url_env.is_none() => {
-                problems.push(Problem::new("store.url", "required when kind is redis (or url_file / url_env)"))
-            }
-            None => {}
-            Some(url) => {
-                let scheme_ok =
-                    ["redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "redis+unix://", "unix://"]
-                        .iter()
-                        .any(|scheme| url.starts_with(scheme));
-                if !scheme_ok {
-                    problems.push(Problem::new("store.url", "must start with redis://, rediss:// or redis+cluster://"));
-                }
-            }
-        }
-    }
-    if raw.timeout.is_zero() {
-        problems.push(Problem::new("store.timeout", "must be greater than 0"));
-    }
-    if raw.heartbeat < Duration::from_millis(100) {
-        problems.push(Problem::new("store.heartbeat", "must be at least 100ms"));
-    }
-    if raw.key_prefix.is_empty() || raw.key_prefix.contains(['{', '}', ' ']) {
-        problems.push(Problem::new("store.key_prefix", "must be non-empty, without braces or spaces"));
-    }
-    if raw.lease_max > 10_000 {
-        problems.push(Problem::new("store.lease_max", "must be at most 10000"));
-    }
-    if raw.lease_ttl > Duration::from_secs(1) {
-        problems.push(Problem::new("store.lease_ttl", "must be at most 1s"));
-    }
-    Store {
-        kind: raw.kind,
-        url,
-        on_failure: raw.on_failure,
-        timeout: raw.timeout,
-        key_prefix: raw.key_prefix.clone(),
-        heartbeat: raw.heartbeat,
-        lease_max: raw.lease_max,
-        lease_ttl: raw.lease_ttl,
-    }
-}
-
-pub fn validate_quota(raw: &QuotaFile, key: &str, problems: &mut Vec<Problem>) -> Option<Quota> {
+pub(super) fn validate_quota(raw: &QuotaFile, key: &str, problems: &mut Vec<Problem>) -> Option<Quota> {
     let before = problems.len();
-    let name_ok = !raw.name.is_empty()
-        && raw.name.len() <= 64
-        && raw.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if !name_ok {
-        problems.push(Problem::new(format!("{key}.name"), "must be 1-64 characters of a-z, 0-9, - and _"));
-    }
+    super::check_name(&raw.name, &format!("{key}.name"), problems);
     if raw.limit == 0 || raw.limit > 1_000_000_000_000 {
         problems.push(Problem::new(format!("{key}.limit"), "must be between 1 and 10^12"));
     }
@@ -434,7 +358,7 @@ fn parse_resets_at(text: &str) -> Result<ResetsAt, String> {
     Ok(ResetsAt { hour, minute, zone_name, zone })
 }
 
-pub fn validate_routes(raw: &[RouteFile], key: &str, problems: &mut Vec<Problem>) -> Vec<RouteCost> {
+pub(super) fn validate_routes(raw: &[RouteFile], key: &str, problems: &mut Vec<Problem>) -> Vec<RouteCost> {
     let mut routes = Vec::new();
     for (at, route) in raw.iter().enumerate() {
         // Costs are matched on normalised request paths, so the pattern is normalised too.
@@ -456,121 +380,46 @@ pub fn validate_routes(raw: &[RouteFile], key: &str, problems: &mut Vec<Problem>
     routes
 }
 
-pub fn limits_of(
-    quotas: Vec<Quota>,
-    over_limit: OverLimit,
-    max_queue_wait: Duration,
-    max_concurrency: Option<usize>,
-    routes: Vec<RouteCost>,
-) -> Limits {
-    Limits { quotas, over_limit, max_queue_wait, max_concurrency, routes }
+/// Which vendor's header dialect an upstream speaks (`limit_headers:`). What each dialect means
+/// is `vendor`'s knowledge; config only knows the names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProfileKind {
+    Hubspot,
+    Salesforce,
+    Ietf,
+    XRatelimit,
+    Github,
+    Dynamics,
+    Zendesk,
+    #[default]
+    None,
 }
 
-/// What a batch rule does, derived from its format and bulk path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BatchOp {
-    Create,
-    Read,
-    Update,
-    Archive,
-}
-
-/// A validated batch rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BatchRule {
-    pub method: Method,
-    pub path: PathPattern,
-    pub bulk_method: Method,
-    /// The bulk path template, `{name}` filled from the single call's captures.
-    pub bulk_path: String,
-    pub format: super::file::BatchFormat,
-    pub op: BatchOp,
-    pub max_items: usize,
-    pub max_delay: Duration,
-}
-
-pub fn validate_batch(raw: &[super::file::BatchFile], key: &str, problems: &mut Vec<Problem>) -> Vec<BatchRule> {
-    use super::file::BatchFormat;
-    let mut rules = Vec::new();
-    for (at, rule) in raw.iter().enumerate() {
-        let key = format!("{key}[{at}]");
-        let parsed = parse_route_match(&rule.matches).map_err(|m| (format!("{key}.match"), m)).and_then(|single| {
-            parse_route_match(&rule.bulk).map(|bulk| (single, bulk)).map_err(|m| (format!("{key}.bulk"), m))
-        });
-        let ((method, path), (bulk_method, bulk_pattern)) = match parsed {
-            Ok(parsed) => parsed,
-            Err((field, message)) => {
-                problems.push(Problem::new(field, message));
-                continue;
-            }
-        };
-        let (Some(method), Some(bulk_method)) = (method, bulk_method) else {
-            problems.push(Problem::new(format!("{key}.match"), "both match and bulk need a method (POST /path)"));
-            continue;
-        };
-        let captures: Vec<&str> = path
-            .segments
-            .iter()
-            .filter_map(|s| match s {
-                Segment::Capture(Some(name)) => Some(name.as_str()),
-                _ => None,
-            })
-            .collect();
-        let bulk_path = rule.bulk.trim().split_once(' ').map_or("", |(_, p)| p.trim()).to_owned();
-        for segment in &bulk_pattern.segments {
-            if let Segment::Capture(Some(name)) = segment {
-                if !captures.contains(&name.as_str()) || name == "id" {
-                    problems.push(Problem::new(
-                        format!("{key}.bulk"),
-                        format!("`{{{name}}}` is not a capture of match (or is the record id)"),
-                    ));
-                }
-            }
+impl ProfileKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProfileKind::Hubspot => "hubspot",
+            ProfileKind::Salesforce => "salesforce",
+            ProfileKind::Ietf => "ietf",
+            ProfileKind::XRatelimit => "x-ratelimit",
+            ProfileKind::Github => "github",
+            ProfileKind::Dynamics => "dynamics",
+            ProfileKind::Zendesk => "zendesk",
+            ProfileKind::None => "none",
         }
-        let last = bulk_path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
-        let op = match (rule.format, &method, last) {
-            (BatchFormat::Hubspot, _, "create") => Some(BatchOp::Create),
-            (BatchFormat::Hubspot, _, "read") => Some(BatchOp::Read),
-            (BatchFormat::Hubspot, _, "update") => Some(BatchOp::Update),
-            (BatchFormat::Hubspot, _, "archive") => Some(BatchOp::Archive),
-            (BatchFormat::SalesforceCollections, &Method::POST, _) => Some(BatchOp::Create),
-            (BatchFormat::SalesforceCollections, &Method::PATCH, _) => Some(BatchOp::Update),
-            _ => None,
-        };
-        let Some(op) = op else {
-            problems.push(Problem::new(
-                format!("{key}.bulk"),
-                "hubspot bulk paths end in batch/create|read|update|archive; salesforce-collections batches POST (create) or PATCH (update)",
-            ));
-            continue;
-        };
-        let needs_id = matches!(op, BatchOp::Read | BatchOp::Update | BatchOp::Archive);
-        if needs_id && !captures.contains(&"id") {
-            problems.push(Problem::new(format!("{key}.match"), "this operation needs the record id captured as {id}"));
-        }
-        let cap = match rule.format {
-            BatchFormat::Hubspot => 100,
-            BatchFormat::SalesforceCollections => 200,
-        };
-        if rule.max_items < 2 || rule.max_items > cap {
-            problems
-                .push(Problem::new(format!("{key}.max_items"), format!("must be between 2 and {cap} for this format")));
-        }
-        if rule.max_delay.is_zero() || rule.max_delay > Duration::from_secs(5) {
-            problems.push(Problem::new(format!("{key}.max_delay"), "must be between 1ms and 5s"));
-        }
-        rules.push(BatchRule {
-            method,
-            path,
-            bulk_method,
-            bulk_path,
-            format: rule.format,
-            op,
-            max_items: rule.max_items,
-            max_delay: rule.max_delay,
-        });
     }
-    rules
+}
+
+/// How an `x-ratelimit` reset header counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResetUnit {
+    /// Seconds from now (Pipedrive, Zendesk list endpoints).
+    #[default]
+    Seconds,
+    /// Unix epoch seconds (GitHub, Intercom).
+    Epoch,
 }
 
 /// How an upstream's responses are read for quota information (`limit_headers`).
@@ -581,7 +430,7 @@ pub struct Feedback {
     pub pause_at_remaining: u64,
 }
 
-pub fn feedback_of(raw: &LimitHeadersFile) -> Feedback {
+pub(super) fn feedback_of(raw: &LimitHeadersFile) -> Feedback {
     match raw {
         LimitHeadersFile::Profile(profile) => {
             Feedback { profile: *profile, reset: ResetUnit::default(), pause_at_remaining: 0 }
@@ -589,48 +438,6 @@ pub fn feedback_of(raw: &LimitHeadersFile) -> Feedback {
         LimitHeadersFile::Detailed(detail) => {
             Feedback { profile: detail.profile, reset: detail.reset, pause_at_remaining: detail.pause_at_remaining }
         }
-    }
-}
-
-pub fn validate_retry(raw: &RetryFile, key: &str, problems: &mut Vec<Problem>) {
-    if raw.attempts == 0 || raw.attempts > 10 {
-        problems.push(Problem::new(format!("{key}.attempts"), "must be between 1 and 10 (it counts the first try)"));
-    }
-    if raw.backoff.is_zero() {
-        problems.push(Problem::new(format!("{key}.backoff"), "must be greater than 0"));
-    }
-    if raw.max_backoff < raw.backoff {
-        problems.push(Problem::new(format!("{key}.max_backoff"), "must be at least backoff"));
-    }
-    if !(raw.budget.is_finite() && raw.budget >= 0.0 && raw.budget <= 10.0) {
-        problems.push(Problem::new(format!("{key}.budget"), "must be between 0 and 10"));
-    }
-}
-
-pub fn validate_breaker(raw: &BreakerFile, key: &str, problems: &mut Vec<Problem>) {
-    if !(raw.failure_ratio.is_finite() && raw.failure_ratio > 0.0 && raw.failure_ratio <= 1.0) {
-        problems.push(Problem::new(format!("{key}.failure_ratio"), "must be in (0, 1]"));
-    }
-    if raw.window < Duration::from_secs(1) {
-        problems.push(Problem::new(format!("{key}.window"), "must be at least 1s"));
-    }
-    if raw.open_for.is_zero() {
-        problems.push(Problem::new(format!("{key}.open_for"), "must be greater than 0"));
-    }
-    if raw.max_open_for < raw.open_for {
-        problems.push(Problem::new(format!("{key}.max_open_for"), "must be at least open_for"));
-    }
-    if raw.half_open_requests == 0 {
-        problems.push(Problem::new(format!("{key}.half_open_requests"), "must be at least 1"));
-    }
-    if raw.consecutive_failures == 0 {
-        problems.push(Problem::new(format!("{key}.consecutive_failures"), "must be at least 1"));
-    }
-    if let Some(bad) = raw.failure_statuses.iter().find(|status| !(100..=599).contains(*status) || **status == 429) {
-        problems.push(Problem::new(format!("{key}.failure_statuses"), format!("{bad} cannot be a failure status")));
-    }
-    if !(1..=100_000).contains(&raw.max_hosts) {
-        problems.push(Problem::new(format!("{key}.max_hosts"), "must be 1 to 100000"));
     }
 }
 
@@ -654,7 +461,13 @@ mod tests {
         let mut problems = Vec::new();
         let routes = validate_routes(&raw, "upstreams[0]", &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
-        limits_of(Vec::new(), OverLimit::Queue, Duration::from_secs(1), None, routes)
+        Limits {
+            quotas: Vec::new(),
+            over_limit: OverLimit::Queue,
+            max_queue_wait: Duration::from_secs(1),
+            max_concurrency: None,
+            routes,
+        }
     }
 
     #[test]

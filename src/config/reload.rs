@@ -99,12 +99,11 @@ impl Reloader {
             ConfigError::Invalid { problems, .. } => ConfigError::Invalid { path: Some(self.path.clone()), problems },
             other => other,
         })?;
-        warn_restart_needed(&current.config, &config);
-        keep_restart_only_settings(&current.config, &mut config);
+        keep_process_settings(&current.config, &mut config);
         let generation = Generation::build(config, Some(&current)).map_err(|error| error.located(&self.path, &text))?;
         audit_diff(&current.config, &generation.config, trigger);
         let id = generation.id;
-        self.shared.breakers.retain(&generation.config.upstreams, &self.shared.metrics);
+        self.shared.breakers.retain(&generation.config.live.upstreams, &self.shared.metrics);
         self.shared.publish(generation);
         *last_applied = text_hash;
         Ok(Outcome::Applied { generation: id })
@@ -184,55 +183,25 @@ fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64())
 }
 
-/// Listener addresses and thread counts are fixed at start: say so instead of ignoring them.
-fn warn_restart_needed(old: &Config, new: &Config) {
-    if old.listen != new.listen {
-        tracing::warn!(
-            old = ?old.listen,
-            new = ?new.listen,
-            "listen addresses changed; they take effect only after a restart."
-        );
+/// Process settings (listeners, store, runtime, connection caps) are fixed at start: a reload
+/// keeps them as they run, so `GET /config` shows what is in effect, and says so instead of
+/// ignoring the file (the warning repeats on every reload until the process is restarted).
+fn keep_process_settings(running: &Config, new: &mut Config) {
+    if new.process != running.process {
+        let keys = new.process.changed_keys(&running.process);
+        tracing::warn!(?keys, "Process settings changed; they take effect only after a restart.");
+        new.process = running.process.clone();
     }
-    if old.store != new.store {
-        tracing::warn!("store settings changed; they take effect only after a restart.");
-    }
-    if old.worker_threads != new.worker_threads {
-        tracing::warn!("runtime.worker_threads changed; it takes effect only after a restart.");
-    }
-    if old.limits.max_tunnels != new.limits.max_tunnels {
-        tracing::warn!("limits.max_tunnels changed; it takes effect only after a restart.");
-    }
-    if old.limits.max_connections != new.limits.max_connections {
-        tracing::warn!("limits.max_connections changed; it takes effect only after a restart.");
-    }
-    if old.file.admin.max_connections != new.file.admin.max_connections {
-        tracing::warn!("admin.max_connections changed; it takes effect only after a restart.");
-    }
-}
-
-/// Settings fixed at start stay as they run, so `GET /config` shows what is in effect (and the
-/// restart warning repeats on every reload until the process is restarted).
-fn keep_restart_only_settings(running: &Config, new: &mut Config) {
-    new.listen = running.listen.clone();
-    new.file.listen = running.file.listen.clone();
-    new.store = running.store.clone();
-    new.file.store = running.file.store.clone();
-    new.worker_threads = running.worker_threads;
-    new.file.runtime = running.file.runtime.clone();
-    new.limits.max_connections = running.limits.max_connections;
-    new.limits.max_tunnels = running.limits.max_tunnels;
-    new.file.limits.max_tunnels = running.file.limits.max_tunnels;
-    new.file.limits.max_connections = running.file.limits.max_connections;
-    new.file.admin.max_connections = running.file.admin.max_connections;
 }
 
 /// One structured audit line: which upstreams a reload added, removed or changed.
 fn audit_diff(old: &Config, new: &Config, trigger: Trigger) {
-    let names = |config: &Config| config.upstreams.iter().map(|u| u.name.to_string()).collect::<Vec<_>>();
+    let names = |config: &Config| config.live.upstreams.iter().map(|u| u.name.to_string()).collect::<Vec<_>>();
     let (old_names, new_names) = (names(old), names(new));
     let added: Vec<_> = new_names.iter().filter(|name| !old_names.contains(name)).cloned().collect();
     let removed: Vec<_> = old_names.iter().filter(|name| !new_names.contains(name)).cloned().collect();
     let changed: Vec<_> = new
+        .live
         .upstreams
         .iter()
         .filter(|upstream| old.upstream(&upstream.name).is_some_and(|before| before != *upstream))
@@ -255,7 +224,7 @@ fn audit_diff(old: &Config, new: &Config, trigger: Trigger) {
 fn quota_changes(old: &Config, new: &Config) -> Vec<String> {
     let describe = |quota: &super::Quota| format!("{}/{}", quota.limit, humantime::format_duration(quota.per));
     let mut changes = Vec::new();
-    for upstream in &new.upstreams {
+    for upstream in &new.live.upstreams {
         let before = old.upstream(&upstream.name).map(|u| u.limits.quotas.as_slice()).unwrap_or(&[]);
         for quota in &upstream.limits.quotas {
             match before.iter().find(|q| q.name == quota.name) {

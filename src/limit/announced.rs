@@ -105,7 +105,7 @@ mod tests {
       - { name: daily, limit: 625000, per: 1d, window: fixed }
 ";
         let config = crate::config::Config::from_yaml(yaml).unwrap();
-        (*config.upstreams[0]).clone()
+        (*config.live.upstreams[0]).clone()
     }
 
     #[test]

@@ -519,7 +519,7 @@ upstreams:
 "
         );
         let config = crate::config::Config::from_yaml(&yaml).unwrap();
-        (config.store.clone(), config.upstreams[0].limits.quotas[0].clone())
+        (config.process.store.resolve().unwrap(), config.live.upstreams[0].limits.quotas[0].clone())
     }
 
     async fn started(store: Store, shared: Arc<Switchable>) -> Arc<Fallback<Switchable>> {

@@ -527,10 +527,14 @@ mod tests {
         );
         let config = crate::config::Config::from_yaml(&yaml).unwrap();
         let clock = Arc::new(TokioClock::at(1_900_000_000_000_000));
-        let limiter =
-            Limiter::start_with_clock(config.store.clone(), Arc::new(Metrics::new()), CancellationToken::new(), clock)
-                .await;
-        (limiter, config.upstreams[0].clone())
+        let limiter = Limiter::start_with_clock(
+            config.process.store.resolve().unwrap(),
+            Arc::new(Metrics::new()),
+            CancellationToken::new(),
+            clock,
+        )
+        .await;
+        (limiter, config.live.upstreams[0].clone())
     }
 
     async fn admit(limiter: &Limiter, upstream: &Upstream) -> Result<Admission, ProxyError> {

@@ -86,7 +86,7 @@ async fn open(
     // tunnels are refused at once (a slot taken for a client over its share goes straight back).
     let tunnel_slot = shared.tunnel_slots.clone().try_acquire_owned().map_err(|_| {
         shared.metrics.connections_refused.with_label_values(&["max_tunnels"]).inc();
-        ProxyError::new(ErrorKind::TooManyTunnels { max: generation.config.limits.max_tunnels }, Some(name.clone()))
+        ProxyError::new(ErrorKind::TooManyTunnels { max: generation.config.process.max_tunnels }, Some(name.clone()))
     })?;
     let share = tunnel_share(generation);
     let owner = TunnelOwner::of(identity.as_ref(), conn.peer.ip());
@@ -106,7 +106,7 @@ async fn open(
         if minted {
             shared.metrics.leaf_certs_minted.with_label_values(&["ok"]).inc();
         }
-        let handshake_timeout = generation.config.limits.header_read_timeout;
+        let handshake_timeout = generation.config.live.limits.header_read_timeout;
         let inner = ClientConn {
             peer: conn.peer,
             via: Via { tunnel_host: Some(Arc::from(host.as_str())), tunnel_port: port, plaintext: false },
@@ -138,8 +138,8 @@ async fn open(
     };
     let tunnel = BlindTunnel {
         upstream: name.clone(),
-        idle: generation.config.limits.tunnel_idle_timeout,
-        hello_within: generation.config.limits.header_read_timeout,
+        idle: generation.config.live.limits.tunnel_idle_timeout,
+        hello_within: generation.config.live.limits.header_read_timeout,
         // Should the client speak plain HTTP, sluice serves it as this connection.
         plain: ClientConn {
             peer: conn.peer,
@@ -305,10 +305,11 @@ async fn dial(upstream: &Upstream, host: &str, port: u16, guarded: bool) -> Resu
 /// `limits.max_tunnels_per_client`, or its default: every tunnel in sidecar mode (one client,
 /// the pod), a quarter of them when sluice serves several clients.
 fn tunnel_share(generation: &Generation) -> usize {
-    let limits = &generation.config.limits;
-    let several_clients = !generation.config.file.clients.is_empty() || generation.config.listen.allow_remote_clients;
-    let default = if several_clients { (limits.max_tunnels / 4).max(1) } else { limits.max_tunnels };
-    limits.max_tunnels_per_client.unwrap_or(default).min(limits.max_tunnels).max(1)
+    let config = &generation.config;
+    let max_tunnels = config.process.max_tunnels;
+    let several_clients = !config.live.clients.is_empty() || config.process.listen.allow_remote_clients;
+    let default = if several_clients { (max_tunnels / 4).max(1) } else { max_tunnels };
+    config.live.limits.max_tunnels_per_client.unwrap_or(default).min(max_tunnels).max(1)
 }
 
 /// Who a tunnel counts against: the authenticated client, or else its address (an IPv6

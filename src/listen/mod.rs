@@ -27,7 +27,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Runs the proxy listener until shutdown starts.
 pub async fn serve_proxy(listener: TcpListener, shared: Arc<Shared>) {
-    let max_connections = shared.current().config.limits.max_connections;
+    let max_connections = shared.current().config.process.max_connections;
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         let permit = tokio::select! {
@@ -46,7 +46,7 @@ pub async fn serve_proxy(listener: TcpListener, shared: Arc<Shared>) {
             () = shared.shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let per_client_cap = shared.current().config.limits.max_connections_per_client;
+        let per_client_cap = shared.current().config.live.limits.max_connections_per_client;
         if !shared.per_client.try_take(peer.ip(), per_client_cap) {
             shared.metrics.connections_refused.with_label_values(&["per_client"]).inc();
             tracing::info!(%peer, cap = per_client_cap, "Connection refused: client at its connection cap.");
@@ -67,7 +67,7 @@ pub async fn serve_proxy(listener: TcpListener, shared: Arc<Shared>) {
 
 /// The HTTP/1.1 + HTTP/2 server settings for client connections, from the current limits.
 pub fn server_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
-    let limits = shared.current().config.limits.clone();
+    let limits = shared.current().config.live.limits.clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -105,7 +105,7 @@ where
 {
     let peer: SocketAddr = conn.peer;
     let builder = server_builder(&shared);
-    let limits = shared.current().config.limits.clone();
+    let limits = shared.current().config.live.limits.clone();
     let service = ProxyService::new(shared.clone(), conn);
     let activity = service.activity();
     let io = guard_io::GuardIo::new(io, service.ledger(), limits.max_header_bytes);

@@ -248,7 +248,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             });
             return Tracked { answered, ledger: self.ledger.clone() };
         }
-        let limits = &generation.config.limits;
+        let limits = &generation.config.live.limits;
         let (mut parts, body) = request.into_parts();
         let (body, upload) = crate::body::upload(body, limits.max_body_bytes, limits.body_read_timeout);
         parts.extensions.insert(upload);

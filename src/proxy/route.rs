@@ -203,7 +203,7 @@ upstreams:
 ",
         )
         .unwrap();
-        RouteTable::new(&config.upstreams)
+        RouteTable::new(&config.live.upstreams)
     }
 
     fn get(uri: &str) -> Request<()> {

@@ -334,7 +334,7 @@ fn route(request: &mut Request<ProxyBody>) -> Result<Routed, ProxyError> {
         ProxyError::new(ErrorKind::Malformed { detail: error.to_string() }, Some(routed.upstream.name.clone()))
     })?;
     request.extensions_mut().insert(controls);
-    let limit = generation.config.limits.max_body_bytes;
+    let limit = generation.config.live.limits.max_body_bytes;
     let declared = request.headers().get(CONTENT_LENGTH).and_then(|value: &HeaderValue| value.to_str().ok());
     if let Some(declared) = declared {
         match declared.trim().parse::<u64>() {
@@ -463,7 +463,7 @@ fn abandon_rule(request: &Request<ProxyBody>, upstream: &Arc<str>, metrics: Arc<
     let idle = request
         .extensions()
         .get::<Arc<Generation>>()
-        .map_or(std::time::Duration::from_secs(10), |generation| generation.config.limits.response_idle_timeout);
+        .map_or(std::time::Duration::from_secs(10), |generation| generation.config.live.limits.response_idle_timeout);
     let http1 = request.version() <= http::Version::HTTP_11;
     let connection = request.extensions().get::<crate::body::ConnectionAbort>().filter(|_| http1).cloned();
     let upstream = upstream.clone();
@@ -509,7 +509,7 @@ impl Service<Request<ProxyBody>> for Forward {
             let name = routed.upstream.name.clone();
             let client = generation.clients.get(&name).ok_or_else(|| internal("no client for upstream"))?;
             let started = Instant::now();
-            let result = client.forward(request, routed, generation.config.limits.max_body_bytes).await;
+            let result = client.forward(request, routed, generation.config.live.limits.max_body_bytes).await;
             metrics.observe_upstream(&name, started.elapsed().as_secs_f64());
             let mut response = result?;
             response.extensions_mut().insert(UpstreamName(name));

@@ -12,8 +12,7 @@ use http::header::PROXY_AUTHORIZATION;
 use http::HeaderMap;
 use subtle::{Choice, ConstantTimeEq};
 
-use crate::config::file_types::ClientFile;
-use crate::config::ConfigError;
+use crate::config::{ClientSecret, ClientSettings, ConfigError, Problem, Problems};
 use crate::error::{ErrorKind, ProxyError};
 
 /// Who a request came from, once authenticated.
@@ -92,32 +91,32 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(raw: &[ClientFile], allow_remote: bool) -> Result<Self, ConfigError> {
-        let mut clients = Vec::with_capacity(raw.len());
-        for (at, client) in raw.iter().enumerate() {
-            let key = format!("clients[{at}]");
-            let secret = match (&client.secret_sha256, &client.secret_file) {
-                (Some(hex), None) => Secret::Sha256(parse_sha256(hex).ok_or_else(|| {
-                    ConfigError::at_key(format!("{key}.secret_sha256"), "must be 64 hex digits (SHA-256)")
-                })?),
-                (None, Some(path)) => {
-                    std::fs::metadata(path).map_err(|error| {
-                        ConfigError::at_key(
-                            format!("{key}.secret_file"),
+    /// The clients of a config; a secret file that cannot be read is a problem of its key
+    /// (every client's, not only the first).
+    pub fn new(settings: &[ClientSettings], allow_remote: bool) -> Result<Self, ConfigError> {
+        let mut clients = Vec::with_capacity(settings.len());
+        let mut problems = Problems::default();
+        for (at, client) in settings.iter().enumerate() {
+            let secret = match &client.secret {
+                ClientSecret::Sha256(digest) => Secret::Sha256(*digest),
+                ClientSecret::File(path) => {
+                    if let Err(error) = std::fs::metadata(path) {
+                        problems.push(Problem::new(
+                            format!("clients[{at}].secret_file"),
                             format!("cannot read {}: {error}", path.display()),
-                        )
-                    })?;
+                        ));
+                    }
                     Secret::File(SecretFile { path: path.clone(), cached: Arc::default() })
                 }
-                _ => return Err(ConfigError::at_key(key, "needs exactly one of secret_sha256 and secret_file")),
             };
             clients.push(Client {
-                name: Arc::from(client.name.as_str()),
+                name: client.name.clone(),
                 user: super::digest(client.user.as_deref().unwrap_or(&client.name).as_bytes()),
                 secret,
                 upstreams: client.upstreams.clone().into(),
             });
         }
+        problems.finish()?;
         Ok(Self { clients, allow_remote })
     }
 
@@ -171,18 +170,6 @@ impl Clients {
     }
 }
 
-fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (at, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(at * 2..at * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::with_capacity(text.len() * 3 / 4);
@@ -205,21 +192,12 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    fn sha(text: &str) -> String {
-        ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
-
     #[test]
     fn basic_and_bearer() {
-        let raw = vec![ClientFile {
+        let raw = vec![ClientSettings {
             name: "billing".into(),
             user: None,
-            secret_sha256: Some(sha("s3cret")),
-            secret_file: None,
+            secret: ClientSecret::Sha256(crate::security::digest(b"s3cret")),
             upstreams: vec!["hubspot".into()],
         }];
         let clients = Clients::new(&raw, false).unwrap();

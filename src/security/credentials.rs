@@ -13,12 +13,12 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use notify::{RecursiveMode, Watcher};
 
-use crate::config::file_types::{CredentialMode, CredentialsFile};
 use crate::config::ConfigError;
+use crate::config::{CredentialMode, Credentials, SecretSource};
 
 pub struct Credential {
     upstream: Arc<str>,
-    pub settings: CredentialsFile,
+    pub settings: Credentials,
     pub header: HeaderName,
     value: Arc<ArcSwapOption<HeaderValue>>,
     /// Kept alive for as long as the credential is in use.
@@ -35,25 +35,22 @@ impl std::fmt::Debug for Credential {
 }
 
 impl Credential {
-    pub fn load(upstream: Arc<str>, settings: &CredentialsFile, key: &str) -> Result<Self, ConfigError> {
-        let header = HeaderName::from_bytes(settings.header.trim().as_bytes())
-            .map_err(|_| ConfigError::at_key(format!("{key}.header"), "not a header name"))?;
+    pub fn load(upstream: Arc<str>, settings: &Credentials, key: &str) -> Result<Self, ConfigError> {
         let value = Arc::new(ArcSwapOption::empty());
         let mut watcher = None;
-        match (&settings.value_file, &settings.value_env) {
-            (Some(path), None) => {
+        match &settings.value {
+            SecretSource::File(path) => {
                 value.store(Some(Arc::new(read_secret(path, &settings.prefix, key)?)));
                 watcher = watch(path, settings.prefix.clone(), value.clone(), upstream.clone());
             }
-            (None, Some(name)) => {
+            SecretSource::Env(name) => {
                 let secret = std::env::var(name).map_err(|_| {
                     ConfigError::at_key(format!("{key}.value_env"), format!("environment variable {name} is not set"))
                 })?;
                 value.store(Some(Arc::new(header_value(&settings.prefix, secret.trim(), key)?)));
             }
-            _ => return Err(ConfigError::at_key(key, "needs exactly one of value_file and value_env")),
         }
-        Ok(Self { upstream, settings: settings.clone(), header, value, _watcher: watcher })
+        Ok(Self { upstream, settings: settings.clone(), header: settings.header.clone(), value, _watcher: watcher })
     }
 
     /// Sets the credential on an upstream request, per `mode`.

@@ -21,7 +21,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
-use crate::config::{ConfigError, InterceptFile};
+use crate::config::{ConfigError, Intercept, Problems};
 
 /// A leaf is replaced when it has less than this much life left (or a quarter of its TTL).
 const RENEW_BEFORE: Duration = Duration::from_secs(3600);
@@ -63,7 +63,7 @@ impl std::fmt::Debug for CertAuthority {
 
 impl CertAuthority {
     /// Loads the CA named in the config; when both files are absent, creates them first.
-    pub fn load_or_generate(settings: &InterceptFile) -> Result<Self, ConfigError> {
+    pub fn load_or_generate(settings: &Intercept) -> Result<Self, ConfigError> {
         let (cert_path, key_path) = (&settings.ca_cert, &settings.ca_key);
         match (cert_path.exists(), key_path.exists()) {
             (false, false) => {
@@ -84,22 +84,30 @@ impl CertAuthority {
             }
             (true, true) => {}
         }
-        let cert_pem = std::fs::read_to_string(cert_path).map_err(|error| {
+        // The two files are read (and then parsed) independently: every problem is reported.
+        let mut problems = Problems::default();
+        let cert_pem = problems.keep(std::fs::read_to_string(cert_path).map_err(|error| {
             ConfigError::at_key("intercept.ca_cert", format!("cannot read {}: {error}", cert_path.display()))
-        })?;
-        refuse_exposed_key(key_path)?;
-        let key_pem = std::fs::read_to_string(key_path).map_err(|error| {
-            ConfigError::at_key("intercept.ca_key", format!("cannot read {}: {error}", key_path.display()))
-        })?;
+        }));
+        let key_pem = problems.keep(refuse_exposed_key(key_path).and_then(|()| {
+            std::fs::read_to_string(key_path).map_err(|error| {
+                ConfigError::at_key("intercept.ca_key", format!("cannot read {}: {error}", key_path.display()))
+            })
+        }));
+        let (Some(cert_pem), Some(key_pem)) = (cert_pem, key_pem) else { return Err(problems.refusal()) };
         Self::from_pem(&cert_pem, &key_pem, settings.leaf_ttl, settings.leaf_cache_size)
     }
 
     pub fn from_pem(cert_pem: &str, key_pem: &str, leaf_ttl: Duration, capacity: usize) -> Result<Self, ConfigError> {
-        let ca_key = load_key(key_pem).map_err(|error| {
+        let mut problems = Problems::default();
+        let ca_key = problems.keep(load_key(key_pem).map_err(|error| {
             ConfigError::at_key("intercept.ca_key", format!("not a usable PEM private key: {error}"))
-        })?;
-        let ca_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|error| ConfigError::at_key("intercept.ca_cert", format!("not a PEM certificate: {error}")))?;
+        }));
+        let ca_der = problems.keep(
+            CertificateDer::from_pem_slice(cert_pem.as_bytes())
+                .map_err(|error| ConfigError::at_key("intercept.ca_cert", format!("not a PEM certificate: {error}"))),
+        );
+        let (Some(ca_key), Some(ca_der)) = (ca_key, ca_der) else { return Err(problems.refusal()) };
         let issuer = Issuer::from_ca_cert_pem(cert_pem, ca_key).map_err(|error| {
             ConfigError::at_key("intercept.ca_cert", format!("not a usable CA certificate: {error}"))
         })?;

@@ -18,37 +18,10 @@ pub mod zendesk;
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
-use serde::{Deserialize, Serialize};
 
-/// Which vendor's header dialect an upstream speaks (`limit_headers:` in config).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProfileKind {
-    Hubspot,
-    Salesforce,
-    Ietf,
-    XRatelimit,
-    Github,
-    Dynamics,
-    Zendesk,
-    #[default]
-    None,
-}
+pub use crate::config::{ProfileKind, ResetUnit};
 
 impl ProfileKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProfileKind::Hubspot => "hubspot",
-            ProfileKind::Salesforce => "salesforce",
-            ProfileKind::Ietf => "ietf",
-            ProfileKind::XRatelimit => "x-ratelimit",
-            ProfileKind::Github => "github",
-            ProfileKind::Dynamics => "dynamics",
-            ProfileKind::Zendesk => "zendesk",
-            ProfileKind::None => "none",
-        }
-    }
-
     /// Whether this profile needs the body of a refused response to classify it.
     pub fn wants_error_body(self, status: StatusCode) -> bool {
         match self {
@@ -58,17 +31,6 @@ impl ProfileKind {
             _ => false,
         }
     }
-}
-
-/// How an `x-ratelimit` reset header counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ResetUnit {
-    /// Seconds from now (Pipedrive, Zendesk list endpoints).
-    #[default]
-    Seconds,
-    /// Unix epoch seconds (GitHub, Intercom).
-    Epoch,
 }
 
 /// A response as a profile sees it.
