@@ -21,8 +21,9 @@ use sluice::limit::decide::{self, Rule, State};
 use sluice::limit::memory::MemoryStore;
 use sluice::limit::rolling::Admissions;
 use sluice::limit::scope;
-use sluice::proxy::headers::strip_hop_by_hop;
-use sluice::proxy::route::{RouteTable, Via};
+use sluice::request::Via;
+use sluice::route::RouteTable;
+use sluice::upstream::headers::strip_hop_by_hop;
 use sluice::vendor::{self, ProfileKind, ResetUnit};
 
 const SEC: i64 = 1_000_000;

@@ -30,8 +30,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::body::{self, ProxyBody};
-use crate::config::reload::{Outcome, Reloader};
 use crate::config::AdminToken;
+use crate::reload::{Outcome, Reloader};
 use crate::respond::json_response;
 use crate::state::Shared;
 
@@ -283,7 +283,7 @@ async fn route(
             redact(&mut config);
             json_response(StatusCode::OK, &json!({"generation": generation.id, "config": config}))
         }
-        (&Method::POST, "/reload") => match reloader.reload(crate::config::reload::Trigger::Admin).await {
+        (&Method::POST, "/reload") => match reloader.reload(crate::reload::Trigger::Admin).await {
             Ok(Outcome::Applied { generation } | Outcome::Unchanged { generation }) => {
                 json_response(StatusCode::OK, &json!({"status": "reloaded", "generation": generation}))
             }

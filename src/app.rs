@@ -10,8 +10,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::reload::Reloader;
 use crate::config::{Config, ConfigError, Loaded};
+use crate::reload::Reloader;
 use crate::state::{Generation, Shared};
 use crate::telemetry::Metrics;
 

@@ -1,37 +1,48 @@
 //! sluice: a rate-limit-aware egress proxy sidecar for CRM vendor APIs.
 //!
 //! # Layout
-//! Modules are listed in the order a request meets them (see `ARCHITECTURE.md` for the map):
+//! The modules form rooms whose imports only run downhill (`tests/module_graph.rs` checks it);
+//! `ARCHITECTURE.md` has the map. From the leaves up:
 //!
-//! - [`listen`]: 1. ACCEPT. The proxy listener, CONNECT tunnels and TLS interception.
-//! - [`proxy`]: the per-connection service and the journey in `proxy::stack`:
-//!   observe -> respond -> route -> forward.
-//! - [`controls`]: the caller's `Sluice-*` request controls, parsed once in the Route step.
-//! - [`limit`]: 3. LIMIT. Quotas (GCRA, memory or Redis), queueing, concurrency caps.
-//! - [`respond`] and [`error`]: how failures become responses, in one place.
-//! - [`config`]: the YAML file, validation and live reload.
-//! - [`state`]: the current config generation, swapped atomically on reload.
-//! - [`tls`]: the interception CA and the upstream TLS client config.
-//! - [`telemetry`]: logs and Prometheus metrics.
-//! - [`admin`]: metrics, health, config and reload endpoints.
+//! - leaves: [`config`] (the YAML file, validation, the validated types), [`error`] (every failure
+//!   on the request path, one bounded kind), [`controls`] and [`request`] (what a request carries
+//!   between layers), [`body`], [`telemetry`] (logs, metrics), [`tls`], [`security`];
+//! - the rooms of the journey, each owning its layer, in the order a request meets them:
+//!   [`observe`] (request ids, one log line, metrics), [`respond`] (the one place errors become
+//!   responses), [`route`] (identity, destination, credentials), [`batch`] (single calls folded
+//!   into bulk calls), [`retry`], [`breaker`], [`limit`] (quotas), [`vendor`] (the vendor's own
+//!   rate-limit signals), [`upstream`] (the pooled client to the vendor);
+//! - [`state`]: the current generation (one config and what is built from it), swapped whole on
+//!   reload, and what outlives reloads;
+//! - [`proxy`]: `proxy::stack` puts the layers in their order;
+//! - [`listen`]: accepting connections, serving one (its hyper service), CONNECT and tunnels;
+//! - [`reload`]: turning SIGHUP, `POST /reload` and file changes into a new generation;
+//! - [`admin`]: the SRE's door; [`webhook`]: Kubernetes injection;
 //! - [`app`]: wiring, start-up and graceful shutdown.
 
-pub mod admin;
-pub mod app;
-pub mod batch;
 pub mod body;
-pub mod breaker;
 pub mod config;
 pub mod controls;
 pub mod error;
-pub mod limit;
-pub mod listen;
-pub mod proxy;
-pub mod respond;
-pub mod retry;
+pub mod request;
 pub mod security;
-pub mod state;
 pub mod telemetry;
 pub mod tls;
+
+pub mod batch;
+pub mod breaker;
+pub mod limit;
+pub mod observe;
+pub mod respond;
+pub mod retry;
+pub mod route;
+pub mod upstream;
 pub mod vendor;
+
+pub mod admin;
+pub mod app;
+pub mod listen;
+pub mod proxy;
+pub mod reload;
+pub mod state;
 pub mod webhook;

@@ -1,15 +1,28 @@
-//! The one place a [`ProxyError`] becomes an HTTP response.
+//! RESPOND: the one place a [`ProxyError`] becomes an HTTP response (the Respond layer, and
+//! [`synthesize`] for CONNECT answers and hyper's own parse errors).
 //!
 //! Every response sluice makes itself carries `Proxy-Status` (RFC 9209) naming sluice and the
 //! error type, and a JSON body `{"error", "upstream", "detail"}`, so a client (or an SRE with
 //! curl) can always tell a vendor's answer from sluice's.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
-use http::{Response, StatusCode};
+use http::{Request, Response, StatusCode};
+use tower::{Layer, Service};
 
 use crate::body::{self, ProxyBody};
 use crate::error::{ErrorKind, ProxyError};
+use crate::request::UpstreamName;
+use crate::telemetry::metrics::NO_UPSTREAM;
+use crate::telemetry::Metrics;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Name sluice uses for itself in `Proxy-Status` and `Via`.
 pub const PROXY_NAME: &str = "sluice";
@@ -104,6 +117,70 @@ fn sf_string(text: &str) -> String {
     }
     out.push('"');
     out
+}
+
+// === the Respond layer ===
+
+#[derive(Clone)]
+pub struct RespondLayer {
+    pub metrics: Arc<Metrics>,
+}
+
+impl<S> Layer<S> for RespondLayer {
+    type Service = Respond<S>;
+    fn layer(&self, inner: S) -> Respond<S> {
+        Respond { inner, metrics: self.metrics.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Respond<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Service<Request<ProxyBody>> for Respond<S>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+        let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(self.inner.call(request));
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            match response.await {
+                Ok(response) => Ok(response),
+                Err(error) => Ok(synthesize(&error, &metrics)),
+            }
+        })
+    }
+}
+
+/// Logs, counts and renders a [`ProxyError`]; also used by CONNECT handling.
+pub fn synthesize(error: &ProxyError, metrics: &Metrics) -> Response<ProxyBody> {
+    let upstream = error.upstream.clone().unwrap_or_else(|| Arc::from(NO_UPSTREAM));
+    metrics.proxy_errors.with_label_values(&[&upstream, error.code()]).inc();
+    if error.status().is_server_error() {
+        tracing::warn!(upstream = &*upstream, error = %error, "Request failed.");
+    } else {
+        tracing::info!(upstream = &*upstream, error = %error, "Request refused.");
+    }
+    let mut response = error_response(error);
+    if error.upstream.is_some() {
+        response.extensions_mut().insert(UpstreamName(upstream));
+    }
+    response
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use crate::breaker::{Breakers, Phase};
 use crate::config::RetryPolicy;
 use crate::controls::{RequestControls, MAX_CONTROL};
 use crate::error::{ErrorKind, ProxyError};
-use crate::proxy::route::Routed;
+use crate::request::Routed;
 use crate::telemetry::Metrics;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

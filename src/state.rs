@@ -16,12 +16,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigError, Intercept, Problems, SecretSource, Store};
 use crate::limit::Limiter;
-use crate::proxy::forward::UpstreamClient;
-use crate::proxy::route::RouteTable;
+use crate::route::RouteTable;
 use crate::security::clients::Clients;
 use crate::security::credentials::Credential;
 use crate::telemetry::Metrics;
 use crate::tls::ca::CertAuthority;
+use crate::upstream::UpstreamClient;
 
 /// One config and what was built from it.
 pub struct Generation {
@@ -38,6 +38,42 @@ pub struct Generation {
     pub proxy_clients: Clients,
     /// Injected credentials by upstream name.
     pub credentials: HashMap<Arc<str>, Arc<Credential>>,
+}
+
+// === what the layers read of a generation ===
+
+impl crate::route::RouteContext for Generation {
+    fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    fn proxy_clients(&self) -> &Clients {
+        &self.proxy_clients
+    }
+
+    fn credential(&self, upstream: &str) -> Option<&Credential> {
+        self.credentials.get(upstream).map(Arc::as_ref)
+    }
+
+    fn max_body_bytes(&self) -> u64 {
+        self.config.live.limits.max_body_bytes
+    }
+}
+
+impl crate::upstream::Upstreams for Generation {
+    fn client(&self, name: &str) -> Option<&UpstreamClient> {
+        self.clients.get(name)
+    }
+
+    fn max_body_bytes(&self) -> u64 {
+        self.config.live.limits.max_body_bytes
+    }
+}
+
+impl crate::limit::layer::LimitContext for Generation {
+    fn response_idle_timeout(&self) -> std::time::Duration {
+        self.config.live.limits.response_idle_timeout
+    }
 }
 
 /// Whether building a generation may write: `run` creates an interception CA whose two files
@@ -154,12 +190,6 @@ pub struct Shared {
     pub throttles: Arc<crate::vendor::feedback::Throttles>,
     /// Batches being filled, shared by all connections.
     pub batcher: Arc<crate::batch::Batcher>,
-    /// `limits.max_tunnels`, held by each open tunnel.
-    pub tunnel_slots: Arc<tokio::sync::Semaphore>,
-    /// Open tunnels per client, for `limits.max_tunnels_per_client`.
-    pub tunnel_shares: Arc<crate::listen::connect::TunnelShares>,
-    /// Open connections per client address, for `limits.max_connections_per_client`.
-    pub per_client: Arc<crate::proxy::ClientCounts>,
     /// Cancelled when shutdown starts: listeners stop accepting, connections drain.
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
@@ -175,7 +205,6 @@ impl Shared {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let batcher = crate::batch::Batcher::new(metrics.clone());
-        let tunnel_slots = Arc::new(tokio::sync::Semaphore::new(generation.config.process.max_tunnels));
         Arc::new(Self {
             current: ArcSwap::from_pointee(generation),
             metrics,
@@ -184,25 +213,10 @@ impl Shared {
             retry_budgets: Arc::default(),
             throttles: Arc::default(),
             batcher,
-            tunnel_slots,
-            tunnel_shares: Arc::default(),
-            per_client: Arc::default(),
             shutdown,
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),
         })
-    }
-
-    /// What the request stack's layers share.
-    pub fn stack_parts(&self) -> crate::proxy::stack::StackParts {
-        crate::proxy::stack::StackParts {
-            metrics: self.metrics.clone(),
-            limiter: self.limiter.clone(),
-            breakers: self.breakers.clone(),
-            budgets: self.retry_budgets.clone(),
-            throttles: self.throttles.clone(),
-            batcher: self.batcher.clone(),
-        }
     }
 
     /// The generation a new request runs on.

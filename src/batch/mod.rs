@@ -43,7 +43,7 @@ use crate::body::{self, ProxyBody};
 use crate::config::{BatchRule, ScopeKey, Upstream};
 use crate::controls::RequestControls;
 use crate::error::{ErrorKind, ProxyError};
-use crate::proxy::route::Routed;
+use crate::request::Routed;
 use crate::telemetry::Metrics;
 pub use format::{check, BulkFormat};
 use format::{BatchOp, Item, Single};
@@ -325,22 +325,21 @@ impl SharedHead {
             let name_text = name.as_str();
             let per_call = PER_CALL_HEADERS.contains(&name_text)
                 || name_text.starts_with("sluice-")
-                || crate::proxy::headers::is_hop_by_hop(name)
+                || crate::upstream::headers::is_hop_by_hop(name)
                 || named_by_connection.iter().any(|named| named == name_text);
             if !per_call || kept.contains(name) {
                 headers.append(name.clone(), value.clone());
             }
         }
-        let mut extensions = http::Extensions::new();
-        if let Some(generation) = parts.extensions.get::<Arc<crate::state::Generation>>() {
-            extensions.insert(generation.clone());
-        }
-        if let Some(peer) = parts.extensions.get::<std::net::SocketAddr>() {
-            extensions.insert(*peer);
-        }
-        if let Some(identity) = parts.extensions.get::<crate::security::clients::ClientIdentity>() {
-            extensions.insert(identity.clone());
-        }
+        // The bulk call runs on the caller's generation, connection facts and identity, but
+        // nothing that is this one call's own: its controls, its upload, its connection's abort
+        // switch, an upgrade, or its destination (the bulk call gets its own).
+        let mut extensions = parts.extensions.clone();
+        extensions.remove::<crate::request::RequestControls>();
+        extensions.remove::<Arc<crate::body::UploadWatch>>();
+        extensions.remove::<crate::body::ConnectionAbort>();
+        extensions.remove::<hyper::upgrade::OnUpgrade>();
+        extensions.remove::<Routed>();
         Self { headers, extensions }
     }
 

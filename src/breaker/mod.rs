@@ -467,7 +467,7 @@ where
 
     fn call(&mut self, mut request: http::Request<crate::body::ProxyBody>) -> Self::Future {
         use crate::error::{ErrorKind, ProxyError};
-        let breaker = request.extensions().get::<crate::proxy::route::Routed>().and_then(|routed| {
+        let breaker = request.extensions().get::<crate::request::Routed>().and_then(|routed| {
             let host = routed.uri.host().map(str::to_ascii_lowercase);
             self.layer.breakers.for_request(&routed.upstream, host.as_deref(), &self.layer.metrics)
         });

@@ -18,7 +18,6 @@ mod batch;
 mod file;
 mod locate;
 pub mod policy;
-pub mod reload;
 mod resilience;
 mod store;
 mod upstream;

@@ -13,7 +13,7 @@
 //!   (this process) and `redis` (every replica), with `lease` for busy scopes;
 //! - `fallback`: Redis and what to do while it is away (`on_failure`, the probe that heals the
 //!   connection, the local shares and folding them back in);
-//! - `admit`: the admission loop; `headers`: what the caller is told.
+//! - `admit`: the admission loop; `headers`: what the caller is told; `layer`: the Limit layer.
 //!
 //! [`Limiter`] ties them together for the Limit layer and the Feedback layer (which records vendor
 //! pauses and adopts the vendor's figures through it).
@@ -27,6 +27,7 @@ pub mod fallback;
 pub mod gcra;
 pub mod headers;
 pub mod keys;
+pub mod layer;
 pub mod lease;
 pub mod measure;
 pub mod memory;

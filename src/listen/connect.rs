@@ -27,12 +27,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::service::ClientConn;
+use super::Server;
 use crate::body::{self, ProxyBody};
 use crate::config::Upstream;
 use crate::error::{ErrorKind, ProxyError};
-use crate::proxy::route::Via;
-use crate::proxy::stack::synthesize;
-use crate::proxy::ClientConn;
+use crate::request::Via;
+use crate::respond::synthesize;
 use crate::state::{Generation, Shared};
 use crate::telemetry::metrics::{status_class, NO_UPSTREAM};
 use crate::tls::client_hello::{self, HandshakeWatcher, Refusal, MAX_CLIENT_HELLO};
@@ -41,10 +42,11 @@ use crate::tls::client_hello::{self, HandshakeWatcher, Refusal, MAX_CLIENT_HELLO
 pub async fn handle(
     request: Request<Incoming>,
     generation: Arc<Generation>,
-    shared: Arc<Shared>,
+    server: Server,
     conn: Arc<ClientConn>,
 ) -> Response<ProxyBody> {
-    let (response, upstream) = match open(request, &generation, &shared, &conn).await {
+    let shared = &server.shared;
+    let (response, upstream) = match open(request, &generation, &server, &conn).await {
         Ok((response, upstream)) => (response, Some(upstream)),
         Err(error) => {
             let upstream = error.upstream.clone();
@@ -59,9 +61,10 @@ pub async fn handle(
 async fn open(
     request: Request<Incoming>,
     generation: &Generation,
-    shared: &Arc<Shared>,
+    server: &Server,
     conn: &ClientConn,
 ) -> Result<(Response<ProxyBody>, Arc<str>), ProxyError> {
+    let shared = &server.shared;
     let (host, port) = parse_authority(request.uri())?;
     let identity = generation.proxy_clients.identify(request.headers(), conn.peer)?;
     let upstream = generation
@@ -84,13 +87,13 @@ async fn open(
     }
     // A tunnel holds a slot and its client's share until it closes; past either cap, new
     // tunnels are refused at once (a slot taken for a client over its share goes straight back).
-    let tunnel_slot = shared.tunnel_slots.clone().try_acquire_owned().map_err(|_| {
+    let tunnel_slot = server.conns.tunnel_slots.clone().try_acquire_owned().map_err(|_| {
         shared.metrics.connections_refused.with_label_values(&["max_tunnels"]).inc();
         ProxyError::new(ErrorKind::TooManyTunnels { max: generation.config.process.max_tunnels }, Some(name.clone()))
     })?;
     let share = tunnel_share(generation);
     let owner = TunnelOwner::of(identity.as_ref(), conn.peer.ip());
-    let tunnel_share = TunnelShares::try_take(&shared.tunnel_shares, owner, share).ok_or_else(|| {
+    let tunnel_share = TunnelShares::try_take(&server.conns.tunnel_shares, owner, share).ok_or_else(|| {
         shared.metrics.connections_refused.with_label_values(&["tunnels_per_client"]).inc();
         ProxyError::new(ErrorKind::TunnelShareExceeded { max: share }, Some(name.clone()))
     })?;
@@ -113,6 +116,7 @@ async fn open(
             slot: conn.slot.clone(),
             identity,
         };
+        let task_server = server.clone();
         let task_shared = shared.clone();
         shared.tasks.spawn(async move {
             let _tunnel_slot = tunnel_slot;
@@ -121,7 +125,10 @@ async fn open(
             gauge.inc();
             let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
             match tokio::time::timeout(handshake_timeout, acceptor.accept(TokioIo::new(upgraded))).await {
-                Ok(Ok(tls)) => crate::listen::serve_http(tls, inner, task_shared.clone()).await,
+                Ok(Ok(tls)) => {
+                    let stack = task_server.stack();
+                    crate::listen::serve_http(tls, inner, task_server, stack).await
+                }
                 Ok(Err(error)) => tracing::info!(%host, %error, "Client TLS handshake failed in intercepted tunnel."),
                 Err(_) => tracing::info!(%host, "Client TLS handshake timed out in intercepted tunnel."),
             }
@@ -150,6 +157,7 @@ async fn open(
         host,
     };
     let task_shared = shared.clone();
+    let task_server = server.clone();
     // The tunnel outlives the HTTP connection it came from; it keeps that connection's slot.
     let slot = conn.slot.clone();
     shared.tasks.spawn(async move {
@@ -158,7 +166,7 @@ async fn open(
         let Ok(upgraded) = hyper::upgrade::on(request).await else { return };
         let gauge = task_shared.metrics.tunnels_open.with_label_values(&["blind"]);
         gauge.inc();
-        tunnel.run(TokioIo::new(upgraded), stream, &task_shared).await;
+        tunnel.run(TokioIo::new(upgraded), stream, &task_server).await;
         gauge.dec();
     });
     Ok((established(), name))
@@ -181,10 +189,11 @@ struct BlindTunnel {
 impl BlindTunnel {
     /// Reads the client's first bytes, then pumps TLS (checking its ClientHellos), serves plain
     /// HTTP itself, or closes the tunnel.
-    async fn run<C>(self, mut client: C, mut destination: TcpStream, shared: &Arc<Shared>)
+    async fn run<C>(self, mut client: C, mut destination: TcpStream, server: &Server)
     where
         C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let shared = &server.shared;
         let deadline = Instant::now() + self.hello_within;
         let mut first = Vec::with_capacity(4096);
         match tokio::time::timeout_at(deadline, client.read_buf(&mut first)).await {
@@ -197,7 +206,8 @@ impl BlindTunnel {
             // CONNECT host whatever the inner `Host`), or a 400 from the HTTP parser.
             drop(destination);
             tracing::debug!(host = %self.host, "Plain HTTP in a blind tunnel; serving it.");
-            return crate::listen::serve_http(Prefixed::new(first, client), self.plain, shared.clone()).await;
+            return crate::listen::serve_http(Prefixed::new(first, client), self.plain, server.clone(), server.stack())
+                .await;
         }
         let mut watcher = HandshakeWatcher::new(&self.host);
         let mut fed = 0;
@@ -282,7 +292,7 @@ async fn dial(upstream: &Upstream, host: &str, port: u16, guarded: bool) -> Resu
         Err(_) => Err(ProxyError::new(ErrorKind::ConnectTimeout { after: upstream.connect_timeout }, name)),
         Ok(Err(error)) => {
             if let Some(dns) = crate::security::egress::dns_failure_in(&error) {
-                if dns.no_such_host && guarded && crate::proxy::forward::client_named(upstream, host) {
+                if dns.no_such_host && guarded && crate::upstream::client::client_named(upstream, host) {
                     return Err(ProxyError::new(ErrorKind::UnknownHost { host: host.to_owned() }, name));
                 }
                 let detail = format!("{host}:{port}: {error}");

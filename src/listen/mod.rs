@@ -1,4 +1,7 @@
-//! 1. ACCEPT: the proxy listener's accept loop and the serving of one client connection.
+//! ACCEPT, the first step: the proxy listener's accept loop, the serving of one client
+//! connection (its hyper service, `service`; its clocks, here; hyper's own error heads,
+//! `guard_io`) and CONNECT (`connect`). A connection serves the stack it is given, so a second
+//! listener with a stack of its own is a small change.
 //!
 //! The listener is bound by the caller and handed in (tests bind port 0). A semaphore caps open
 //! connections: past the cap, accept waits and the kernel backlog absorbs the burst instead of
@@ -7,6 +10,7 @@
 
 pub mod connect;
 pub mod guard_io;
+pub mod service;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,15 +22,50 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::proxy::route::Via;
-use crate::proxy::{ClientConn, ConnectionSlot, ProxyService};
+use crate::proxy::stack::{http_stack, HttpStack, StackParts};
+use crate::request::Via;
 use crate::state::Shared;
+use connect::TunnelShares;
+use service::{ClientConn, ClientCounts, ConnectionSlot, ProxyService};
+
+/// A listener's connections: what they run on, and their accounting (which outlives each of
+/// them): `limits.max_tunnels` (sized at start), the tunnels each client holds, and the
+/// connections each client address holds. Cheap to clone.
+#[derive(Clone)]
+pub struct Server {
+    pub shared: Arc<Shared>,
+    pub conns: Arc<Conns>,
+}
+
+pub struct Conns {
+    pub tunnel_slots: Arc<Semaphore>,
+    pub tunnel_shares: Arc<TunnelShares>,
+    pub per_client: Arc<ClientCounts>,
+}
+
+impl Server {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let max_tunnels = shared.current().config.process.max_tunnels;
+        let conns = Conns {
+            tunnel_slots: Arc::new(Semaphore::new(max_tunnels)),
+            tunnel_shares: Arc::default(),
+            per_client: Arc::default(),
+        };
+        Self { shared, conns: Arc::new(conns) }
+    }
+
+    /// A fresh journey for one connection (its layers share what outlives reloads).
+    pub fn stack(&self) -> HttpStack {
+        http_stack(StackParts::of(&self.shared))
+    }
+}
 
 /// Accept errors (EMFILE and the like) are retried after this pause instead of spinning.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Runs the proxy listener until shutdown starts.
 pub async fn serve_proxy(listener: TcpListener, shared: Arc<Shared>) {
+    let server = Server::new(shared.clone());
     let max_connections = shared.current().config.process.max_connections;
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -47,20 +86,20 @@ pub async fn serve_proxy(listener: TcpListener, shared: Arc<Shared>) {
         };
         let _ = stream.set_nodelay(true);
         let per_client_cap = shared.current().config.live.limits.max_connections_per_client;
-        if !shared.per_client.try_take(peer.ip(), per_client_cap) {
+        if !server.conns.per_client.try_take(peer.ip(), per_client_cap) {
             shared.metrics.connections_refused.with_label_values(&["per_client"]).inc();
             tracing::info!(%peer, cap = per_client_cap, "Connection refused: client at its connection cap.");
             drop(stream);
             continue;
         }
-        let conn_shared = shared.clone();
         let slot = Arc::new(
             ConnectionSlot::new(permit, shared.metrics.connections_open.clone())
-                .for_client(shared.per_client.clone(), peer.ip()),
+                .for_client(server.conns.per_client.clone(), peer.ip()),
         );
+        let conn = ClientConn { peer, via: Via::default(), slot: Some(slot), identity: None };
+        let (server, stack) = (server.clone(), server.stack());
         shared.tasks.spawn(async move {
-            serve_http(stream, ClientConn { peer, via: Via::default(), slot: Some(slot), identity: None }, conn_shared)
-                .await;
+            serve_http(stream, conn, server, stack).await;
         });
     }
 }
@@ -99,14 +138,15 @@ pub const AGE_DRAIN: Duration = Duration::from_secs(30);
 /// `http2_idle_timeout` (after `header_read_timeout` while nothing on it got past
 /// authentication); every connection is closed gracefully at `max_connection_age` and cut
 /// [`AGE_DRAIN`] later; and a response abandoned by its client closes its HTTP/1 connection.
-pub async fn serve_http<IO>(io: IO, conn: ClientConn, shared: Arc<Shared>)
+pub async fn serve_http<IO>(io: IO, conn: ClientConn, server: Server, stack: HttpStack)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer: SocketAddr = conn.peer;
+    let shared = server.shared.clone();
     let builder = server_builder(&shared);
     let limits = shared.current().config.live.limits.clone();
-    let service = ProxyService::new(shared.clone(), conn);
+    let service = ProxyService::new(server, conn, stack);
     let activity = service.activity();
     let io = guard_io::GuardIo::new(io, service.ledger(), limits.max_header_bytes);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);

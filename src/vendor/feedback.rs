@@ -34,7 +34,7 @@ use super::{observe, ThrottleClass};
 use crate::body::{self, ProxyBody};
 use crate::error::ProxyError;
 use crate::limit::{watches_vendor, Limiter, VendorScope};
-use crate::proxy::route::Routed;
+use crate::request::Routed;
 use crate::telemetry::Metrics;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

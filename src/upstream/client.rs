@@ -1,4 +1,4 @@
-//! 5. FORWARD: send the request to the vendor over a pooled connection and relay the answer.
+//! The pooled client of one upstream: send the request to the vendor and relay the answer.
 //!
 //! One hyper-util client per upstream, so each has its own pool, connect timeout and trust
 //! roots. The per-request timeout is the vendor's time up to the response head: time sluice
@@ -22,10 +22,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use super::headers;
-use super::route::Routed;
 use crate::body::{ProxyBody, UploadError, UploadWatch};
 use crate::config::{ConfigError, HostPattern, Upstream};
 use crate::error::{causes, describe, ErrorKind, ProxyError, Unreachable};
+use crate::request::Routed;
 use crate::security::egress::{blocked_in, dns_failure_in, EgressResolver};
 
 /// Idle pooled connections are closed after this long (vendors close theirs around 60-120 s).

@@ -1,4 +1,4 @@
-//! 2. ROUTE: which upstream a request belongs to, and the URI it is sent to.
+//! The route table: which upstream a request belongs to, and the URI it is sent to.
 //!
 //! Three ways in, one answer: an absolute-form request (`GET http://host/...` from HTTP_PROXY
 //! users) and a request inside an intercepted tunnel are routed by host; an origin-form request
@@ -13,6 +13,7 @@ use http::{Request, Version};
 
 use crate::config::{Scheme, Target, Upstream};
 use crate::error::{ErrorKind, ProxyError};
+use crate::request::{Routed, Via};
 
 /// Upstreams indexed for lookup by host and by prefix.
 #[derive(Debug, Default)]
@@ -21,24 +22,6 @@ pub struct RouteTable {
     wildcard: Vec<Arc<Upstream>>,
     /// Longest prefix first, so `/hubspot-eu` is tried before `/hubspot`.
     prefixes: Vec<(String, Arc<Upstream>)>,
-}
-
-/// Where a request goes: the upstream and the full URI to send.
-#[derive(Debug, Clone)]
-pub struct Routed {
-    pub upstream: Arc<Upstream>,
-    pub uri: Uri,
-}
-
-/// How the request reached sluice: the host of the CONNECT tunnel it came through, if any.
-#[derive(Debug, Clone, Default)]
-pub struct Via {
-    pub tunnel_host: Option<Arc<str>>,
-    /// The port the CONNECT named (used when the upstream has no `target`).
-    pub tunnel_port: u16,
-    /// The tunnel carries plain HTTP (a blind tunnel whose client spoke no TLS), so a
-    /// destination the client picked is `http://`; otherwise it is an intercepted TLS tunnel.
-    pub plaintext: bool,
 }
 
 impl RouteTable {

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, Mutex};
 
-use super::{Config, ConfigError};
+use crate::config::{Config, ConfigError};
 use crate::state::{Generation, Shared};
 
 /// Editors and ConfigMap swaps write in several steps; wait this long for them to settle.
@@ -222,7 +222,7 @@ fn audit_diff(old: &Config, new: &Config, trigger: Trigger) {
 
 /// `hubspot/burst: 190/10s -> 150/10s`, `hubspot/daily: added`, ... for the audit line.
 fn quota_changes(old: &Config, new: &Config) -> Vec<String> {
-    let describe = |quota: &super::Quota| format!("{}/{}", quota.limit, humantime::format_duration(quota.per));
+    let describe = |quota: &crate::config::Quota| format!("{}/{}", quota.limit, humantime::format_duration(quota.per));
     let mut changes = Vec::new();
     for upstream in &new.live.upstreams {
         let before = old.upstream(&upstream.name).map(|u| u.limits.quotas.as_slice()).unwrap_or(&[]);
