@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use crate::body::{self, ProxyBody};
 use crate::config::AdminToken;
 use crate::reload::{Outcome, Reloader};
-use crate::respond::json_response;
+use crate::respond::{json_response, Refusal};
 use crate::state::Shared;
 
 /// Serves the admin API until shutdown completes (it stays up while the proxy drains, so
@@ -226,17 +226,11 @@ fn guard(
     if exposed {
         let Some(expected) = expected_token(shared) else {
             tracing::warn!(target: "sluice::audit", event = "admin_action", action, %peer, allowed = false, "Admin action refused: no admin token configured.");
-            return Some(json_response(
-                StatusCode::FORBIDDEN,
-                &json!({"error": "admin_token_required", "detail": "the admin listener is not on loopback: configure admin.token_file or admin.token_env"}),
-            ));
+            return Some(AdminError::TokenRequired.response());
         };
         if !presents_token(request, &expected) {
             tracing::warn!(target: "sluice::audit", event = "admin_action", action, %peer, allowed = false, "Admin action refused: bad or missing token.");
-            let mut response = json_response(
-                StatusCode::UNAUTHORIZED,
-                &json!({"error": "unauthorized", "detail": "send Authorization: Bearer <admin token>"}),
-            );
+            let mut response = AdminError::Unauthorized.response();
             response
                 .headers_mut()
                 .insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"sluice-admin\""));
@@ -287,10 +281,8 @@ async fn route(
             Ok(Outcome::Applied { generation } | Outcome::Unchanged { generation }) => {
                 json_response(StatusCode::OK, &json!({"status": "reloaded", "generation": generation}))
             }
-            Err(error) => json_response(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                &json!({"error": "config_invalid", "detail": error.to_string(), "generation": shared.current().id}),
-            ),
+            Err(error) => AdminError::ConfigInvalid { detail: error.to_string() }
+                .response_with("generation", json!(shared.current().id)),
         },
         (&Method::GET, "/breakers") => {
             let mut breakers = shared.breakers.snapshot();
@@ -310,17 +302,54 @@ async fn route(
         }
         (_, path @ ("/metrics" | "/healthz" | "/readyz" | "/config" | "/reload" | "/quotas" | "/breakers")) => {
             let allow = if path == "/reload" { "POST" } else { "GET" };
-            let mut response = json_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &json!({"error": "method_not_allowed", "detail": format!("{} is not allowed here; use {allow}", request.method())}),
-            );
+            let mut response = AdminError::MethodNotAllowed { method: request.method().to_string(), allow }.response();
             response.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static(allow));
             response
         }
-        _ => json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"error": "not_found", "detail": "endpoints: /metrics /healthz /readyz /config /reload /quotas /breakers"}),
-        ),
+        _ => AdminError::NotFound.response(),
+    }
+}
+
+/// Why the admin listener refused a request. Rendered by `respond` like every answer sluice
+/// makes itself: the same JSON shape and `Proxy-Status` as the proxy's refusals.
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error("the admin listener is not on loopback: configure admin.token_file or admin.token_env")]
+    TokenRequired,
+    #[error("send Authorization: Bearer <admin token>")]
+    Unauthorized,
+    #[error("{method} is not allowed here; use {allow}")]
+    MethodNotAllowed { method: String, allow: &'static str },
+    #[error("endpoints: /metrics /healthz /readyz /config /reload /quotas /breakers")]
+    NotFound,
+    #[error("{detail}")]
+    ConfigInvalid { detail: String },
+}
+
+impl AdminError {
+    fn refusal(&self) -> Refusal<'static> {
+        let (status, code, proxy_status_type) = match self {
+            AdminError::TokenRequired => (StatusCode::FORBIDDEN, "admin_token_required", "http_request_denied"),
+            AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "http_request_denied"),
+            AdminError::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "http_request_denied")
+            }
+            AdminError::NotFound => (StatusCode::NOT_FOUND, "not_found", "destination_not_found"),
+            AdminError::ConfigInvalid { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "config_invalid", "proxy_configuration_error")
+            }
+        };
+        Refusal { status, code, proxy_status_type, upstream: None, detail: self.to_string() }
+    }
+
+    fn response(&self) -> Response<ProxyBody> {
+        self.refusal().into_response(serde_json::Map::new())
+    }
+
+    fn response_with(&self, key: &str, value: Value) -> Response<ProxyBody> {
+        let mut extra = serde_json::Map::new();
+        extra.insert(key.to_owned(), value);
+        self.refusal().into_response(extra)
     }
 }
 

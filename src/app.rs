@@ -50,9 +50,7 @@ pub async fn start_loaded(loaded: Loaded) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let generation = Generation::build(config, None).map_err(|error| error.located(&path, &text))?;
     metrics.reloads.with_label_values(&["success"]).inc();
-    metrics.reload_last_success.set(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64()),
-    );
+    metrics.reload_last_success.set(crate::kit::unix_seconds_f64(std::time::SystemTime::now()));
     let shutdown = CancellationToken::new();
     let limiter = crate::limit::Limiter::start(generation.store.clone(), metrics.clone(), shutdown.clone()).await;
     let shared = Shared::new(generation, metrics, limiter, shutdown);

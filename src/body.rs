@@ -219,6 +219,15 @@ where
     }
 }
 
+/// Reads a whole request body, for a layer that must hold one (Retry replays it, Batch parses
+/// it). A failed read is typed as [`request_body_error`] says.
+pub async fn collect_upload(body: ProxyBody, limit: u64) -> Result<Bytes, crate::error::ErrorKind> {
+    match body.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) => Err(request_body_error(&error, limit)),
+    }
+}
+
 /// What a failed read of a client's request body is, for a layer that buffers one: a stall is
 /// a 408, a body over `limit` a 413, anything else a malformed request.
 pub fn request_body_error(error: &BoxError, limit: u64) -> crate::error::ErrorKind {

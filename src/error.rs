@@ -21,6 +21,22 @@ pub enum Unreachable {
     Other,
 }
 
+/// Whose failure an error is. Retry, the breaker and the status all read this one tag, so they
+/// cannot disagree about whether the vendor failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The caller's request or behaviour: a bad request, a stalled upload, a host that does not
+    /// exist, a destination or method it may not use. Never the vendor's health. A 4xx, except a
+    /// host that does not exist: a 502 with `dns_error`, as proxies answer it.
+    Client,
+    /// sluice's own refusal or failure: a quota, a concurrency cap, an open breaker, a
+    /// remembered vendor pause, the store, shutdown. The vendor was not asked.
+    Sluice,
+    /// The vendor, or the way to it, failed while sluice was asking it. Always a 5xx gateway
+    /// status; counted by the breaker.
+    Vendor,
+}
+
 /// A failure on the request path, tagged with the upstream it concerns.
 #[derive(Debug, thiserror::Error)]
 #[error("{kind}")]
@@ -113,20 +129,51 @@ impl ProxyError {
         }
     }
 
-    /// Whether the vendor (or the way to it) failed, as the breaker counts failures. Failures
-    /// the client caused (a stalled upload, a host it named that does not exist) and refusals
-    /// sluice made before reaching the vendor say nothing about the vendor's health.
-    pub fn is_vendor_failure(&self) -> bool {
-        matches!(
-            *self.kind,
+    /// Whose failure this is (see [`Source`]).
+    pub fn source(&self) -> Source {
+        match *self.kind {
+            ErrorKind::EgressDenied { .. }
+            | ErrorKind::NoRoute { .. }
+            | ErrorKind::Malformed { .. }
+            | ErrorKind::HeadTooLarge { .. }
+            | ErrorKind::UriTooLong
+            | ErrorKind::BodyTooLarge { .. }
+            | ErrorKind::UnknownHost { .. }
+            | ErrorKind::RequestBodyTimeout { .. }
+            | ErrorKind::ProxyAuthRequired
+            | ErrorKind::ClientNotAllowed { .. }
+            | ErrorKind::TunnelShareExceeded { .. }
+            | ErrorKind::BlindTunnelRefused { .. }
+            | ErrorKind::MethodNotAllowed { .. } => Source::Client,
+            ErrorKind::RateLimited { .. }
+            | ErrorKind::ConcurrencyLimited { .. }
+            | ErrorKind::StoreUnavailable
+            | ErrorKind::BreakerOpen { .. }
+            | ErrorKind::VendorUnavailable { .. }
+            | ErrorKind::ShuttingDown
+            | ErrorKind::TooManyTunnels { .. }
+            | ErrorKind::Internal { .. } => Source::Sluice,
             ErrorKind::Unreachable { .. }
-                | ErrorKind::ConnectTimeout { .. }
-                | ErrorKind::ResponseTimeout { .. }
-                | ErrorKind::Tls { .. }
-                | ErrorKind::UpstreamProtocol { .. }
-        )
+            | ErrorKind::ConnectTimeout { .. }
+            | ErrorKind::ResponseTimeout { .. }
+            | ErrorKind::Tls { .. }
+            | ErrorKind::UpstreamProtocol { .. } => Source::Vendor,
+        }
     }
 
+    /// Whether the vendor (or the way to it) failed, as the breaker counts failures.
+    pub fn is_vendor_failure(&self) -> bool {
+        self.source() == Source::Vendor
+    }
+
+    /// Whether another attempt is safe whatever the method: a vendor failure before the request
+    /// left sluice (no connection was made), so the vendor cannot have acted on it.
+    pub fn retryable(&self) -> bool {
+        self.source() == Source::Vendor
+            && matches!(*self.kind, ErrorKind::Unreachable { .. } | ErrorKind::ConnectTimeout { .. })
+    }
+
+    /// The status: a client's failure is a 4xx, a vendor's a 502, 503 or 504 (see [`Source`]).
     pub fn status(&self) -> StatusCode {
         match *self.kind {
             ErrorKind::EgressDenied { .. }
@@ -243,4 +290,73 @@ pub fn describe(error: &(dyn StdError + 'static)) -> String {
         out.push_str(&text);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_kind() -> Vec<ErrorKind> {
+        let after = Duration::from_secs(1);
+        let detail = String::from("x");
+        vec![
+            ErrorKind::EgressDenied { host: detail.clone() },
+            ErrorKind::NoRoute { path: detail.clone() },
+            ErrorKind::Malformed { detail: detail.clone() },
+            ErrorKind::HeadTooLarge { limit: 1 },
+            ErrorKind::UriTooLong,
+            ErrorKind::BodyTooLarge { limit: 1 },
+            ErrorKind::Unreachable { detail: detail.clone(), cause: Unreachable::Dns },
+            ErrorKind::Unreachable { detail: detail.clone(), cause: Unreachable::Refused },
+            ErrorKind::Unreachable { detail: detail.clone(), cause: Unreachable::Other },
+            ErrorKind::UnknownHost { host: detail.clone() },
+            ErrorKind::RequestBodyTimeout { after },
+            ErrorKind::Tls { detail: detail.clone() },
+            ErrorKind::ConnectTimeout { after },
+            ErrorKind::ResponseTimeout { after },
+            ErrorKind::UpstreamProtocol { detail: detail.clone() },
+            ErrorKind::RateLimited { quota: detail.clone(), retry_after: after, rate_limit: None, policy: None },
+            ErrorKind::ConcurrencyLimited { max: 1, waited: after },
+            ErrorKind::StoreUnavailable,
+            ErrorKind::BreakerOpen { retry_after: after },
+            ErrorKind::VendorUnavailable { retry_after: after },
+            ErrorKind::ShuttingDown,
+            ErrorKind::ProxyAuthRequired,
+            ErrorKind::ClientNotAllowed { detail: detail.clone() },
+            ErrorKind::TooManyTunnels { max: 1 },
+            ErrorKind::TunnelShareExceeded { max: 1 },
+            ErrorKind::BlindTunnelRefused { detail: detail.clone() },
+            ErrorKind::MethodNotAllowed { method: detail.clone(), detail: detail.clone() },
+            ErrorKind::Internal { detail },
+        ]
+    }
+
+    #[test]
+    fn the_source_decides_the_status_class_the_breaker_and_retry() {
+        for kind in every_kind() {
+            let error = ProxyError::new(kind.clone(), None);
+            let status = error.status();
+            match error.source() {
+                Source::Client => assert!(
+                    status.is_client_error() || matches!(kind, ErrorKind::UnknownHost { .. }),
+                    "{kind:?} is the client's: {status}"
+                ),
+                Source::Vendor => assert!(matches!(status.as_u16(), 502..=504), "{kind:?} is the vendor's: {status}"),
+                Source::Sluice => assert!(!matches!(status.as_u16(), 502 | 504), "{kind:?} is sluice's: {status}"),
+            }
+            assert_eq!(error.is_vendor_failure(), error.source() == Source::Vendor, "{kind:?}");
+            if error.retryable() {
+                assert_eq!(error.source(), Source::Vendor, "{kind:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn dns_and_refused_are_typed_not_guessed() {
+        let dns = ProxyError::new(ErrorKind::Unreachable { detail: "x".into(), cause: Unreachable::Dns }, None);
+        let refused = ProxyError::new(ErrorKind::Unreachable { detail: "x".into(), cause: Unreachable::Refused }, None);
+        assert_eq!(dns.proxy_status_type(), "dns_error");
+        assert_eq!(refused.proxy_status_type(), "connection_refused");
+        assert!(dns.retryable() && refused.retryable());
+    }
 }

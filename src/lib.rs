@@ -24,6 +24,7 @@ pub mod body;
 pub mod config;
 pub mod controls;
 pub mod error;
+pub mod kit;
 pub mod request;
 pub mod security;
 pub mod telemetry;

@@ -4,8 +4,6 @@
 //! own request id next to sluice's.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -20,7 +18,7 @@ use crate::telemetry::metrics::{method_label, NO_UPSTREAM};
 use crate::telemetry::Metrics;
 use crate::upstream::headers;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::kit::BoxFuture;
 
 #[derive(Clone)]
 pub struct ObserveLayer {

@@ -6,8 +6,6 @@
 //! curl) can always tell a vendor's answer from sluice's.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -22,7 +20,7 @@ use crate::request::UpstreamName;
 use crate::telemetry::metrics::NO_UPSTREAM;
 use crate::telemetry::Metrics;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::kit::BoxFuture;
 
 /// Name sluice uses for itself in `Proxy-Status` and `Via`.
 pub const PROXY_NAME: &str = "sluice";
@@ -54,20 +52,57 @@ pub fn render_http1(error: &ProxyError) -> Vec<u8> {
     out
 }
 
+/// What every answer sluice makes itself says, on the proxy and the admin listener alike: a
+/// status, a stable `error` code, the RFC 9209 error type for `Proxy-Status`, and a detail.
+#[derive(Debug, Clone)]
+pub struct Refusal<'a> {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub proxy_status_type: &'static str,
+    pub upstream: Option<&'a str>,
+    pub detail: String,
+}
+
+impl Refusal<'_> {
+    /// The response: JSON `{"error", "upstream", "detail"}` plus `extra`'s fields, and
+    /// `Proxy-Status`.
+    pub fn into_response(self, extra: serde_json::Map<String, serde_json::Value>) -> Response<ProxyBody> {
+        let (head, bytes) = self.message(extra);
+        Response::from_parts(head, body::full(bytes))
+    }
+
+    fn message(self, extra: serde_json::Map<String, serde_json::Value>) -> (http::response::Parts, Bytes) {
+        let mut body = serde_json::json!({
+            "error": self.code,
+            "upstream": self.upstream,
+            "detail": self.detail,
+        });
+        if let Some(fields) = body.as_object_mut() {
+            for (key, value) in extra {
+                fields.entry(key).or_insert(value);
+            }
+        }
+        let proxy_status =
+            format!("{PROXY_NAME}; error={}; details={}", self.proxy_status_type, sf_string(&self.detail));
+        let (mut head, bytes) = json_message(self.status, &body);
+        if let Ok(value) = HeaderValue::from_str(&proxy_status) {
+            head.headers.insert("proxy-status", value);
+        }
+        (head, bytes)
+    }
+}
+
 /// The head and JSON body of sluice's answer to `error`.
 fn error_message(error: &ProxyError) -> (http::response::Parts, Bytes) {
-    let detail = error.kind.to_string();
-    let body = serde_json::json!({
-        "error": error.code(),
-        "upstream": error.upstream.as_deref(),
-        "detail": detail,
-    });
-    let proxy_status = format!("{PROXY_NAME}; error={}; details={}", error.proxy_status_type(), sf_string(&detail));
-    let (mut head, bytes) = json_message(error.status(), &body);
+    let refusal = Refusal {
+        status: error.status(),
+        code: error.code(),
+        proxy_status_type: error.proxy_status_type(),
+        upstream: error.upstream.as_deref(),
+        detail: error.kind.to_string(),
+    };
+    let (mut head, bytes) = refusal.message(serde_json::Map::new());
     let headers = &mut head.headers;
-    if let Ok(value) = HeaderValue::from_str(&proxy_status) {
-        headers.insert("proxy-status", value);
-    }
     if let Some(wait) = error.retry_after() {
         headers.insert(RETRY_AFTER, crate::limit::headers::retry_after(wait));
     }

@@ -6,8 +6,6 @@
 //! like any request, and one after a 429 waits out the vendor's pause.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -15,7 +13,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
-use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
@@ -27,7 +24,7 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::request::Routed;
 use crate::telemetry::Metrics;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::kit::BoxFuture;
 
 /// The budget's sliding window, in one-second buckets.
 const BUDGET_WINDOW_SECS: usize = 10;
@@ -112,13 +109,9 @@ where
                 return within(started, deadline, response, &upstream).await;
             }
             let (parts, body) = request.into_parts();
-            let bytes: Bytes = match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(error) => {
-                    let kind = crate::body::request_body_error(&error, policy.max_body_bytes);
-                    return Err(ProxyError::new(kind, Some(upstream.name.clone())));
-                }
-            };
+            let bytes: Bytes = crate::body::collect_upload(body, policy.max_body_bytes)
+                .await
+                .map_err(|kind| ProxyError::new(kind, Some(upstream.name.clone())))?;
             let mut attempt = 1;
             loop {
                 let mut request = Request::from_parts(parts.clone(), body::full(bytes.clone()));
@@ -212,17 +205,14 @@ fn retry_reason(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<&'st
             StatusCode::GATEWAY_TIMEOUT => Some("status_504"),
             _ => None,
         },
-        Err(error) => match *error.kind {
-            ErrorKind::Unreachable { .. } | ErrorKind::ConnectTimeout { .. } => Some("connect_error"),
-            _ => None,
-        },
+        Err(error) if error.retryable() => Some("connect_error"),
+        Err(_) => None,
     }
 }
 
 /// Full jitter: uniform in [0, min(max_backoff, backoff * 2^(attempt-1))].
 fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
-    let ceiling = policy.backoff.saturating_mul(1u32 << (attempt - 1).min(16)).min(policy.max_backoff);
-    ceiling.mul_f64(rand::random::<f64>())
+    crate::kit::full_jitter(policy.backoff, attempt.saturating_sub(1), policy.max_backoff)
 }
 
 /// Retry budgets by upstream.
@@ -233,7 +223,7 @@ pub struct RetryBudgets {
 
 impl RetryBudgets {
     pub fn for_upstream(&self, upstream: &Arc<str>) -> Arc<RetryBudget> {
-        let mut map = self.by_upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut map = crate::kit::lock(&self.by_upstream);
         map.entry(upstream.clone()).or_insert_with(|| Arc::new(RetryBudget::default())).clone()
     }
 }
@@ -254,12 +244,12 @@ struct Window {
 
 impl RetryBudget {
     fn now_second() -> u64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+        crate::kit::unix_seconds(std::time::SystemTime::now())
     }
 
     fn with_current<T>(&self, f: impl FnOnce(&mut Window, u64) -> T) -> T {
         let second = Self::now_second();
-        let mut window = self.window.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut window = crate::kit::lock(&self.window);
         while window.buckets.front().is_some_and(|(s, _, _)| *s + (BUDGET_WINDOW_SECS as u64) <= second) {
             window.buckets.pop_front();
         }

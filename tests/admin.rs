@@ -209,9 +209,16 @@ async fn unknown_path_is_a_json_404() {
         let response = admin(&sluice, reqwest::Method::GET, path).await;
         assert_eq!(response.status(), 404, "{path}");
         assert!(is_json(&response), "{path}");
+        let proxy_status = response.headers().get("proxy-status").map(|value| value.to_str().unwrap().to_owned());
+        assert!(
+            proxy_status.as_deref().is_some_and(|value| value.starts_with("sluice; error=destination_not_found")),
+            "{path}: {proxy_status:?}"
+        );
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"], "not_found", "{path}: {body}");
         assert!(body["detail"].is_string());
+        // The same shape as the proxy's own refusals.
+        assert!(body.as_object().unwrap().contains_key("upstream"), "{body}");
     }
     assert!(sluice.shutdown().await);
 }
@@ -230,6 +237,7 @@ async fn wrong_method_is_a_json_405() {
         let response = admin(&sluice, method.clone(), path).await;
         assert_eq!(response.status(), 405, "{method} {path}");
         assert!(is_json(&response), "{method} {path}");
+        assert!(response.headers().contains_key("proxy-status"), "{method} {path}");
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"], "method_not_allowed", "{method} {path}: {body}");
     }

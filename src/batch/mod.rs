@@ -23,8 +23,6 @@ pub mod hubspot;
 pub mod salesforce;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -57,7 +55,7 @@ pub fn format(name: &str) -> Option<&'static dyn BulkFormat> {
     FORMATS.iter().copied().find(|format| format.name() == name)
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::kit::BoxFuture;
 type Inner = BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, ProxyError>;
 type Reply = Result<Response<ProxyBody>, ProxyError>;
 
@@ -157,13 +155,9 @@ where
         let batcher = self.batcher.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let bytes = match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(error) => {
-                    let kind = crate::body::request_body_error(&error, MAX_ITEM_BYTES);
-                    return Err(ProxyError::new(kind, Some(candidate.upstream.name.clone())));
-                }
-            };
+            let bytes = crate::body::collect_upload(body, MAX_ITEM_BYTES)
+                .await
+                .map_err(|kind| ProxyError::new(kind, Some(candidate.upstream.name.clone())))?;
             let Some(item_body) = candidate.parse_body(&bytes) else {
                 // Not the JSON the bulk endpoint expects: the vendor answers it as a single call.
                 let request = Request::from_parts(parts, body::full(bytes));
@@ -434,7 +428,7 @@ impl Batcher {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<GroupKey, Open>> {
-        self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::kit::lock(&self.open)
     }
 
     /// Queues a call; its answer arrives on the receiver. Gives the head back when the call

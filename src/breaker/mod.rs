@@ -103,7 +103,7 @@ impl Breaker {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::kit::lock(&self.state)
     }
 
     /// Whether a request may go now. `Probe` admissions must be followed by `record` (or dropped
@@ -310,7 +310,7 @@ impl Breakers {
     pub fn for_request(&self, upstream: &Upstream, host: Option<&str>, metrics: &Arc<Metrics>) -> Option<Arc<Breaker>> {
         let settings = upstream.breaker.as_ref()?;
         let per_host = per_host(upstream);
-        let mut map = self.by_upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut map = crate::kit::lock(&self.by_upstream);
         let fits =
             map.get(&upstream.name).is_some_and(|kept| kept.settings() == *settings && kept.is_per_host() == per_host);
         if !fits {
@@ -334,7 +334,7 @@ impl Breakers {
     /// whose settings changed.
     pub fn retain(&self, upstreams: &[Arc<Upstream>], metrics: &Arc<Metrics>) {
         {
-            let mut map = self.by_upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut map = crate::kit::lock(&self.by_upstream);
             map.retain(|name, _| {
                 let keep = upstreams.iter().any(|upstream| upstream.name == *name && upstream.breaker.is_some());
                 if !keep {
@@ -352,7 +352,7 @@ impl Breakers {
 
     /// The phase of the breaker a request to `host` on `upstream` passes, if there is one.
     pub fn phase(&self, upstream: &str, host: Option<&str>) -> Option<Phase> {
-        let map = self.by_upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let map = crate::kit::lock(&self.by_upstream);
         match map.get(upstream)? {
             UpstreamBreakers::One(breaker) => Some(breaker.phase()),
             UpstreamBreakers::PerHost(hosts) => {
@@ -362,7 +362,7 @@ impl Breakers {
     }
 
     pub fn snapshot(&self) -> serde_json::Value {
-        let map = self.by_upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let map = crate::kit::lock(&self.by_upstream);
         let mut all: Vec<_> = map
             .values()
             .flat_map(|kept| match kept {
@@ -417,7 +417,7 @@ impl BreakerHandle {
         if self.attempt.recorded.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
         }
-        let mut probe = self.attempt.probe.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut probe = crate::kit::lock(&self.attempt.probe);
         self.breaker.record(outcome, probe.as_mut());
     }
 }
@@ -444,7 +444,7 @@ pub struct BreakerGate<S> {
     layer: BreakerLayer,
 }
 
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+use crate::kit::BoxFuture;
 
 impl<S> tower::Service<http::Request<crate::body::ProxyBody>> for BreakerGate<S>
 where

@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::policy::{OverLimit, ProfileKind, ResetUnit};
-use super::store::{OnFailure, StoreKind};
-use super::upstream::CredentialMode;
+use super::kinds::{CredentialMode, OnFailure, OverLimit, ProfileKind, ResetUnit, ShapeKind, StoreKind, WindowKind};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -442,25 +440,6 @@ pub struct QuotaFile {
     /// Most distinct scope values tracked; the least recently used is evicted past this.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ShapeKind {
-    /// A full burst of `limit`, then one request per slot freed (the vendor's rolling window).
-    Burst,
-    /// Paced: `burst` at once, then evenly spaced (GCRA).
-    Smooth,
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum WindowKind {
-    /// At most `limit` in ANY window of length `per` (HubSpot's TEN_SECONDLY_ROLLING).
-    #[default]
-    Rolling,
-    /// At most `limit` per calendar window, resetting at `resets_at` (HubSpot's daily quota).
-    Fixed,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]

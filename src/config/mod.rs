@@ -16,6 +16,7 @@
 
 mod batch;
 mod file;
+mod kinds;
 mod locate;
 pub mod policy;
 mod resilience;
@@ -31,10 +32,11 @@ use std::time::Duration;
 use serde_json::Value;
 
 pub use batch::BatchRule;
-pub use policy::{Feedback, Limits as UpstreamLimits, OverLimit, ProfileKind, Quota, ResetUnit, ScopeKey, Window};
+pub use kinds::{CredentialMode, OnFailure, OverLimit, ProfileKind, ResetUnit, ShapeKind, StoreKind, WindowKind};
+pub use policy::{Feedback, Limits as UpstreamLimits, Quota, ScopeKey, Window};
 pub use resilience::{BreakerSettings, RetryPolicy};
-pub use store::{OnFailure, Store, StoreConfig, StoreKind, StoreUrl};
-pub use upstream::{CredentialMode, Credentials, HostPattern, Scheme, SecretSource, Target, Upstream};
+pub use store::{Store, StoreConfig, StoreUrl};
+pub use upstream::{Credentials, HostPattern, Scheme, SecretSource, Target, Upstream};
 pub use validate::{AdminSettings, AdminToken, ClientSecret, ClientSettings, ConnectionLimits, Intercept, Listen};
 
 /// A validated configuration: what the proxy runs on.

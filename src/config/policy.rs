@@ -10,9 +10,8 @@ use std::time::Duration;
 use http::header::HeaderName;
 use http::Method;
 
-use serde::{Deserialize, Serialize};
-
-use super::file::{LimitHeadersFile, QuotaFile, RouteFile, ShapeKind, WindowKind};
+use super::file::{LimitHeadersFile, QuotaFile, RouteFile};
+use super::kinds::{OverLimit, ProfileKind, ResetUnit, ShapeKind, WindowKind};
 use super::Problem;
 
 /// One vendor quota, validated.
@@ -150,17 +149,6 @@ pub fn parse_route_match(text: &str) -> Result<(Option<Method>, PathPattern), St
         Some(name) => Some(Method::from_bytes(name.as_bytes()).map_err(|_| format!("`{name}` is not a method"))?),
     };
     Ok((method, PathPattern::parse(path)?))
-}
-
-/// What a request over quota gets (`over_limit:`).
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum OverLimit {
-    /// Wait for a turn, at most `max_queue_wait`.
-    #[default]
-    Queue,
-    /// 429 at once.
-    Reject,
 }
 
 /// Per-upstream limiting settings, validated.
@@ -378,48 +366,6 @@ pub(super) fn validate_routes(raw: &[RouteFile], key: &str, problems: &mut Vec<P
         }
     }
     routes
-}
-
-/// Which vendor's header dialect an upstream speaks (`limit_headers:`). What each dialect means
-/// is `vendor`'s knowledge; config only knows the names.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProfileKind {
-    Hubspot,
-    Salesforce,
-    Ietf,
-    XRatelimit,
-    Github,
-    Dynamics,
-    Zendesk,
-    #[default]
-    None,
-}
-
-impl ProfileKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProfileKind::Hubspot => "hubspot",
-            ProfileKind::Salesforce => "salesforce",
-            ProfileKind::Ietf => "ietf",
-            ProfileKind::XRatelimit => "x-ratelimit",
-            ProfileKind::Github => "github",
-            ProfileKind::Dynamics => "dynamics",
-            ProfileKind::Zendesk => "zendesk",
-            ProfileKind::None => "none",
-        }
-    }
-}
-
-/// How an `x-ratelimit` reset header counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ResetUnit {
-    /// Seconds from now (Pipedrive, Zendesk list endpoints).
-    #[default]
-    Seconds,
-    /// Unix epoch seconds (GitHub, Intercom).
-    Epoch,
 }
 
 /// How an upstream's responses are read for quota information (`limit_headers`).

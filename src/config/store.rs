@@ -5,41 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use super::file::StoreFile;
+use super::kinds::{OnFailure, StoreKind};
 use super::{ConfigError, Problem, Problems};
-
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreKind {
-    /// Quota state in this process only: one replica.
-    #[default]
-    Memory,
-    /// Quota state in Redis, shared by every replica.
-    Redis,
-}
-
-impl StoreKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StoreKind::Memory => "memory",
-            StoreKind::Redis => "redis",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum OnFailure {
-    /// Enforce each quota locally at `limit / replicas` (the last known replica count).
-    #[default]
-    Local,
-    /// Let traffic through unlimited.
-    Allow,
-    /// Answer 503.
-    Deny,
-}
 
 /// Where the Redis URL is written.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use http::header::HeaderName;
 use http::uri::{Authority, Uri};
-use serde::{Deserialize, Serialize};
 
 use super::batch::{validate_batch, BatchRule};
 use super::file::{CredentialsFile, UpstreamFile};
+use super::kinds::CredentialMode;
 use super::policy::{feedback_of, validate_quota, validate_routes, Feedback, Limits, Quota, ScopeKey, Window};
 use super::resilience::{validate_breaker, validate_retry, BreakerSettings, RetryPolicy};
 use super::Problem;
@@ -63,15 +63,6 @@ pub enum SecretSource {
     File(PathBuf),
     /// An environment variable, read once per load.
     Env(String),
-}
-
-/// `replace` what the client sent, or set the credential only `if_absent`.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum CredentialMode {
-    #[default]
-    Replace,
-    IfAbsent,
 }
 
 impl Upstream {

@@ -87,7 +87,7 @@ impl Announced {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<QuotaId, u64>> {
-        self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::kit::lock(&self.limits)
     }
 }
 

@@ -112,7 +112,7 @@ impl Books {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<QuotaId, QuotaBook>> {
-        self.quotas.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::kit::lock(&self.quotas)
     }
 }
 

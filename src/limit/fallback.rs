@@ -263,7 +263,7 @@ impl<S: SharedStore + 'static> Fallback<S> {
 
     /// Notes which rules each local-share bucket runs under (its own and the shared one).
     fn remember_local_rules(&self, local_keys: &[String], local: &[(Rule, i64)], shared: &[(Rule, i64)]) {
-        let mut known = self.local_rules.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut known = crate::kit::lock(&self.local_rules);
         // Bounded like the buckets themselves (the scope tables cap what a quota can have).
         if known.len() > 1_000_000 {
             known.clear();
@@ -314,7 +314,7 @@ impl<S: SharedStore + 'static> Fallback<S> {
         loop {
             // Jittered (50-150% of the backoff), so replicas that lost Redis together do not all
             // reconnect in step.
-            let pause = backoff.mul_f64(0.5 + rand::random::<f64>());
+            let pause = crate::kit::spread(backoff);
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 () = self.stop.cancelled() => return false,
@@ -340,7 +340,7 @@ impl<S: SharedStore + 'static> Fallback<S> {
         let now = self.clock.wall();
         let drained = self.local.drain_prefix(LOCAL, now);
         let rules: Vec<Option<(Rule, Rule)>> = {
-            let mut known = self.local_rules.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut known = crate::kit::lock(&self.local_rules);
             let rules = drained.iter().map(|(key, _)| known.get(&keys::local(key)).copied()).collect();
             known.clear();
             rules

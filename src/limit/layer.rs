@@ -6,9 +6,7 @@
 //! abandoned by a client that stopped reading it), and reports the caller's standing in
 //! `RateLimit` and `Server-Timing`.
 
-use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,7 +22,7 @@ use crate::request::{RequestControls, Routed};
 use crate::security::clients::ClientIdentity;
 use crate::telemetry::Metrics;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::kit::BoxFuture;
 
 /// What Limit needs of the generation a request runs on (`state::Generation` provides it).
 pub trait LimitContext: Send + Sync + 'static {

@@ -251,7 +251,7 @@ impl Leases {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Lease>> {
         // Plain numbers: still consistent if another thread panicked while holding the lock.
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::kit::lock(&self.entries)
     }
 }
 

@@ -185,7 +185,7 @@ impl MemoryStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Buckets> {
         // The map holds plain numbers: still consistent if another thread panicked mid-decision.
-        self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::kit::lock(&self.buckets)
     }
 }
 

@@ -471,7 +471,7 @@ pub struct ScopeView {
 
 /// Whether sluice acts on this upstream's responses (pauses): it has quotas or a header profile.
 pub fn watches_vendor(upstream: &Upstream) -> bool {
-    upstream.feedback.profile != crate::vendor::ProfileKind::None || !upstream.limits.quotas.is_empty()
+    upstream.feedback.profile != crate::config::ProfileKind::None || !upstream.limits.quotas.is_empty()
 }
 
 /// Microseconds until a cost-1 request would be taken without waiting.

@@ -17,7 +17,7 @@ pub struct Slots {
 impl Slots {
     /// The semaphore of `upstream`, sized to `max`.
     pub fn of(&self, upstream: &Arc<str>, max: usize) -> Arc<Semaphore> {
-        let mut slots = self.by_upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slots = crate::kit::lock(&self.by_upstream);
         match slots.get_mut(upstream) {
             Some((size, semaphore)) => {
                 if max > *size {

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::service::ClientConn;
+use super::accounting::ClientConn;
 use super::Server;
 use crate::body::{self, ProxyBody};
 use crate::config::Upstream;

@@ -8,6 +8,7 @@
 //! sluice running out of file descriptors. Every connection is a tracked task that drains
 //! gracefully (HTTP/1 finishes its response, HTTP/2 sends GOAWAY) when shutdown starts.
 
+pub mod accounting;
 pub mod connect;
 pub mod guard_io;
 pub mod service;
@@ -25,8 +26,9 @@ use tokio::sync::Semaphore;
 use crate::proxy::stack::{http_stack, HttpStack, StackParts};
 use crate::request::Via;
 use crate::state::Shared;
+use accounting::{ClientConn, ClientCounts, ConnectionSlot};
 use connect::TunnelShares;
-use service::{ClientConn, ClientCounts, ConnectionSlot, ProxyService};
+use service::ProxyService;
 
 /// A listener's connections: what they run on, and their accounting (which outlives each of
 /// them): `limits.max_tunnels` (sized at start), the tunnels each client holds, and the

@@ -16,9 +16,7 @@
 
 pub mod table;
 
-use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -35,7 +33,7 @@ use crate::request::{RequestControls, Routed, Via};
 use crate::security::clients::{ClientIdentity, Clients};
 use crate::security::credentials::Credential;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::kit::BoxFuture;
 
 /// What Route needs of the generation a request runs on (`state::Generation` provides it).
 pub trait RouteContext: Send + Sync + 'static {

@@ -57,7 +57,7 @@ struct SecretFile {
 impl SecretFile {
     fn digest(&self) -> Option<[u8; 32]> {
         let modified = std::fs::metadata(&self.path).and_then(|meta| meta.modified()).ok()?;
-        let mut cached = self.cached.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cached = crate::kit::lock(&self.cached);
         if let Some((at, digest)) = *cached {
             if at == modified {
                 return Some(digest);

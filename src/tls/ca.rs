@@ -153,7 +153,7 @@ impl CertAuthority {
 
     fn cache_lock(&self) -> std::sync::MutexGuard<'_, LeafCache> {
         // A poisoned cache only means a panic elsewhere mid-insert; its data is still usable.
-        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::kit::lock(&self.cache)
     }
 
     fn mint(&self, host: &str) -> Result<ServerConfig, MintError> {

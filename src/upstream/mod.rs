@@ -9,9 +9,7 @@
 pub mod client;
 pub mod headers;
 
-use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -26,7 +24,7 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::request::{Routed, UpstreamName};
 use crate::telemetry::Metrics;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::kit::BoxFuture;
 
 /// What Forward needs of the generation a request runs on (`state::Generation` provides it).
 pub trait Upstreams: Send + Sync + 'static {

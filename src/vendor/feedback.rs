@@ -18,8 +18,6 @@
 //!
 //! Every pause is capped at 26 h.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -37,7 +35,7 @@ use crate::limit::{watches_vendor, Limiter, VendorScope};
 use crate::request::Routed;
 use crate::telemetry::Metrics;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::kit::BoxFuture;
 
 /// Largest refused-response body read to classify a throttle; bigger ones are not read.
 const MAX_ERROR_BODY: u64 = 64 * 1024;
@@ -104,8 +102,7 @@ impl Throttles {
             Some(retry) => (retry.backoff, retry.max_backoff.max(retry.backoff)),
             None => (Duration::from_secs(1), Duration::from_secs(60)),
         };
-        let ceiling = base.saturating_mul(1u32 << streak.min(16)).min(cap);
-        ceiling.mul_f64(rand::random::<f64>())
+        crate::kit::full_jitter(base, streak, cap)
     }
 
     /// A success from the vendor ends a throttle streak.
@@ -117,7 +114,7 @@ impl Throttles {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Arc<str>, u32>> {
         // Plain counters: still consistent if another thread panicked while holding the lock.
-        self.streaks.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::kit::lock(&self.streaks)
     }
 }
 

@@ -1,0 +1,117 @@
+//! The closed vocabularies of the config file: the words a key may take (`over_limit: reject`,
+//! `store.kind: redis`, `shape: smooth`). They sit in a leaf so the file model, validation and
+//! the rooms that read validated config all name the same types without importing each other.
+
+use serde::{Deserialize, Serialize};
+
+/// What a request over quota gets (`over_limit:`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OverLimit {
+    /// Wait for a turn, at most `max_queue_wait`.
+    #[default]
+    Queue,
+    /// 429 at once.
+    Reject,
+}
+
+/// Which vendor's header dialect an upstream speaks (`limit_headers:`). What each dialect means
+/// is `vendor`'s knowledge; config only knows the names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProfileKind {
+    Hubspot,
+    Salesforce,
+    Ietf,
+    XRatelimit,
+    Github,
+    Dynamics,
+    Zendesk,
+    #[default]
+    None,
+}
+
+impl ProfileKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProfileKind::Hubspot => "hubspot",
+            ProfileKind::Salesforce => "salesforce",
+            ProfileKind::Ietf => "ietf",
+            ProfileKind::XRatelimit => "x-ratelimit",
+            ProfileKind::Github => "github",
+            ProfileKind::Dynamics => "dynamics",
+            ProfileKind::Zendesk => "zendesk",
+            ProfileKind::None => "none",
+        }
+    }
+}
+
+/// How an `x-ratelimit` reset header counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResetUnit {
+    /// Seconds from now (Pipedrive, Zendesk list endpoints).
+    #[default]
+    Seconds,
+    /// Unix epoch seconds (GitHub, Intercom).
+    Epoch,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Quota state in this process only: one replica.
+    #[default]
+    Memory,
+    /// Quota state in Redis, shared by every replica.
+    Redis,
+}
+
+impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Memory => "memory",
+            StoreKind::Redis => "redis",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Enforce each quota locally at `limit / replicas` (the last known replica count).
+    #[default]
+    Local,
+    /// Let traffic through unlimited.
+    Allow,
+    /// Answer 503.
+    Deny,
+}
+
+/// `replace` what the client sent, or set the credential only `if_absent`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialMode {
+    #[default]
+    Replace,
+    IfAbsent,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShapeKind {
+    /// A full burst of `limit`, then one request per slot freed (the vendor's rolling window).
+    Burst,
+    /// Paced: `burst` at once, then evenly spaced (GCRA).
+    Smooth,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowKind {
+    /// At most `limit` in ANY window of length `per` (HubSpot's TEN_SECONDLY_ROLLING).
+    #[default]
+    Rolling,
+    /// At most `limit` per calendar window, resetting at `resets_at` (HubSpot's daily quota).
+    Fixed,
+}
