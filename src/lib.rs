@@ -4,13 +4,15 @@
 //! The modules form rooms whose imports only run downhill (`tests/module_graph.rs` checks it);
 //! `ARCHITECTURE.md` has the map. From the leaves up:
 //!
-//! - leaves: [`config`] (the YAML file, validation, the validated types), [`error`] (every failure
-//!   on the request path, one bounded kind), [`controls`] and [`request`] (what a request carries
-//!   between layers), [`body`], [`telemetry`] (logs, metrics), [`tls`], [`security`];
+//! - leaves: [`vendor`] (what each vendor's rate-limit headers mean; below config, which names
+//!   its profiles), [`config`] (the YAML file, validation, the validated types), [`error`] (every
+//!   failure on the request path, one bounded kind), [`controls`] and [`request`] (what a request
+//!   carries between layers), [`body`], [`kit`] (small shared tools), [`telemetry`] (logs,
+//!   metrics), [`tls`], [`security`];
 //! - the rooms of the journey, each owning its layer, in the order a request meets them:
 //!   [`observe`] (request ids, one log line, metrics), [`respond`] (the one place errors become
 //!   responses), [`route`] (identity, destination, credentials), [`batch`] (single calls folded
-//!   into bulk calls), [`retry`], [`breaker`], [`limit`] (quotas), [`vendor`] (the vendor's own
+//!   into bulk calls), [`retry`], [`breaker`], [`limit`] (quotas), [`feedback`] (acting on the vendor's
 //!   rate-limit signals), [`upstream`] (the pooled client to the vendor);
 //! - [`state`]: the current generation (one config and what is built from it), swapped whole on
 //!   reload, and what outlives reloads;
@@ -29,16 +31,17 @@ pub mod request;
 pub mod security;
 pub mod telemetry;
 pub mod tls;
+pub mod vendor;
 
 pub mod batch;
 pub mod breaker;
+pub mod feedback;
 pub mod limit;
 pub mod observe;
 pub mod respond;
 pub mod retry;
 pub mod route;
 pub mod upstream;
-pub mod vendor;
 
 pub mod admin;
 pub mod app;

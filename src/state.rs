@@ -187,7 +187,7 @@ pub struct Shared {
     pub breakers: Arc<crate::breaker::Breakers>,
     pub retry_budgets: Arc<crate::retry::RetryBudgets>,
     /// Throttles in a row per upstream, for the Feedback layer's backoff.
-    pub throttles: Arc<crate::vendor::feedback::Throttles>,
+    pub throttles: Arc<crate::feedback::Throttles>,
     /// Batches being filled, shared by all connections.
     pub batcher: Arc<crate::batch::Batcher>,
     /// Cancelled when shutdown starts: listeners stop accepting, connections drain.

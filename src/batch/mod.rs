@@ -1,4 +1,4 @@
-//! Step 5a of the journey, BATCH: CRM quotas count calls, not records. Single-record calls that
+//! BATCH: CRM quotas count calls, not records. Single-record calls that
 //! match a batch rule wait (at most `max_delay`) to be folded into one bulk call, and each caller
 //! still gets its own single answer.
 //!
@@ -365,17 +365,8 @@ fn kept_headers(upstream: &Upstream) -> Vec<http::HeaderName> {
     if let Some(credentials) = &upstream.credentials {
         kept.push(credentials.header.clone());
     }
-    for quota in &upstream.limits.quotas {
-        for scope in &quota.scope {
-            match scope {
-                ScopeKey::Header(name) | ScopeKey::Credential(name) => kept.push(name.clone()),
-                // Without `clients:`, `proxy_user` is read from the header itself (Forward
-                // strips it before the vendor either way).
-                ScopeKey::ProxyUser => kept.push(http::header::PROXY_AUTHORIZATION),
-                ScopeKey::ClientIp => {}
-            }
-        }
-    }
+    // Forward strips `Proxy-Authorization` before the vendor either way.
+    kept.extend(upstream.limits.quotas.iter().flat_map(|quota| &quota.scope).filter_map(ScopeKey::header));
     kept
 }
 
@@ -445,7 +436,7 @@ impl Batcher {
             return Err(Box::new(parts));
         };
         let head = SharedHead::of(&parts, &candidate.upstream);
-        let by_peer = candidate.upstream.limits.quotas.iter().any(|quota| quota.scope.contains(&ScopeKey::ClientIp));
+        let by_peer = candidate.upstream.limits.quotas.iter().any(|quota| quota.scope.iter().any(ScopeKey::reads_peer));
         let key = GroupKey {
             upstream: candidate.upstream.name.clone(),
             rule: candidate.rule_index,

@@ -1,4 +1,4 @@
-//! Step 4 of the journey, BREAKER: when the vendor is failing, answer fast and honestly instead
+//! BREAKER: when the vendor is failing, answer fast and honestly instead
 //! of piling up connections and retries against it.
 //!
 //! One breaker per upstream (per replica), kept across reloads while its settings are unchanged.

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::kinds::{CredentialMode, OnFailure, OverLimit, ProfileKind, ResetUnit, ShapeKind, StoreKind, WindowKind};
+use super::kinds::{CredentialMode, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
+use crate::vendor::{ProfileKind, ResetUnit};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -15,48 +15,6 @@ pub enum OverLimit {
     Reject,
 }
 
-/// Which vendor's header dialect an upstream speaks (`limit_headers:`). What each dialect means
-/// is `vendor`'s knowledge; config only knows the names.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProfileKind {
-    Hubspot,
-    Salesforce,
-    Ietf,
-    XRatelimit,
-    Github,
-    Dynamics,
-    Zendesk,
-    #[default]
-    None,
-}
-
-impl ProfileKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProfileKind::Hubspot => "hubspot",
-            ProfileKind::Salesforce => "salesforce",
-            ProfileKind::Ietf => "ietf",
-            ProfileKind::XRatelimit => "x-ratelimit",
-            ProfileKind::Github => "github",
-            ProfileKind::Dynamics => "dynamics",
-            ProfileKind::Zendesk => "zendesk",
-            ProfileKind::None => "none",
-        }
-    }
-}
-
-/// How an `x-ratelimit` reset header counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ResetUnit {
-    /// Seconds from now (Pipedrive, Zendesk list endpoints).
-    #[default]
-    Seconds,
-    /// Unix epoch seconds (GitHub, Intercom).
-    Epoch,
-}
-
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {

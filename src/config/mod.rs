@@ -31,8 +31,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub use crate::vendor::{ProfileKind, ResetUnit};
 pub use batch::BatchRule;
-pub use kinds::{CredentialMode, OnFailure, OverLimit, ProfileKind, ResetUnit, ShapeKind, StoreKind, WindowKind};
+pub use kinds::{CredentialMode, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
 pub use policy::{Feedback, Limits as UpstreamLimits, Quota, ScopeKey, Window};
 pub use resilience::{BreakerSettings, RetryPolicy};
 pub use store::{Store, StoreConfig, StoreUrl};

@@ -11,8 +11,9 @@ use http::header::HeaderName;
 use http::Method;
 
 use super::file::{LimitHeadersFile, QuotaFile, RouteFile};
-use super::kinds::{OverLimit, ProfileKind, ResetUnit, ShapeKind, WindowKind};
+use super::kinds::{OverLimit, ShapeKind, WindowKind};
 use super::Problem;
+use crate::vendor::{ProfileKind, ResetUnit};
 
 /// One vendor quota, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +63,24 @@ pub enum ScopeKey {
     ProxyUser,
     /// A hash of the credential in this header, as sent upstream (after injection).
     Credential(HeaderName),
+}
+
+impl ScopeKey {
+    /// The request header this scope reads, if any. A bulk call keeps it, so the call is
+    /// charged to its callers' bucket. `proxy_user` without `clients:` reads the header itself.
+    pub fn header(&self) -> Option<HeaderName> {
+        match self {
+            ScopeKey::Header(name) | ScopeKey::Credential(name) => Some(name.clone()),
+            ScopeKey::ProxyUser => Some(http::header::PROXY_AUTHORIZATION),
+            ScopeKey::ClientIp => None,
+        }
+    }
+
+    /// Whether the scope reads the client's address: calls from different addresses are then
+    /// different buckets and never share a bulk call.
+    pub fn reads_peer(&self) -> bool {
+        matches!(self, ScopeKey::ClientIp)
+    }
 }
 
 /// A route's token cost.

@@ -64,8 +64,8 @@ use slots::Slots;
 pub const MAX_WAIT_HEADER: &str = crate::controls::MAX_WAIT_HEADER;
 
 /// The longest any vendor pause holds, on every path (a garbled header must not stop traffic
-/// for years).
-pub const MAX_PAUSE: Duration = Duration::from_secs(26 * 3600);
+/// for years): the vendor room's own bound.
+pub const MAX_PAUSE: Duration = crate::vendor::MAX_PAUSE;
 
 /// Who is asking, as far as quota scopes care.
 #[derive(Debug, Clone, Copy)]
@@ -471,7 +471,7 @@ pub struct ScopeView {
 
 /// Whether sluice acts on this upstream's responses (pauses): it has quotas or a header profile.
 pub fn watches_vendor(upstream: &Upstream) -> bool {
-    upstream.feedback.profile != crate::config::ProfileKind::None || !upstream.limits.quotas.is_empty()
+    upstream.feedback.profile != crate::vendor::ProfileKind::None || !upstream.limits.quotas.is_empty()
 }
 
 /// Microseconds until a cost-1 request would be taken without waiting.

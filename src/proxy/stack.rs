@@ -5,7 +5,7 @@
 //! ```
 //!
 //! Each layer is a small tower service with one job, and lives in the room that owns that job
-//! (`observe`, `respond`, `route`, `batch`, `retry`, `breaker`, `limit`, `vendor::feedback`,
+//! (`observe`, `respond`, `route`, `batch`, `retry`, `breaker`, `limit`, `feedback`,
 //! `upstream`); this file only puts them in order. They share nothing but request extensions
 //! (`request`: the [`Generation`] the request runs on, then its `Routed` destination). CONNECT
 //! requests leave before this stack (see `listen::connect`): they are tunnels, not requests.
@@ -16,6 +16,7 @@ use tower::ServiceBuilder;
 
 use crate::batch::{Batch, BatchLayer, Batcher};
 use crate::breaker::{BreakerGate, BreakerLayer, Breakers};
+use crate::feedback::{Feedback, FeedbackLayer, Throttles};
 use crate::limit::layer::{Limit, LimitLayer};
 use crate::limit::Limiter;
 use crate::observe::{Observe, ObserveLayer};
@@ -25,7 +26,6 @@ use crate::route::{Route, RouteLayer};
 use crate::state::{Generation, Shared};
 use crate::telemetry::Metrics;
 use crate::upstream::Forward;
-use crate::vendor::feedback::{Feedback, FeedbackLayer, Throttles};
 
 /// The whole HTTP stack for one request; cheap to clone.
 pub type HttpStack =

@@ -1,4 +1,7 @@
-//! 6. OBSERVE: what the vendor's own headers say about its quota, one module per vendor.
+//! What each vendor's own headers say about its quota, one file per vendor. A leaf: it knows
+//! header dialects, not sluice (the `feedback` room acts on what is read here), so config can
+//! name a profile and a new dialect is two files: this one (its [`ProfileKind`] name and the
+//! arms of [`observe`]) and the vendor's own.
 //!
 //! Configured quotas are guesses; these headers are the truth. Every profile turns a response
 //! (status, headers, and for a few vendors the body of an over-limit answer) into one
@@ -7,7 +10,6 @@
 //! Parsing never fails: an unparseable header is counted in `malformed` and ignored.
 
 pub mod dynamics;
-pub mod feedback;
 pub mod github;
 pub mod hubspot;
 pub mod ietf;
@@ -19,7 +21,53 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
 
-pub use crate::config::{ProfileKind, ResetUnit};
+use serde::{Deserialize, Serialize};
+
+/// Which vendor's header dialect an upstream speaks (`limit_headers:`). Defined here, beside the
+/// parsers, so a new dialect is this file and its own; config reads the name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProfileKind {
+    Hubspot,
+    Salesforce,
+    Ietf,
+    XRatelimit,
+    Github,
+    Dynamics,
+    Zendesk,
+    #[default]
+    None,
+}
+
+impl ProfileKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProfileKind::Hubspot => "hubspot",
+            ProfileKind::Salesforce => "salesforce",
+            ProfileKind::Ietf => "ietf",
+            ProfileKind::XRatelimit => "x-ratelimit",
+            ProfileKind::Github => "github",
+            ProfileKind::Dynamics => "dynamics",
+            ProfileKind::Zendesk => "zendesk",
+            ProfileKind::None => "none",
+        }
+    }
+}
+
+/// How an `x-ratelimit` reset header counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResetUnit {
+    /// Seconds from now (Pipedrive, Zendesk list endpoints).
+    #[default]
+    Seconds,
+    /// Unix epoch seconds (GitHub, Intercom).
+    Epoch,
+}
+
+/// The longest pause sluice believes from a vendor (26 h: a day's window plus slack). Anything
+/// longer is a misread or a hostile header; the hold is capped, never skipped.
+pub const MAX_PAUSE: Duration = Duration::from_secs(26 * 3600);
 
 impl ProfileKind {
     /// Whether this profile needs the body of a refused response to classify it.
@@ -153,7 +201,7 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime, malformed: &mut u32) ->
 }
 
 /// No vendor pause is trusted beyond a day and a bit: a garbled header must not stop traffic for years.
-pub const MAX_PAUSE_SECS: u64 = crate::limit::MAX_PAUSE.as_secs();
+pub const MAX_PAUSE_SECS: u64 = MAX_PAUSE.as_secs();
 
 /// A non-negative integer header; present but garbled counts as malformed.
 pub fn header_u64(headers: &HeaderMap, name: &str, malformed: &mut u32) -> Option<u64> {

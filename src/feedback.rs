@@ -1,4 +1,4 @@
-//! The Feedback layer: reads every upstream attempt's response with the upstream's header
+//! FEEDBACK: the vendor's word, acted on. The Feedback layer reads every upstream attempt's response with the upstream's header
 //! profile and acts on it, so all replicas slow down before the vendor starts refusing and hold
 //! off while it does.
 //!
@@ -28,12 +28,12 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
-use super::{observe, ThrottleClass};
 use crate::body::{self, ProxyBody};
 use crate::error::ProxyError;
 use crate::limit::{watches_vendor, Limiter, VendorScope};
 use crate::request::Routed;
 use crate::telemetry::Metrics;
+use crate::vendor::{observe, ThrottleClass};
 
 use crate::kit::BoxFuture;
 
@@ -166,8 +166,12 @@ where
                 } else {
                     (body, None)
                 };
-            let seen =
-                super::Response { status, headers: &parts.headers, body: bytes.as_deref(), now: SystemTime::now() };
+            let seen = crate::vendor::Response {
+                status,
+                headers: &parts.headers,
+                body: bytes.as_deref(),
+                now: SystemTime::now(),
+            };
             let observation = observe(feedback.profile, feedback.reset, &seen);
 
             let metrics = &layer.metrics;
