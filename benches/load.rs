@@ -33,15 +33,19 @@
 //! (`apt-get install -y nginx wrk redis-server`). Without `--bench` (as `cargo test --all-targets`
 //! runs it) it does nothing and needs none of them.
 
+#[path = "common/procs.rs"]
+mod procs;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The request every phase sends (the upstream answers any path).
+use procs::{clock_ticks, command_line, free_port, group_ticks, load_average, on_path, vm_status_kib, Service};
+
 const PATH: &str = "/crm/v3/objects/contacts?limit=1";
 /// The vendor host forward-proxy requests name.
 const VENDOR_HOST: &str = "api.hubapi.com";
@@ -500,75 +504,6 @@ fn per_request_us(cpu_seconds: f64, requests: u64) -> f64 {
 
 // ---- the processes ----
 
-/// A child process in its own process group; SIGTERM (then SIGKILL) to the group on drop.
-struct Service {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Service {
-    fn spawn(name: &str, mut command: Command, log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).unwrap();
-        command.process_group(0).stdin(Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file);
-        let child = command.spawn().unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
-        Self { name: name.to_owned(), child, log }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The process group (the child leads its own).
-    fn pgid(&self) -> i32 {
-        i32::try_from(self.child.id()).unwrap()
-    }
-
-    fn wait_for_port(&mut self, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                panic!("{} exited ({status}) before listening on {port}:\n{log}", self.name);
-            }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{} did not listen on {port} within 15 s", self.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let pgid = self.pgid();
-        signal_group(pgid, "TERM");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if !matches!(self.child.try_wait(), Ok(Some(_))) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        // nginx workers outlive a master that died hard: end whatever is left of the group.
-        if group_alive(pgid) {
-            signal_group(pgid, "KILL");
-        }
-    }
-}
-
-fn signal_group(pgid: i32, signal: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg("--")
-        .arg(format!("-{pgid}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
 fn start_nginx(dir: &Path, name: &str, conf: &str, port: u16) -> Service {
     let prefix = dir.join(format!("nginx-{name}"));
     std::fs::create_dir_all(prefix.join("logs")).unwrap();
@@ -923,42 +858,6 @@ fn cpu_of(phase: &Phase, upstream: i32) -> (u64, u64, u64) {
     (of(phase.proxy), of(Some(upstream)), of(phase.redis))
 }
 
-/// utime + stime of every process, summed by process group.
-fn group_ticks() -> BTreeMap<i32, u64> {
-    let mut groups = BTreeMap::new();
-    for (pgid, ticks) in processes() {
-        *groups.entry(pgid).or_insert(0) += ticks;
-    }
-    groups
-}
-
-fn group_alive(pgid: i32) -> bool {
-    processes().any(|(group, _)| group == pgid)
-}
-
-/// (process group, utime + stime) of every process in /proc.
-fn processes() -> impl Iterator<Item = (i32, u64)> {
-    std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|entry| {
-        entry.file_name().to_str()?.parse::<u32>().ok()?;
-        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-        // Fields after "pid (comm)": state ppid pgrp ... utime (14th) stime (15th).
-        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-        let pgid = fields.get(2)?.parse().ok()?;
-        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some((pgid, ticks))
-    })
-}
-
-fn vm_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|line| line.strip_prefix(field)?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
-}
-
-fn clock_ticks() -> u64 {
-    let output = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    String::from_utf8_lossy(&output.stdout).trim().parse().unwrap_or(100)
-}
-
 /// One request on a fresh connection: (status, body).
 fn http_get(port: u16, target: &str, host: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -1006,32 +905,6 @@ fn print_machine(settings: &Settings) {
         "sluice: {binary}, built {built}; repository at {} with {dirty} changed file(s) under src/",
         command_line("git", &["-C", repo, "rev-parse", "--short", "HEAD"])
     );
-}
-
-fn load_average() -> String {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-}
-
-fn command_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|output| {
-            let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-            text.trim().to_owned()
-        })
-        .unwrap_or_default()
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn indent(text: &str) -> String {
