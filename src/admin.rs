@@ -15,7 +15,12 @@
 //! once), a request head within `admin.header_read_timeout` (the first byte included), and
 //! every connection a tracked task. Scope values and client-named hosts are tenant data (a
 //! quota keyed by `header:x-api-key` has tokens for scope values): `/quotas` and `/breakers`
-//! show them hashed unless the caller is [`privileged`].
+//! show them hashed unless the caller is privileged: it presents the admin token, or no token is
+//! configured and the listener is on loopback (`privileged`).
+//!
+//! Errors here are [`crate::respond::Refusal`]s, the shape of every answer sluice makes itself:
+//! JSON `{"error", "upstream": null, "detail"}` and `Proxy-Status`. The room stands above
+//! `reload` (`POST /reload` calls it) and `state`, and only `app` names it.
 
 use std::convert::Infallible;
 use std::sync::Arc;

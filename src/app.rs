@@ -1,5 +1,9 @@
-//! The only room that sees all the others: loads config, binds listeners, starts the proxy, the
-//! admin API and the reload watchers, and drains them on shutdown.
+//! Wiring: takes the config `main` loaded, binds the listeners, builds the first generation,
+//! starts the limiter, the proxy, the admin API and the reload watchers, and drains them on
+//! shutdown.
+//!
+//! The top of the proxy's module graph: it names `listen`, `admin`, `reload` and `state`, and
+//! nothing names it but `main` and `webhook` (which shares [`wait_for_stop_signal`]).
 
 use std::net::SocketAddr;
 use std::path::Path;

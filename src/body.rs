@@ -2,13 +2,18 @@
 //! keep a slow client from passing its slowness on to the vendor or to other tenants.
 //!
 //! - [`Upload`] wraps a client's request body. It knows when sluice is waiting on the client
-//!   (and for how long in all), so `forward` times the vendor without the client's upload, and
-//!   it ends a body that stalls past `limits.body_read_timeout` with a typed [`UploadError`]:
-//!   the client's fault, a 408, never a breaker failure.
+//!   (and for how long in all), so `upstream::client` times the vendor without the client's
+//!   upload, and it ends a body that stalls past `limits.body_read_timeout` with a typed
+//!   [`UploadError`]: the client's fault, a 408, never a breaker failure.
 //! - [`delivering`] wraps a vendor's response body that holds a concurrency slot. The slot goes
 //!   back as soon as the vendor's last byte is handed on, and a response the client stops taking
 //!   is abandoned after `limits.response_idle_timeout`: slot released, vendor body dropped, the
 //!   client's HTTP/1 connection closed.
+//! - [`collect_upload`] is the one bounded collect of a client's body (Retry and Batch buffer
+//!   with it).
+//!
+//! Low in the module graph: it names only `error` (an upload failure is an `ErrorKind`), so
+//! every layer, the listener and the admin API can share the body type.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

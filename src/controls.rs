@@ -1,7 +1,9 @@
 //! The caller's own controls over its request (`Sluice-Deadline`, `Sluice-Max-Wait`,
 //! `Sluice-Batch`), read once, in the Route step, into one typed value in the request's
 //! extensions. Later layers read [`RequestControls`], never the headers, so there is exactly one
-//! parser of what a client sends here, and it is the one that is fuzzed.
+//! parser of what a client sends here, and it is the one that is fuzzed. A leaf: it imports
+//! nothing from sluice, so `route` parses the controls and `retry`, `limit` and `batch` read them
+//! without naming each other.
 //!
 //! The numbers are a client's word, so they are clamped before any arithmetic: a wait or a
 //! deadline is at most [`MAX_CONTROL`] (24 h) from now, every instant is computed with

@@ -2,7 +2,13 @@
 //!
 //! Every failure on the request path becomes a [`ProxyError`]: a bounded [`ErrorKind`] (which
 //! decides status, `Proxy-Status` error type and metric label) plus the upstream involved and a
-//! human detail. Only `respond` turns it into HTTP, so all synthetic responses look alike.
+//! human detail. The kind says whose failure it is ([`Source`]: the client's, sluice's or the
+//! vendor's), and retry ([`ProxyError::retryable`]), the breaker
+//! ([`ProxyError::is_vendor_failure`]) and the status class all read that one tag, so they
+//! cannot disagree. Only `respond` turns an error into HTTP, so all synthetic responses look
+//! alike.
+//!
+//! A leaf: it imports nothing from sluice, so every room can return it.
 
 use std::error::Error as StdError;
 use std::sync::Arc;

@@ -1,6 +1,6 @@
-//! FEEDBACK: the vendor's word, acted on. The Feedback layer reads every upstream attempt's response with the upstream's header
-//! profile and acts on it, so all replicas slow down before the vendor starts refusing and hold
-//! off while it does.
+//! FEEDBACK: the vendor's word, acted on. The Feedback layer reads every upstream attempt's
+//! response with the upstream's header profile and acts on it, so all replicas slow down before
+//! the vendor starts refusing and hold off while it does.
 //!
 //! - the vendor's remaining quota is exported (`sluice_vendor_remaining`);
 //! - a limit lower than configured becomes the effective limit (and lifts when the vendor says so);
@@ -16,7 +16,10 @@
 //! - a 5xx is the breaker's business, not a throttle: only with Retry-After does it also pause
 //!   the scope, marked as an outage so callers refused meanwhile get 503, never 429.
 //!
-//! Every pause is capped at 26 h.
+//! Every pause is capped at 26 h (`vendor::MAX_PAUSE`).
+//!
+//! The room stands above `vendor` (whose parsers it runs) and `limit` (through which it records
+//! pauses, follows lower limits and adopts the vendor's figures); the limiter never names it.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};

@@ -1,26 +1,37 @@
 //! sluice: a rate-limit-aware egress proxy sidecar for CRM vendor APIs.
 //!
 //! # Layout
-//! The modules form rooms whose imports only run downhill (`tests/module_graph.rs` checks it);
-//! `ARCHITECTURE.md` has the map. From the leaves up:
+//! Each module is a room with one job, and imports run downhill only: a room names the rooms
+//! below it, never one above, so the module graph has no cycle (`tests/module_graph.rs` checks
+//! it). Where a lower room needs something of a higher one, it states the need as a trait
+//! (`route::RouteContext`, `upstream::Upstreams`, `limit::layer::LimitContext`) that the higher
+//! one implements. `ARCHITECTURE.md` has the map and says which files a change touches. From the
+//! leaves up:
 //!
-//! - leaves: [`vendor`] (what each vendor's rate-limit headers mean; below config, which names
-//!   its profiles), [`config`] (the YAML file, validation, the validated types), [`error`] (every
-//!   failure on the request path, one bounded kind), [`controls`] and [`request`] (what a request
-//!   carries between layers), [`body`], [`kit`] (small shared tools), [`telemetry`] (logs,
-//!   metrics), [`tls`], [`security`];
-//! - the rooms of the journey, each owning its layer, in the order a request meets them:
+//! - leaves, importing nothing from sluice: [`vendor`] (what each vendor's rate-limit headers
+//!   mean, and the names of its profiles), [`error`] (every failure on the request path, one
+//!   bounded kind, and whose it is), [`controls`] (the caller's `Sluice-*` headers), [`kit`]
+//!   (small shared tools), [`telemetry`] (logs, metrics);
+//! - [`config`]: the YAML file, validation, the validated types (it names `vendor`'s profiles);
+//! - what a request carries and the tools both sides use: [`request`] (the extension types
+//!   layers pass on), [`body`], [`tls`], [`security`];
+//! - the rooms of the journey, each owning its layer; in the order a request meets them:
 //!   [`observe`] (request ids, one log line, metrics), [`respond`] (the one place errors become
 //!   responses), [`route`] (identity, destination, credentials), [`batch`] (single calls folded
-//!   into bulk calls), [`retry`], [`breaker`], [`limit`] (quotas), [`feedback`] (acting on the vendor's
-//!   rate-limit signals), [`upstream`] (the pooled client to the vendor);
+//!   into bulk calls), [`retry`], [`breaker`], [`limit`] (quotas), [`feedback`] (acting on the
+//!   vendor's rate-limit signals), [`upstream`] (the pooled client to the vendor). Among
+//!   themselves they import downhill too: `retry` and `limit` read `breaker`, `feedback` and
+//!   `respond` read `limit`, `observe` and `batch` read `upstream`'s header hygiene;
 //! - [`state`]: the current generation (one config and what is built from it), swapped whole on
 //!   reload, and what outlives reloads;
-//! - [`proxy`]: `proxy::stack` puts the layers in their order;
-//! - [`listen`]: accepting connections, serving one (its hyper service), CONNECT and tunnels;
+//! - [`proxy`]: `proxy::stack` puts the layers in their order over a generation;
+//! - [`listen`]: accepting connections, serving one with the stack it is given (its hyper
+//!   service), CONNECT and tunnels, connection accounting;
 //! - [`reload`]: turning SIGHUP, `POST /reload` and file changes into a new generation;
-//! - [`admin`]: the SRE's door; [`webhook`]: Kubernetes injection;
-//! - [`app`]: wiring, start-up and graceful shutdown.
+//! - [`admin`]: the SRE's door;
+//! - [`app`]: wiring, start-up and graceful shutdown;
+//! - [`webhook`]: Kubernetes injection (`sluice inject`), a server of its own that shares
+//!   `app`'s stop signal.
 
 pub mod body;
 pub mod config;

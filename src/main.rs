@@ -1,4 +1,8 @@
-//! The `sluice` command: `run`, `check`, and `ca init`.
+//! The `sluice` command: `run`, `check`, `inject` and `ca init`, a thin CLI over the library.
+//!
+//! `run` reads and validates the config once (`config::Loaded`), before the runtime exists,
+//! because `runtime.worker_threads` decides the runtime's kind; `app` then runs on that same
+//! reading of the file. `inject` is `webhook`'s.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

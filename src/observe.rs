@@ -2,6 +2,9 @@
 //! anything can log, a tracing span with its trace id, and a place in the in-flight gauge; every
 //! final response, sluice's own included, is counted, timed and logged once, with the vendor's
 //! own request id next to sluice's.
+//!
+//! It stands above `upstream`, whose `headers` makes and reads request ids, and below
+//! `proxy::stack`, which puts it outermost.
 
 use std::convert::Infallible;
 use std::sync::Arc;

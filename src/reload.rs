@@ -5,6 +5,9 @@
 //!
 //! The watcher watches the config file's directory, not the file: a Kubernetes ConfigMap update
 //! swaps the `..data` symlink, which replaces the file without ever writing to it.
+//!
+//! It stands above `config` and `state` (it builds a `Generation` and publishes it into
+//! `Shared`), and below `admin` (`POST /reload`) and `app` (the watchers).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};

@@ -1,5 +1,6 @@
 //! What a request carries between the layers of its journey, as request (and response)
-//! extensions. A leaf: every layer reads these without depending on the layer that wrote them.
+//! extensions. Low in the module graph (it names only `config::Upstream` and `controls`), so
+//! every layer reads these without depending on the layer that wrote them.
 //!
 //! In order of the journey: the connection puts [`Via`] (and the peer address, the client
 //! identity and the generation) on every request; Route adds [`Routed`] and the parsed

@@ -1,9 +1,14 @@
-//! RESPOND: the one place a [`ProxyError`] becomes an HTTP response (the Respond layer, and
-//! [`synthesize`] for CONNECT answers and hyper's own parse errors).
+//! RESPOND: the one place a [`ProxyError`] becomes an HTTP response: the Respond layer and
+//! CONNECT's answers through [`synthesize`], hyper's own parse errors through [`render_http1`]
+//! (written by `listen::guard_io`).
 //!
 //! Every response sluice makes itself carries `Proxy-Status` (RFC 9209) naming sluice and the
 //! error type, and a JSON body `{"error", "upstream", "detail"}`, so a client (or an SRE with
-//! curl) can always tell a vendor's answer from sluice's.
+//! curl) can always tell a vendor's answer from sluice's. [`Refusal`] is that shape on its own;
+//! the admin listener renders its errors with it, so they look the same.
+//!
+//! It stands above `error` and `limit` (whose `headers::retry_after` writes `Retry-After`), and
+//! below the rooms that answer: `proxy::stack`, `listen`, `admin` and `webhook`.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -1,9 +1,13 @@
-//! Safe retries: only requests that can be repeated (idempotent methods, or an `Idempotency-Key`),
-//! only for failures a second try can fix (connect errors, 429, 502, 503, 504), with exponential
-//! backoff and full jitter, honouring `Retry-After`, never past the request's deadline, never into
-//! an open breaker, and never more than the retry budget allows, so retries can't multiply an
-//! outage. Each attempt goes back through the breaker and the limiter: a retry takes a quota token
-//! like any request, and one after a 429 waits out the vendor's pause.
+//! RETRY, safe retries: only requests that can be repeated (idempotent methods, or an
+//! `Idempotency-Key`), only for failures a second try can fix (connect errors, as
+//! `ProxyError::retryable` says, and 429, 502, 503, 504), with exponential backoff and full
+//! jitter (`kit::full_jitter`), honouring `Retry-After`, never past the request's deadline, never
+//! into an open breaker, and never more than the retry budget allows, so retries can't multiply
+//! an outage. Each attempt goes back through the breaker and the limiter: a retry takes a quota
+//! token like any request, and one after a 429 waits out the vendor's pause.
+//!
+//! The room stands above `breaker`, which it asks before every retry, and `vendor`
+//! (`Retry-After`); only `proxy::stack` and `state` (the budgets) name it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,13 @@
 //! A request loads the current generation once and keeps that `Arc` to the end, so a reload never
 //! changes the rules under a request in flight. Building a generation reuses what did not change
 //! (upstream connection pools, the CA and its leaf cache), so a reload is cheap and keeps
-//! warm connections.
+//! warm connections. [`Generation::build`] is the resolve phase of loading a config: it reads
+//! what the file names outside itself and reports every problem at once.
+//!
+//! It stands above every room of the journey: it builds what they need, and [`Generation`]
+//! implements the traits they state their needs in (`route::RouteContext`, `upstream::Upstreams`,
+//! `limit::layer::LimitContext`), so none of them names `state`. `proxy::stack`, `listen`,
+//! `reload`, `admin` and `app` stand above it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -16,7 +16,11 @@
 //! leaves its mates unharmed.
 //!
 //! What a vendor's bulk endpoint looks like is not known here: each format is a [`BulkFormat`]
-//! in its own file, listed in [`FORMATS`].
+//! in its own file, listed in [`FORMATS`], so a new format is that file and its line there.
+//!
+//! The room stands above `upstream` (the hop-by-hop list), `security` (the caller's identity) and
+//! `vendor` (a bulk throttle's `Retry-After`); `state` asks [`check`] about the rules when it
+//! builds a generation.
 
 pub mod format;
 pub mod hubspot;

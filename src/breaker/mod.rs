@@ -8,6 +8,9 @@
 //! request spends no quota token; requests already queued in the limiter watch the breaker and
 //! are answered the moment it opens. Outcomes are recorded per upstream attempt; failures the
 //! client caused (see `ProxyError::is_vendor_failure`) are not the vendor's and are not counted.
+//!
+//! The lowest of the journey's rooms: it reads only leaves, `config` and `request`, so `retry`
+//! and `limit`, which both watch it, can name it.
 
 pub mod state;
 

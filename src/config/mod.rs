@@ -1,4 +1,4 @@
-//! Configuration: the YAML file, its validation, and live reload.
+//! Configuration: the YAML file, its validation, and the validated types every room reads.
 //!
 //! Loading runs in three phases. **Parse** (`file`) reads the YAML into a serde mirror that
 //! denies unknown keys. **Validate** (`validate` and the section modules) turns it into a
@@ -9,10 +9,13 @@
 //! `locate` finds the line each key sits on.
 //!
 //! A [`Config`] is immutable and comes in two parts: [`ProcessConfig`], fixed at start (a reload
-//! keeps it as it runs), and [`LiveConfig`], which a reload replaces whole (see `reload`).
-//! `config` is the leaf of the module graph: the rooms that apply a section's settings read its
-//! validated type, and config imports nothing else from sluice (but for `reload`, which drives
-//! `state` and belongs above it).
+//! keeps it as it runs), and [`LiveConfig`], which a reload replaces whole (see the `reload`
+//! room). [`Loaded`] is a file read and validated once, which `main` hands to `app`.
+//!
+//! `config` stands just above `vendor`, whose [`ProfileKind`] and [`ResetUnit`] it names, and
+//! imports nothing else from sluice: the rooms that apply a section's settings read its validated
+//! type. Inside it, `kinds` (the closed vocabularies) is the leaf that the file model, validation
+//! and those rooms all name.
 
 mod batch;
 mod file;

@@ -4,19 +4,25 @@
 //! The rooms, leaf first:
 //! - the maths, pure: `decide` (one decision over all quotas), with one shape per file:
 //!   `rolling` (the default, the vendor's rolling window), `gcra` (`shape: smooth`) and `window`
-//!   (fixed calendar windows); `quota.lua` + `decide.lua` mirror it for Redis;
+//!   (fixed calendar windows), over the units of `measure`; `quota.lua` + `decide.lua` mirror it
+//!   for Redis;
 //! - `clock`: the one source of time (wall time follows tokio's, so tests run on paused time);
+//! - `store`: what any store is asked ([`QuotaStore`](store::QuotaStore)), kept by `memory`
+//!   (this process) and `redis` (every replica), with `lease` for busy scopes;
 //! - `keys`: how buckets and pauses are named; `scope`: which bucket a request draws from;
 //!   `books`: the per-quota scope tables and counters; `slots`: the `max_concurrency` semaphores;
 //!   `announced`: limits the vendor said are lower than configured;
-//! - `store`: what any store is asked ([`QuotaStore`](store::QuotaStore)), kept by `memory`
-//!   (this process) and `redis` (every replica), with `lease` for busy scopes;
 //! - `fallback`: Redis and what to do while it is away (`on_failure`, the probe that heals the
 //!   connection, the local shares and folding them back in);
-//! - `admit`: the admission loop; `headers`: what the caller is told; `layer`: the Limit layer.
+//! - `headers`: what the caller is told; `admit`: the admission loop; `layer`: the Limit layer.
 //!
 //! [`Limiter`] ties them together for the Limit layer and the Feedback layer (which records vendor
 //! pauses and adopts the vendor's figures through it).
+//!
+//! The room stands above `breaker` (queued requests watch it), `security` (the proxy user of a
+//! scope) and `vendor` ([`MAX_PAUSE`]); `feedback` and `respond` (`headers::retry_after`) stand
+//! above it. The Limit layer reads the generation through
+//! [`LimitContext`](layer::LimitContext), so the room never names `state`.
 
 pub mod admit;
 pub mod announced;

@@ -1,7 +1,11 @@
 //! ACCEPT, the first step: the proxy listener's accept loop, the serving of one client
 //! connection (its hyper service, `service`; its clocks, here; hyper's own error heads,
-//! `guard_io`) and CONNECT (`connect`). A connection serves the stack it is given, so a second
-//! listener with a stack of its own is a small change.
+//! `guard_io`; who it is and the caps it counts against, `accounting`) and CONNECT (`connect`).
+//! [`serve_http`] serves the stack it is given, so a second listener with a stack of its own is
+//! a small change.
+//!
+//! It stands above `proxy::stack` (each connection gets a stack from [`Server::stack`]) and
+//! `state`, and below `app`, which binds the listener and spawns [`serve_proxy`].
 //!
 //! The listener is bound by the caller and handed in (tests bind port 0). A semaphore caps open
 //! connections: past the cap, accept waits and the kernel backlog absorbs the burst instead of

@@ -9,6 +9,8 @@
 //! `upstream`); this file only puts them in order. They share nothing but request extensions
 //! (`request`: the [`Generation`] the request runs on, then its `Routed` destination). CONNECT
 //! requests leave before this stack (see `listen::connect`): they are tunnels, not requests.
+//! What the layers share across requests and reloads comes from `state::Shared`
+//! ([`StackParts::of`]).
 
 use std::sync::Arc;
 

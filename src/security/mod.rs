@@ -1,6 +1,10 @@
 //! Who may use sluice and where it may go: the egress guard (no private or metadata addresses
 //! unless configured), proxy client identity (`clients:`), and credentials sluice injects so
 //! application pods never hold the CRM secret. See SECURITY.md for the threat model.
+//! [`secrets_equal`] is the one constant-time comparison of secrets.
+//!
+//! Low in the module graph (it reads only `config`, `error` and `kit`), so the rooms that enforce
+//! it (`route`, `limit`, `upstream`, `listen`, `admin`) all read the same rules.
 
 pub mod clients;
 pub mod credentials;

@@ -1,5 +1,7 @@
 //! Logs and metrics. Logs go through `tracing` (filter from `SLUICE_LOG`, format from
 //! `SLUICE_LOG_FORMAT`); metrics are registered once in [`Metrics`] and passed down by `Arc`.
+//!
+//! A leaf: it imports nothing from sluice, so every room can count and log.
 
 pub mod metrics;
 

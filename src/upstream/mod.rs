@@ -4,7 +4,8 @@
 //! caller can act on), header hygiene on both sides (`headers`), and the Forward service.
 //!
 //! The service finds the upstream's client in the generation the request runs on, through
-//! [`Upstreams`], so this room needs nothing from the rooms above it.
+//! [`Upstreams`], so this room needs nothing from the rooms above it: it reads `security` (the
+//! egress guard) and `tls`, and `observe` and `batch` read its `headers`.
 
 pub mod client;
 pub mod headers;

@@ -1,7 +1,8 @@
 //! What each vendor's own headers say about its quota, one file per vendor. A leaf: it knows
 //! header dialects, not sluice (the `feedback` room acts on what is read here), so config can
-//! name a profile and a new dialect is two files: this one (its [`ProfileKind`] name and the
-//! arms of [`observe`]) and the vendor's own.
+//! name a profile and a new dialect is two files: this one (its `pub mod` line, its
+//! [`ProfileKind`] variant with its `as_str` arm, a `wants_error_body` arm if it reads a refused
+//! body, and its arm of [`observe`]) and the vendor's own.
 //!
 //! Configured quotas are guesses; these headers are the truth. Every profile turns a response
 //! (status, headers, and for a few vendors the body of an over-limit answer) into one

@@ -19,6 +19,10 @@
 //!
 //! Every flag also reads an environment variable, `SLUICE_INJECT_<FLAG>` (e.g.
 //! `SLUICE_INJECT_SIDECAR_MODE`); `sluice inject --help` lists them with their defaults.
+//!
+//! A server of its own, beside the proxy: it shares `body`, `respond`'s JSON answers, `tls` and
+//! `telemetry`, and `app`'s stop signal (`app::wait_for_stop_signal`), so it stands above `app`;
+//! only `main` names it.
 
 pub mod inject;
 pub mod review;
