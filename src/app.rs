@@ -3,7 +3,7 @@
 //! shutdown.
 //!
 //! The top of the proxy's module graph: it names `listen`, `admin`, `reload` and `state`, and
-//! nothing names it but `main` and `webhook` (which shares [`wait_for_stop_signal`]).
+//! nothing names it but `main`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -127,23 +127,9 @@ impl Running {
 /// `sluice run`: start, then drain on SIGTERM or SIGINT.
 pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     let running = start_loaded(loaded).await?;
-    wait_for_stop_signal().await;
+    crate::kit::wait_for_stop_signal().await;
     running.shutdown().await;
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT (never, if neither can be listened for).
-pub async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::warn!("Cannot listen for SIGTERM/SIGINT; running until killed.");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received."),
-        _ = int.recv() => tracing::info!("SIGINT received."),
-    }
 }
 
 /// What `check` says about CONNECTs to upstreams that are not intercepted: refused because a

@@ -1,5 +1,5 @@
 //! Small tools several rooms share, each with one home so a fix lands once: the boxed future
-//! every layer returns, lock recovery, jittered backoff and Unix time. A leaf: it knows nothing
+//! every layer returns, lock recovery, jittered backoff, Unix time and the stop signal. A leaf: it knows nothing
 //! of sluice's own types.
 
 use std::future::Future;
@@ -41,6 +41,20 @@ pub fn unix_seconds(at: SystemTime) -> u64 {
 /// `at` as fractional seconds since the Unix epoch (0 before it), for gauges.
 pub fn unix_seconds_f64(at: SystemTime) -> f64 {
     at.duration_since(UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64())
+}
+
+/// Resolves on SIGTERM or SIGINT (never, if neither can be listened for).
+pub async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::warn!("Cannot listen for SIGTERM/SIGINT; running until killed.");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received."),
+        _ = int.recv() => tracing::info!("SIGINT received."),
+    }
 }
 
 #[cfg(test)]

@@ -21,8 +21,7 @@
 //! `SLUICE_INJECT_SIDECAR_MODE`); `sluice inject --help` lists them with their defaults.
 //!
 //! A server of its own, beside the proxy: it shares `body`, `respond`'s JSON answers, `tls` and
-//! `telemetry`, and `app`'s stop signal (`app::wait_for_stop_signal`), so it stands above `app`;
-//! only `main` names it.
+//! `telemetry`, and the stop signal (`kit::wait_for_stop_signal`); only `main` names it.
 
 pub mod inject;
 pub mod review;
@@ -223,7 +222,7 @@ async fn run(args: InjectArgs) -> Result<(), WebhookError> {
         TcpListener::bind(args.listen).await.map_err(|source| WebhookError::Bind { addr: args.listen, source })?;
     let tls = TlsFiles { cert: args.cert.clone(), key: args.key.clone() };
     let running = start(listener, tls, args.settings())?;
-    crate::app::wait_for_stop_signal().await;
+    crate::kit::wait_for_stop_signal().await;
     tracing::info!(delay = %humantime::format_duration(args.shutdown_delay), "Stopping after the shutdown delay.");
     tokio::time::sleep(args.shutdown_delay).await;
     running.shutdown().await;
