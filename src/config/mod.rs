@@ -34,7 +34,9 @@ pub use batch::BatchRule;
 pub use policy::{Feedback, Limits as UpstreamLimits, OverLimit, ProfileKind, Quota, ResetUnit, ScopeKey, Window};
 pub use resilience::{BreakerSettings, RetryPolicy};
 pub use store::{OnFailure, Store, StoreConfig, StoreKind, StoreUrl};
-pub use upstream::{CredentialMode, Credentials, HostPattern, Scheme, SecretSource, Target, Upstream};
+pub use upstream::{
+    check_probe_path, CredentialMode, Credentials, HostPattern, Scheme, SecretSource, Target, Upstream,
+};
 pub use validate::{AdminSettings, AdminToken, ClientSecret, ClientSettings, ConnectionLimits, Intercept, Listen};
 
 /// A validated configuration: what the proxy runs on.
