@@ -17,7 +17,8 @@
 //! - [`proxy`]: `proxy::stack` puts the layers in their order;
 //! - [`listen`]: accepting connections, serving one (its hyper service), CONNECT and tunnels;
 //! - [`reload`]: turning SIGHUP, `POST /reload` and file changes into a new generation;
-//! - [`admin`]: the SRE's door; [`webhook`]: Kubernetes injection;
+//! - [`admin`]: the SRE's door; [`webhook`]: Kubernetes injection; [`probe`]: `sluice probe`,
+//!   which finds a vendor's real limits through the upstream's client and writes the quotas;
 //! - [`app`]: wiring, start-up and graceful shutdown.
 
 pub mod body;
@@ -42,6 +43,7 @@ pub mod vendor;
 pub mod admin;
 pub mod app;
 pub mod listen;
+pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod state;
