@@ -501,7 +501,7 @@ fn window_of(
                     .iter()
                     .rev()
                     .find(|(at, p)| {
-                        *at < over && p.accepted && limit.is_some_and(|l| p.window.remaining == Some(l - 1))
+                        *at < over && p.accepted && limit.is_some_and(|l| l > 0 && p.window.remaining == Some(l - 1))
                     })
                     .map_or(Duration::ZERO, |(_, p)| p.sent),
                 _ => refused_at.saturating_sub(length),

@@ -30,6 +30,7 @@ use http::{Method, StatusCode};
 
 use crate::config::{ConfigError, Loaded};
 use crate::error::{ErrorKind, ProxyError};
+use ramp::Progress as _;
 
 /// `sluice probe`'s arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -188,7 +189,6 @@ pub async fn probe(args: ProbeArgs) -> Result<u8, ProbeError> {
     }
     let transport = Arc::new(send::UpstreamTransport::new(&loaded, index, &path, method.clone())?);
     let mut progress = Stderr;
-    use ramp::Progress as _;
     if !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS) {
         progress.line(&format!(
             "warning: {method} is not a safe method: each of up to {} requests may change data at the vendor",

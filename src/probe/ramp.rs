@@ -144,7 +144,9 @@ fn step_shape(rate: f64) -> (u64, Duration) {
         // At most 2^60 by `step_rate`; a step is one second.
         (rate.floor() as u64, STEP)
     } else {
-        (1, Duration::from_secs_f64((1.0 / rate).min(3600.0)))
+        // One request per step, a step at most an hour long (and a rate of 0 or less is one an hour).
+        let seconds = if rate > 0.0 { (1.0 / rate).min(3600.0) } else { 3600.0 };
+        (1, Duration::from_secs_f64(seconds))
     }
 }
 
@@ -544,6 +546,8 @@ mod tests {
         assert_eq!(step_rate(3, Some(3.0)), (3.0, true));
         assert_eq!(step_rate(1, Some(0.5)), (0.5, true));
         assert_eq!(step_shape(0.5), (1, Duration::from_secs(2)));
+        assert_eq!(step_shape(0.0), (1, Duration::from_secs(3600)));
+        assert_eq!(step_shape(-1.0), (1, Duration::from_secs(3600)));
         assert_eq!(step_rate(200, None).0, 2f64.powi(60), "bounded");
     }
 }
