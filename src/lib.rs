@@ -28,10 +28,11 @@
 //! - [`listen`]: accepting connections, serving one with the stack it is given (its hyper
 //!   service), CONNECT and tunnels, connection accounting;
 //! - [`reload`]: turning SIGHUP, `POST /reload` and file changes into a new generation;
-//! - [`admin`]: the SRE's door;
+//! - [`admin`]: the SRE's door; [`probe`]: `sluice probe`, which finds a vendor's real limits
+//!   through the upstream's client and writes the quotas;
 //! - [`app`]: wiring, start-up and graceful shutdown;
 //! - [`webhook`]: Kubernetes injection (`sluice inject`), a server of its own that shares
-//!   `app`'s stop signal.
+//!   `kit`'s stop signal.
 
 pub mod body;
 pub mod config;
@@ -57,6 +58,7 @@ pub mod upstream;
 pub mod admin;
 pub mod app;
 pub mod listen;
+pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod state;

@@ -1,4 +1,4 @@
-//! The `sluice` command: `run`, `check`, `inject` and `ca init`, a thin CLI over the library.
+//! The `sluice` command: `run`, `check`, `probe`, `inject` and `ca init`, a thin CLI over the library.
 //!
 //! `run` reads and validates the config once (`config::Loaded`), before the runtime exists,
 //! because `runtime.worker_threads` decides the runtime's kind; `app` then runs on that same
@@ -36,6 +36,10 @@ enum Command {
         #[arg(short, long, env = "SLUICE_CONFIG")]
         config: PathBuf,
     },
+    /// Find an upstream's real rate limits by ramping safe requests until it refuses, and write
+    /// the quotas for them. Exits 0 when it found the limit, 3 when the budget ran out first, 4
+    /// when --max-rate or --duration ended it first, 1 on an error.
+    Probe(Box<sluice::probe::ProbeArgs>),
     /// Serve the Kubernetes admission webhook that injects the sluice sidecar into pods.
     Inject(Box<sluice::webhook::InjectArgs>),
     /// Manage the interception CA.
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Ca { command: CaCommand::Init { out, force } } => ca_init(&out, force),
+        Command::Probe(args) => sluice::probe::main(*args),
         Command::Inject(args) => sluice::webhook::main(*args),
     }
 }

@@ -296,6 +296,10 @@ pub struct UpstreamFile {
     /// A credential sluice adds to every request to this upstream.
     #[serde(default)]
     pub credentials: Option<CredentialsFile>,
+    /// The path (and query) `sluice probe` sends its safe requests to, when `--path` is not given:
+    /// a cheap read this account may make, such as `/crm/v3/objects/contacts?limit=1`.
+    #[serde(default)]
+    pub probe_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]

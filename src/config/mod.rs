@@ -40,7 +40,7 @@ pub use kinds::{CredentialMode, OnFailure, OverLimit, ShapeKind, StoreKind, Wind
 pub use policy::{Feedback, Limits as UpstreamLimits, Quota, ScopeKey, Window};
 pub use resilience::{BreakerSettings, RetryPolicy};
 pub use store::{Store, StoreConfig, StoreUrl};
-pub use upstream::{Credentials, HostPattern, Scheme, SecretSource, Target, Upstream};
+pub use upstream::{check_probe_path, Credentials, HostPattern, Scheme, SecretSource, Target, Upstream};
 pub use validate::{AdminSettings, AdminToken, ClientSecret, ClientSettings, ConnectionLimits, Intercept, Listen};
 
 /// A validated configuration: what the proxy runs on.

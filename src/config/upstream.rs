@@ -43,6 +43,8 @@ pub struct Upstream {
     pub breaker: Option<BreakerSettings>,
     pub batch: Vec<BatchRule>,
     pub credentials: Option<Credentials>,
+    /// Where `sluice probe` sends its requests unless told otherwise (`/path?query`).
+    pub probe_path: Option<String>,
 }
 
 /// A credential sluice sets on every request to an upstream.
@@ -237,6 +239,9 @@ pub(super) fn validate_upstream(
         }
     }
     let breaker = raw.breaker.as_ref().map(|breaker| validate_breaker(breaker, &format!("{key}.breaker"), problems));
+    if let Some(Err(message)) = raw.probe_path.as_deref().map(check_probe_path) {
+        problems.push(Problem::new(format!("{key}.probe_path"), message));
+    }
     if problems.len() > before {
         return None;
     }
@@ -266,7 +271,25 @@ pub(super) fn validate_upstream(
         breaker,
         batch,
         credentials,
+        probe_path: raw.probe_path.clone(),
     })
+}
+
+/// Whether `path` is one `sluice probe` may send to: an origin-form path with an optional query
+/// (`/crm/v3/objects/contacts?limit=1`), at most 2048 bytes, no fragment, no spaces or controls.
+pub fn check_probe_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.starts_with("//") {
+        return Err(format!(
+            "`{path}` must be a path starting with a single / (like /crm/v3/objects/contacts?limit=1)"
+        ));
+    }
+    if path.len() > 2048 {
+        return Err("must be at most 2048 bytes".into());
+    }
+    if path.contains('#') || path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return Err(format!("`{path}` must not contain #, spaces or control characters"));
+    }
+    http::uri::PathAndQuery::try_from(path).map(drop).map_err(|_| format!("`{path}` is not a valid request path"))
 }
 
 /// Where an upstream's traffic comes from and goes to.
@@ -491,6 +514,18 @@ mod tests {
             None,
             "retries and breakers are not limits a tunnel dodges"
         );
+    }
+
+    #[test]
+    fn probe_paths() {
+        let config =
+            load("{ name: hs, hosts: [api.hubapi.com], probe_path: '/crm/v3/objects/contacts?limit=1' }").unwrap();
+        assert_eq!(config.live.upstreams[0].probe_path.as_deref(), Some("/crm/v3/objects/contacts?limit=1"));
+        assert_eq!(load("{ name: hs, hosts: [api.hubapi.com] }").unwrap().live.upstreams[0].probe_path, None);
+        for bad in ["crm/v3", "//evil.example/x", "/a b", "/a#frag", "/a\\tb", "/a\\ab"] {
+            let error = load(&format!("{{ name: hs, hosts: [api.hubapi.com], probe_path: \"{bad}\" }}")).unwrap_err();
+            assert!(error.contains("upstreams[0].probe_path"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -82,6 +82,32 @@ impl ProfileKind {
     }
 }
 
+/// The response fields the profiles read, by exact (lower-case) name...
+const RATE_LIMIT_FIELDS: &[&str] =
+    &["retry-after", "ratelimit", "ratelimit-policy", "sforce-limit-info", "x-rate-limit", "x-rate-limit-remaining"];
+/// ...and by prefix.
+const RATE_LIMIT_PREFIXES: &[&str] =
+    &["x-hubspot-ratelimit-", "ratelimit-", "x-ratelimit-", "x-ms-ratelimit-", "zendesk-ratelimit-"];
+
+/// Whether some profile reads the response field `name` (lower-case, as `http` keeps names):
+/// what `sluice probe` records of every answer.
+pub fn is_rate_limit_field(name: &str) -> bool {
+    RATE_LIMIT_FIELDS.contains(&name) || RATE_LIMIT_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+}
+
+/// Every profile that reads headers, most specific first: where two read the same fields
+/// (`ietf` and `zendesk` the `ratelimit-*` triple, `x-ratelimit` and `github` the
+/// `x-ratelimit-*` one), the earlier is the likelier reading.
+pub const PROFILES: [ProfileKind; 7] = [
+    ProfileKind::Hubspot,
+    ProfileKind::Salesforce,
+    ProfileKind::Dynamics,
+    ProfileKind::Ietf,
+    ProfileKind::Zendesk,
+    ProfileKind::XRatelimit,
+    ProfileKind::Github,
+];
+
 /// A response as a profile sees it.
 pub struct Response<'a> {
     pub status: StatusCode,
@@ -261,6 +287,29 @@ mod tests {
             map.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
         }
         map
+    }
+
+    #[test]
+    fn rate_limit_fields_cover_what_the_profiles_read() {
+        for name in [
+            "retry-after",
+            "x-hubspot-ratelimit-daily-remaining",
+            "sforce-limit-info",
+            "ratelimit",
+            "ratelimit-policy",
+            "ratelimit-reset",
+            "x-ratelimit-reset",
+            "x-ratelimit-resource",
+            "x-ms-ratelimit-burst-remaining-xrm-requests",
+            "x-rate-limit",
+            "x-rate-limit-remaining",
+            "zendesk-ratelimit-tickets-index",
+        ] {
+            assert!(is_rate_limit_field(name), "{name}");
+        }
+        for name in ["content-type", "set-cookie", "authorization", "x-request-id"] {
+            assert!(!is_rate_limit_field(name), "{name}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod bulk;
 pub mod cluster;
 pub mod curl;
+pub mod dialects;
 pub mod mock_crm;
 pub mod mtls;
 pub mod process;
