@@ -9,18 +9,8 @@ mod support;
 use std::time::Duration;
 
 use support::process::run_sluice;
-use support::raw_http::{exchange, RawResponse};
+use support::security::{raw, sha256_hex};
 use support::{direct_client, MockCrm, TestSluice};
-
-async fn raw(sluice: &TestSluice, request: &str) -> RawResponse {
-    exchange(sluice.running().proxy_addr, request.as_bytes())
-        .await
-        .unwrap_or_else(|error| panic!("no answer to {request:?}: {error:?}"))
-}
-
-fn sha256_hex(text: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
 
 // === M11: route costs ===
 

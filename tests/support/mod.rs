@@ -12,6 +12,7 @@ pub mod process;
 pub mod raw_http;
 pub mod redis;
 pub mod relay;
+pub mod security;
 pub mod sni;
 pub mod streaming;
 pub mod vendor;
