@@ -12,13 +12,17 @@
 //!
 //! 1. idle: RSS after start and one request;
 //! 2. 10,000 client connections, each sends one request and stays open (keep-alive);
-//! 3. those closed; 1,000 CONNECT tunnels, each intercepted (TLS with the minted leaf), one
+//! 3. a fresh process: 1,000 CONNECT tunnels, each intercepted (TLS with the minted leaf), one
 //!    request inside, then held open;
-//! 4. those closed; 100,000 requests, each with its own `x-tenant-id`, over 32 connections.
+//! 4. a fresh process: 100,000 requests, each with its own `x-tenant-id`, over 32 connections.
+//!
+//! Each scenario after the first starts a new sluice, because the allocator hands freed pages
+//! back lazily: what one scenario freed would hide inside the next one's rise.
 //!
 //! RSS is `VmRSS` from `/proc/<pid>/status`. Per connection and per tunnel are the rise over
 //! the figure before, divided by the count. `SLUICE_BENCH_CLIENTS` (10000),
-//! `SLUICE_BENCH_TUNNELS` (1000) and `SLUICE_BENCH_KEYS` (100000) change the counts. Needs
+//! `SLUICE_BENCH_TUNNELS` (1000) and `SLUICE_BENCH_KEYS` (100000) change the counts;
+//! `SLUICE_BENCH_BINARY` runs another sluice binary (a release build, from a dev-built harness). Needs
 //! `nginx`. Without `--bench` (as `cargo test --all-targets` runs it) it does nothing.
 
 #[path = "common/procs.rs"]
@@ -96,12 +100,21 @@ upstreams:
     );
     let path = dir.path().join("sluice.yaml");
     std::fs::write(&path, config).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    command.arg("run").arg("-c").arg(&path).current_dir(dir.path()).env("SLUICE_LOG", "warn");
-    let mut sluice = Service::spawn("sluice", command, dir.path().join("sluice.log"));
-    sluice.wait_for_port(port);
-    let pid = sluice.pid();
-    let rss = || vm_status_kib(pid, "VmRSS:");
+    // `SLUICE_BENCH_BINARY` measures another build (a release binary from a dev-built harness).
+    let binary = std::env::var_os("SLUICE_BENCH_BINARY").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into());
+    println!("sluice: {}", std::path::Path::new(&binary).display());
+    // Each scenario starts from a fresh process: the allocator gives freed pages back lazily, so
+    // what one scenario freed would otherwise hide inside the next one's figure.
+    let start = || {
+        let mut command = Command::new(&binary);
+        command.arg("run").arg("-c").arg(&path).current_dir(dir.path()).env("SLUICE_LOG", "warn");
+        let mut sluice = Service::spawn("sluice", command, dir.path().join("sluice.log"));
+        sluice.wait_for_port(port);
+        sluice
+    };
+    let mut sluice = start();
+    let mut pid = sluice.pid();
+    let rss = |pid: u32| vm_status_kib(pid, "VmRSS:");
     let mib = |kib: u64| kib as f64 / 1024.0;
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -111,16 +124,16 @@ upstreams:
         assert!(tls::exchange_on(&mut one, &request("first")).await, "sluice's first request failed");
         drop(one);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let idle = rss();
+        let idle = rss(pid);
         tokio::time::sleep(Duration::from_secs(10)).await;
         rows.push(format!(
             "| idle, after one request | {:.1} MiB | {:.1} MiB 10 s later | target <= 12 MiB |",
             mib(idle),
-            mib(rss())
+            mib(rss(pid))
         ));
 
         // 10,000 idle client connections, each after one request.
-        let base = rss();
+        let base = settled(pid).await;
         let mut held = Vec::with_capacity(clients);
         for batch in 0..clients.div_ceil(250) {
             let mut opening = Vec::new();
@@ -138,9 +151,9 @@ upstreams:
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let with_clients = rss();
+        let with_clients = rss(pid);
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let later = rss();
+        let later = rss(pid);
         let per = (with_clients.saturating_sub(base)) as f64 / held.len().max(1) as f64;
         rows.push(format!(
             "| {} idle client connections | {:.1} MiB ({per:.1} KiB each) | {:.1} MiB 10 s later | target <= 16 KiB each |",
@@ -149,13 +162,19 @@ upstreams:
             mib(later)
         ));
         drop(held);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(sluice);
+        sluice = start();
+        pid = sluice.pid();
 
         // 1,000 intercepted tunnels, one request inside each, held open.
-        let base = rss();
         let sluice_ca = std::fs::read_to_string(dir.path().join("sluice-ca.crt")).unwrap();
         let config = tls::client_config(&sluice_ca);
         let authority = format!("localhost:{upstream_port}");
+        // One tunnel first, closed: the leaf is minted and cached before the base is read.
+        if let Some(mut tunnel) = tls::open(port, &authority, &config, true).await {
+            tls::exchange(&mut tunnel, &authority).await;
+        }
+        let base = settled(pid).await;
         let mut open_tunnels = Vec::with_capacity(tunnels);
         for batch in 0..tunnels.div_ceil(50) {
             let mut opening = Vec::new();
@@ -173,9 +192,9 @@ upstreams:
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let with_tunnels = rss();
+        let with_tunnels = rss(pid);
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let later = rss();
+        let later = rss(pid);
         let per = (with_tunnels.saturating_sub(base)) as f64 / open_tunnels.len().max(1) as f64;
         rows.push(format!(
             "| {} open intercepted tunnels | {:.1} MiB ({per:.1} KiB each) | {:.1} MiB 10 s later | target <= 64 KiB each |",
@@ -184,10 +203,15 @@ upstreams:
             mib(later)
         ));
         drop(open_tunnels);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(sluice);
+        sluice = start();
+        pid = sluice.pid();
+        let mut one = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        assert!(tls::exchange_on(&mut one, &request("first")).await, "sluice's first request failed");
+        drop(one);
 
         // 100,000 live scope keys.
-        let base = rss();
+        let base = settled(pid).await;
         let mut senders = Vec::new();
         for worker in 0..32 {
             senders.push(tokio::spawn(async move {
@@ -209,10 +233,10 @@ upstreams:
         for task in senders {
             sent += task.await.ok().flatten().unwrap_or(0);
         }
-        let with_keys = rss();
+        let with_keys = rss(pid);
         let buckets = buckets_in_memory(admin).await;
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let later = rss();
+        let later = rss(pid);
         let per = (with_keys.saturating_sub(base)) as f64 * 1024.0 / sent.max(1) as f64;
         rows.push(format!(
             "| {sent} live scope keys ({buckets}) | {:.1} MiB ({per:.0} B each) | {:.1} MiB 10 s later | bounded by max_keys |",
@@ -228,6 +252,22 @@ upstreams:
         println!("{row}");
     }
     println!("load average at the end: {}", procs::load_average());
+}
+
+/// RSS once it stops moving: the allocator hands freed pages back over a few seconds, so a
+/// figure taken right after closing connections is not the base for the next step. Sampled
+/// every second until two samples are within 256 KiB, for at most 30 s.
+async fn settled(pid: u32) -> u64 {
+    let mut last = vm_status_kib(pid, "VmRSS:");
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = vm_status_kib(pid, "VmRSS:");
+        if now.abs_diff(last) < 256 {
+            return now;
+        }
+        last = now;
+    }
+    last
 }
 
 fn request(tenant: &str) -> Vec<u8> {
