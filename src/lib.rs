@@ -12,7 +12,7 @@
 //! - the rooms of the journey, each owning its layer, in the order a request meets them:
 //!   [`observe`] (request ids, one log line, metrics), [`respond`] (the one place errors become
 //!   responses), [`route`] (identity, destination, credentials), [`batch`] (single calls folded
-//!   into bulk calls), [`retry`], [`breaker`], [`limit`] (quotas), [`feedback`] (acting on the vendor's
+//!   into bulk calls), [`oauth`] (brokered OAuth 2.0 tokens, a 401 renewed once), [`retry`], [`breaker`], [`limit`] (quotas), [`feedback`] (acting on the vendor's
 //!   rate-limit signals), [`upstream`] (the pooled client to the vendor);
 //! - [`state`]: the current generation (one config and what is built from it), swapped whole on
 //!   reload, and what outlives reloads;
@@ -37,6 +37,7 @@ pub mod batch;
 pub mod breaker;
 pub mod feedback;
 pub mod limit;
+pub mod oauth;
 pub mod observe;
 pub mod respond;
 pub mod retry;

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod curl;
 pub mod mock_crm;
 pub mod mtls;
+pub mod oauth;
 pub mod process;
 pub mod raw_http;
 pub mod redis;
