@@ -92,10 +92,12 @@ impl Token {
 }
 
 /// When a token of `lifetime`, obtained at `at`, is renewed ahead, and when it is no longer sent.
+/// A time past what `Instant` can hold is `at` (the token is treated as spent, never a panic).
 pub fn schedule(at: Instant, lifetime: Duration) -> (Instant, Instant) {
     let refresh_before = (lifetime / 10).min(Duration::from_secs(60));
     let margin = (lifetime / 20).min(Duration::from_secs(5));
-    (at + lifetime.saturating_sub(refresh_before), at + lifetime.saturating_sub(margin))
+    let after = |wait: Duration| at.checked_add(wait).unwrap_or(at);
+    (after(lifetime.saturating_sub(refresh_before)), after(lifetime.saturating_sub(margin)))
 }
 
 /// What a renewal must produce.
@@ -501,6 +503,9 @@ impl Broker {
         let mut header = HeaderValue::from_str(&format!("{}{value}", self.prefix))
             .map_err(|_| "the access token is not a usable header value".to_owned())?;
         header.set_sensitive(true);
+        // Bounded whatever the store holds: a lifetime is 1 s to 24 h, and no more of it is left.
+        let lifetime = lifetime.clamp(MIN_LIFETIME, MAX_LIFETIME);
+        let remaining = remaining.min(lifetime);
         let instance = match instance_url.filter(|_| self.settings.instance_url) {
             Some(url) => Some(instance_of(&url, &self.hosts, self.target_scheme)?),
             None => None,
@@ -581,6 +586,7 @@ mod tests {
         assert_eq!((refresh - at, until - at), (Duration::from_millis(1800), Duration::from_millis(1900)));
         let (refresh, until) = schedule(at, Duration::from_secs(300));
         assert_eq!((refresh - at, until - at), (Duration::from_secs(270), Duration::from_secs(295)));
+        assert_eq!(schedule(at, Duration::MAX), (at, at), "no overflow, whatever a store says");
     }
 
     #[test]
