@@ -224,6 +224,18 @@ where
     }
 }
 
+/// Whether a request's body is known to fit a replay buffer of `max` bytes (its size hint, or
+/// its `Content-Length`): what Retry and the OAuth layer buffer, to send it again.
+pub fn fits_replay(request: &http::Request<ProxyBody>, max: u64) -> bool {
+    request.body().size_hint().upper().is_some_and(|upper| upper <= max)
+        || request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|length| length <= max)
+}
+
 /// Reads a whole request body, for a layer that must hold one (Retry replays it, Batch parses
 /// it). A failed read is typed as [`request_body_error`] says.
 pub async fn collect_upload(body: ProxyBody, limit: u64) -> Result<Bytes, crate::error::ErrorKind> {

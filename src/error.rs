@@ -113,6 +113,10 @@ pub enum ErrorKind {
     BlindTunnelRefused { detail: String },
     #[error("method {method} is not allowed: {detail}")]
     MethodNotAllowed { method: String, detail: String },
+    /// sluice could not obtain the upstream's OAuth 2.0 access token (the token endpoint
+    /// failed or refused, or another replica's refresh did not finish): the vendor was not asked.
+    #[error("no credential for the upstream: {detail}")]
+    CredentialUnavailable { detail: String, retry_after: Duration },
     #[error("internal error: {detail}")]
     Internal { detail: String },
 }
@@ -127,7 +131,8 @@ impl ProxyError {
         match *self.kind {
             ErrorKind::RateLimited { retry_after, .. }
             | ErrorKind::BreakerOpen { retry_after }
-            | ErrorKind::VendorUnavailable { retry_after } => Some(retry_after),
+            | ErrorKind::VendorUnavailable { retry_after }
+            | ErrorKind::CredentialUnavailable { retry_after, .. } => Some(retry_after),
             ErrorKind::ConcurrencyLimited { .. }
             | ErrorKind::StoreUnavailable
             | ErrorKind::TunnelShareExceeded { .. } => Some(Duration::from_secs(1)),
@@ -158,6 +163,7 @@ impl ProxyError {
             | ErrorKind::VendorUnavailable { .. }
             | ErrorKind::ShuttingDown
             | ErrorKind::TooManyTunnels { .. }
+            | ErrorKind::CredentialUnavailable { .. }
             | ErrorKind::Internal { .. } => Source::Sluice,
             ErrorKind::Unreachable { .. }
             | ErrorKind::ConnectTimeout { .. }
@@ -197,7 +203,8 @@ impl ProxyError {
             ErrorKind::Unreachable { .. }
             | ErrorKind::UnknownHost { .. }
             | ErrorKind::Tls { .. }
-            | ErrorKind::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
+            | ErrorKind::UpstreamProtocol { .. }
+            | ErrorKind::CredentialUnavailable { .. } => StatusCode::BAD_GATEWAY,
             ErrorKind::ConnectTimeout { .. } | ErrorKind::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::RateLimited { .. }
             | ErrorKind::ConcurrencyLimited { .. }
@@ -235,6 +242,7 @@ impl ProxyError {
             ErrorKind::BreakerOpen { .. } => "circuit_open",
             ErrorKind::VendorUnavailable { .. } => "vendor_unavailable",
             ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::CredentialUnavailable { .. } => "credential_unavailable",
             ErrorKind::Internal { .. } => "internal_error",
         }
     }
@@ -265,9 +273,12 @@ impl ProxyError {
             | ErrorKind::ConcurrencyLimited { .. }
             | ErrorKind::TunnelShareExceeded { .. } => "http_request_denied",
             ErrorKind::BreakerOpen { .. } | ErrorKind::VendorUnavailable { .. } => "destination_unavailable",
-            ErrorKind::StoreUnavailable | ErrorKind::ShuttingDown | ErrorKind::Internal { .. } => {
-                "proxy_internal_error"
-            }
+            // The token is sluice's own: failing to get one is sluice's failure, not the API's
+            // (which was never asked), however the token endpoint failed.
+            ErrorKind::StoreUnavailable
+            | ErrorKind::ShuttingDown
+            | ErrorKind::CredentialUnavailable { .. }
+            | ErrorKind::Internal { .. } => "proxy_internal_error",
         }
     }
 }
@@ -333,6 +344,7 @@ mod tests {
             ErrorKind::TunnelShareExceeded { max: 1 },
             ErrorKind::BlindTunnelRefused { detail: detail.clone() },
             ErrorKind::MethodNotAllowed { method: detail.clone(), detail: detail.clone() },
+            ErrorKind::CredentialUnavailable { detail: detail.clone(), retry_after: after },
             ErrorKind::Internal { detail },
         ]
     }
@@ -348,13 +360,32 @@ mod tests {
                     "{kind:?} is the client's: {status}"
                 ),
                 Source::Vendor => assert!(matches!(status.as_u16(), 502..=504), "{kind:?} is the vendor's: {status}"),
-                Source::Sluice => assert!(!matches!(status.as_u16(), 502 | 504), "{kind:?} is sluice's: {status}"),
+                // sluice's own failures are never a 504, and a 502 only when sluice could not get
+                // the credential it must send (the gateway status a client expects of a proxy
+                // whose way to the vendor is broken, without the breaker or retries counting it).
+                Source::Sluice => assert!(
+                    status.as_u16() != 504
+                        && (status.as_u16() != 502 || matches!(kind, ErrorKind::CredentialUnavailable { .. })),
+                    "{kind:?} is sluice's: {status}"
+                ),
             }
             assert_eq!(error.is_vendor_failure(), error.source() == Source::Vendor, "{kind:?}");
             if error.retryable() {
                 assert_eq!(error.source(), Source::Vendor, "{kind:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_missing_credential_is_sluices_502_never_retried_nor_counted() {
+        let error = ProxyError::new(
+            ErrorKind::CredentialUnavailable { detail: "x".into(), retry_after: Duration::from_secs(2) },
+            Some("hubspot".into()),
+        );
+        assert_eq!((error.status(), error.code()), (StatusCode::BAD_GATEWAY, "credential_unavailable"));
+        assert_eq!((error.source(), error.proxy_status_type()), (Source::Sluice, "proxy_internal_error"));
+        assert!(!error.retryable() && !error.is_vendor_failure());
+        assert_eq!(error.retry_after(), Some(Duration::from_secs(2)));
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! - the rooms of the journey, each owning its layer; in the order a request meets them:
 //!   [`observe`] (request ids, one log line, metrics), [`respond`] (the one place errors become
 //!   responses), [`route`] (identity, destination, credentials), [`batch`] (single calls folded
-//!   into bulk calls), [`retry`], [`breaker`], [`limit`] (quotas), [`feedback`] (acting on the
+//!   into bulk calls), [`oauth`] (brokered OAuth 2.0 tokens, a 401 renewed once), [`retry`], [`breaker`], [`limit`] (quotas), [`feedback`] (acting on the
 //!   vendor's rate-limit signals), [`upstream`] (the pooled client to the vendor). Among
 //!   themselves they import downhill too: `retry` and `limit` read `breaker`, `feedback` and
 //!   `respond` read `limit`, `observe` and `batch` read `upstream`'s header hygiene;
@@ -49,6 +49,7 @@ pub mod batch;
 pub mod breaker;
 pub mod feedback;
 pub mod limit;
+pub mod oauth;
 pub mod observe;
 pub mod respond;
 pub mod retry;

@@ -33,6 +33,13 @@ pub struct Via {
     pub plaintext: bool,
 }
 
+/// What the credential sluice injects stands for, when its value changes over time (a brokered
+/// OAuth token, renewed every hour or so): quota `credential` scopes and vendor-pause accounts
+/// are keyed by it instead of the header's value, so they outlive a renewal. Set by the oauth
+/// layer; never a secret.
+#[derive(Debug, Clone)]
+pub struct CredentialName(pub Arc<str>);
+
 /// The upstream that answered (or was meant to), left in response extensions for `Observe`.
 #[derive(Debug, Clone)]
 pub struct UpstreamName(pub Arc<str>);

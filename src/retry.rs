@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body::Body as _;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
@@ -108,7 +107,7 @@ where
                 (Some(ours), Some(asked)) => ours.min(asked),
                 (ours, asked) => ours.or(asked).or_else(|| started.checked_add(MAX_CONTROL)).unwrap_or(started),
             };
-            if !repeatable(request.method(), request.headers()) || !fits(&request, policy.max_body_bytes) {
+            if !repeatable(request.method(), request.headers()) || !body::fits_replay(&request, policy.max_body_bytes) {
                 let response: BoxFuture<_> = Box::pin(inner.oneshot(request));
                 return within(started, deadline, response, &upstream).await;
             }
@@ -170,18 +169,6 @@ where
 fn repeatable(method: &Method, headers: &http::HeaderMap) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
         || headers.contains_key("idempotency-key")
-}
-
-/// Whether the body is known to fit the replay buffer.
-fn fits(request: &Request<ProxyBody>, max: u64) -> bool {
-    let hint = request.body().size_hint();
-    hint.upper().is_some_and(|upper| upper <= max)
-        || request
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|length| length <= max)
 }
 
 /// Runs `response`, answering 504 if `deadline` passes first.

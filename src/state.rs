@@ -42,7 +42,8 @@ pub struct Generation {
     pub ca: Option<Arc<CertAuthority>>,
     /// Proxy clients allowed to use sluice (`clients:`), or loopback-only sidecar mode.
     pub proxy_clients: Clients,
-    /// Injected credentials by upstream name.
+    /// Injected static credentials by upstream name (OAuth 2.0 ones are brokered by
+    /// `Shared::brokers`, since their tokens outlive a generation).
     pub credentials: HashMap<Arc<str>, Arc<Credential>>,
 }
 
@@ -143,6 +144,11 @@ impl Generation {
         let mut credentials = HashMap::new();
         for (index, upstream) in config.live.upstreams.iter().enumerate() {
             let Some(settings) = &upstream.credentials else { continue };
+            if let SecretSource::OAuth2(oauth2) = &settings.value {
+                // Brokered (`Shared::brokers`): only its files are checked here.
+                problems.keep(crate::oauth::check(oauth2, &format!("upstreams[{index}].credentials")));
+                continue;
+            }
             let reused = previous.and_then(|old| old.credentials.get(&upstream.name)).filter(|credential| {
                 credential.settings == *settings && matches!(settings.value, SecretSource::File(_))
             });
@@ -196,6 +202,8 @@ pub struct Shared {
     pub throttles: Arc<crate::feedback::Throttles>,
     /// Batches being filled, shared by all connections.
     pub batcher: Arc<crate::batch::Batcher>,
+    /// OAuth 2.0 token brokers by upstream; a token outlives reloads that leave its settings.
+    pub brokers: Arc<crate::oauth::Brokers>,
     /// Cancelled when shutdown starts: listeners stop accepting, connections drain.
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
@@ -211,6 +219,7 @@ impl Shared {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let batcher = crate::batch::Batcher::new(metrics.clone());
+        let brokers = crate::oauth::Brokers::new(&generation.store, metrics.clone());
         Arc::new(Self {
             current: ArcSwap::from_pointee(generation),
             metrics,
@@ -219,6 +228,7 @@ impl Shared {
             retry_budgets: Arc::default(),
             throttles: Arc::default(),
             batcher,
+            brokers,
             shutdown,
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),

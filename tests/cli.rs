@@ -486,6 +486,28 @@ async fn one_worker_thread_proxies_reloads_and_exits_cleanly() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}: {}", process.stderr_text());
 }
 
+/// The chart deploys the image of this release by default (its `appVersion`, the tag the image
+/// is built and pushed under), and the Dockerfile's runtime user is the one the chart runs as.
+#[test]
+fn the_chart_and_the_image_follow_the_crate() {
+    let version = env!("CARGO_PKG_VERSION");
+    let chart = std::fs::read_to_string(crate_root().join("charts/sluice/Chart.yaml")).unwrap();
+    let app_version =
+        chart.lines().find_map(|line| line.strip_prefix("appVersion:")).map(|v| v.trim().trim_matches('"'));
+    assert_eq!(app_version, Some(version), "charts/sluice/Chart.yaml appVersion follows Cargo.toml's version");
+    let values = std::fs::read_to_string(crate_root().join("charts/sluice/values.yaml")).unwrap();
+    let tag =
+        values.lines().skip_while(|line| !line.starts_with("image:")).find_map(|line| line.trim().strip_prefix("tag:"));
+    assert!(
+        matches!(tag.map(str::trim), Some("\"\"") | Some("''"))
+            || tag.map(|t| t.trim().trim_matches('"')) == Some(version),
+        "image.tag is empty (the appVersion) or the crate version: {tag:?}"
+    );
+    let dockerfile = std::fs::read_to_string(crate_root().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("\nUSER 65532:65532\n") && dockerfile.contains("\nENTRYPOINT [\"sluice\"]\n"));
+    assert!(values.contains("runAsUser: 65532"), "the chart runs the image's user");
+}
+
 #[test]
 fn version_and_help() {
     let version = sluice(&["--version"]);

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::kinds::{CredentialMode, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
+use super::kinds::{ClientAuth, CredentialMode, Grant, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
 use crate::vendor::{ProfileKind, ResetUnit};
 
 /// The whole configuration file.
@@ -491,12 +491,14 @@ pub struct UpstreamTlsFile {
 pub struct CredentialsFile {
     /// The header sluice sets on every upstream request.
     pub header: String,
-    /// Put before the secret (`"Bearer "`).
-    pub prefix: String,
+    /// Put before the secret (`"Bearer "`). Default: none, `"Bearer "` with `oauth2`.
+    pub prefix: Option<String>,
     /// File holding the secret (a Kubernetes Secret mount); re-read when it changes.
     pub value_file: Option<PathBuf>,
     /// Environment variable holding the secret.
     pub value_env: Option<String>,
+    /// An access token sluice obtains and refreshes itself (OAuth 2.0).
+    pub oauth2: Option<OAuth2File>,
     /// `replace` what the client sent, or set it only `if_absent`.
     pub mode: CredentialMode,
 }
@@ -505,12 +507,43 @@ impl Default for CredentialsFile {
     fn default() -> Self {
         Self {
             header: "authorization".to_owned(),
-            prefix: String::new(),
+            prefix: None,
             value_file: None,
             value_env: None,
+            oauth2: None,
             mode: CredentialMode::default(),
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2File {
+    /// The token endpoint (`https://api.hubapi.com/oauth/v1/token`).
+    pub token_url: String,
+    /// `refresh_token` or `client_credentials`.
+    pub grant: Grant,
+    /// File holding the OAuth client id.
+    pub client_id_file: PathBuf,
+    /// File holding the client secret (required for `client_credentials`).
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// File holding the refresh token (`grant: refresh_token` only). A rotated one is written
+    /// back when the file is writable, and kept in memory (and the Redis store) either way.
+    #[serde(default)]
+    pub refresh_token_file: Option<PathBuf>,
+    /// `scope` sent to the token endpoint (space-separated).
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// `audience` sent to the token endpoint (Auth0 and similar).
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Client id and secret in the form `body`, or as HTTP `basic` authentication.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// Send requests to the `instance_url` of the token answer (Salesforce) instead of `target`.
+    #[serde(default)]
+    pub instance_url: bool,
 }
 
 // === defaults of optional keys in structs with required ones ===

@@ -55,6 +55,37 @@ pub enum CredentialMode {
     IfAbsent,
 }
 
+/// How an OAuth 2.0 credential is obtained (`credentials.oauth2.grant`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    /// RFC 6749 §6: a refresh token (HubSpot public apps, Salesforce connected apps).
+    RefreshToken,
+    /// RFC 6749 §4.4: the client's own id and secret (server-to-server apps).
+    ClientCredentials,
+}
+
+impl Grant {
+    /// The `grant_type` form value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::RefreshToken => "refresh_token",
+            Grant::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
+/// How sluice authenticates to the token endpoint (`credentials.oauth2.client_auth`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the form body (RFC 6749 §2.3.1; what HubSpot requires).
+    #[default]
+    Body,
+    /// HTTP Basic with the form-encoded id and secret (RFC 6749 §2.3.1, `client_secret_basic`).
+    Basic,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ShapeKind {

@@ -36,11 +36,11 @@ use serde_json::Value;
 
 pub use crate::vendor::{ProfileKind, ResetUnit};
 pub use batch::BatchRule;
-pub use kinds::{CredentialMode, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
+pub use kinds::{ClientAuth, CredentialMode, Grant, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
 pub use policy::{Feedback, Limits as UpstreamLimits, Quota, ScopeKey, Window};
 pub use resilience::{BreakerSettings, RetryPolicy};
-pub use store::{Store, StoreConfig, StoreUrl};
-pub use upstream::{check_probe_path, Credentials, HostPattern, Scheme, SecretSource, Target, Upstream};
+pub use store::{cluster_nodes, Store, StoreConfig, StoreUrl};
+pub use upstream::{check_probe_path, Credentials, HostPattern, OAuth2, Scheme, SecretSource, Target, Upstream};
 pub use validate::{AdminSettings, AdminToken, ClientSecret, ClientSettings, ConnectionLimits, Intercept, Listen};
 
 /// A validated configuration: what the proxy runs on.

@@ -9,8 +9,8 @@ use http::header::HeaderName;
 use http::uri::{Authority, Uri};
 
 use super::batch::{validate_batch, BatchRule};
-use super::file::{CredentialsFile, UpstreamFile};
-use super::kinds::CredentialMode;
+use super::file::{CredentialsFile, OAuth2File, UpstreamFile};
+use super::kinds::{ClientAuth, CredentialMode, Grant};
 use super::policy::{feedback_of, validate_quota, validate_routes, Feedback, Limits, Quota, ScopeKey, Window};
 use super::resilience::{validate_breaker, validate_retry, BreakerSettings, RetryPolicy};
 use super::Problem;
@@ -65,6 +65,27 @@ pub enum SecretSource {
     File(PathBuf),
     /// An environment variable, read once per load.
     Env(String),
+    /// An OAuth 2.0 token endpoint: sluice obtains the access token and refreshes it (the
+    /// `oauth` room's broker); the files it names are read at each refresh.
+    OAuth2(Arc<OAuth2>),
+}
+
+/// `credentials.oauth2`, validated: how sluice obtains the access token it injects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuth2 {
+    /// The token endpoint: `https://`, or `http://` to a loopback address only.
+    pub token_url: Uri,
+    pub grant: Grant,
+    pub client_id_file: PathBuf,
+    /// Required for `client_credentials`; optional for `refresh_token` (public clients).
+    pub client_secret_file: Option<PathBuf>,
+    /// Required for, and only for, `refresh_token`.
+    pub refresh_token_file: Option<PathBuf>,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub client_auth: ClientAuth,
+    /// Requests go to the token answer's `instance_url` (Salesforce) instead of `target`.
+    pub instance_url: bool,
 }
 
 impl Upstream {
@@ -418,11 +439,17 @@ fn validate_credentials(
             ));
         }
     }
-    let value = match (&raw.value_file, &raw.value_env) {
-        (Some(path), None) => Some(SecretSource::File(path.clone())),
-        (None, Some(name)) => Some(SecretSource::Env(name.clone())),
+    let value = match (&raw.value_file, &raw.value_env, &raw.oauth2) {
+        (Some(path), None, None) => Some(SecretSource::File(path.clone())),
+        (None, Some(name), None) => Some(SecretSource::Env(name.clone())),
+        (None, None, Some(oauth2)) => {
+            validate_oauth2(oauth2, upstream, &format!("{key}.credentials.oauth2"), problems).map(SecretSource::OAuth2)
+        }
         _ => {
-            problems.push(Problem::new(format!("{key}.credentials"), "needs exactly one of value_file and value_env"));
+            problems.push(Problem::new(
+                format!("{key}.credentials"),
+                "needs exactly one of value_file, value_env and oauth2",
+            ));
             None
         }
     };
@@ -433,7 +460,102 @@ fn validate_credentials(
             None
         }
     };
-    Some(Credentials { header: header?, prefix: raw.prefix.clone(), value: value?, mode: raw.mode })
+    // A brokered token is a bearer token unless the file says otherwise.
+    let prefix =
+        raw.prefix.clone().unwrap_or_else(|| if raw.oauth2.is_some() { "Bearer ".into() } else { String::new() });
+    Some(Credentials { header: header?, prefix, value: value?, mode: raw.mode })
+}
+
+/// `credentials.oauth2`: the token endpoint and what the grant needs. The files are read by
+/// the resolve phase (and at every refresh), never here.
+fn validate_oauth2(
+    raw: &OAuth2File,
+    upstream: &UpstreamFile,
+    key: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Arc<OAuth2>> {
+    let before = problems.len();
+    let token_url = match token_url(&raw.token_url) {
+        Ok(uri) => Some(uri),
+        Err(message) => {
+            problems.push(Problem::new(format!("{key}.token_url"), message));
+            None
+        }
+    };
+    match raw.grant {
+        Grant::RefreshToken if raw.refresh_token_file.is_none() => {
+            problems.push(Problem::new(format!("{key}.refresh_token_file"), "required with `grant: refresh_token`"));
+        }
+        Grant::ClientCredentials => {
+            if raw.client_secret_file.is_none() {
+                problems.push(Problem::new(
+                    format!("{key}.client_secret_file"),
+                    "required with `grant: client_credentials`",
+                ));
+            }
+            if raw.refresh_token_file.is_some() {
+                problems.push(Problem::new(
+                    format!("{key}.refresh_token_file"),
+                    "only used with `grant: refresh_token`: remove it",
+                ));
+            }
+        }
+        Grant::RefreshToken => {}
+    }
+    if raw.client_auth == ClientAuth::Basic && raw.client_secret_file.is_none() {
+        problems.push(Problem::new(format!("{key}.client_auth"), "`basic` needs a client_secret_file"));
+    }
+    for (field, value) in [("scope", &raw.scope), ("audience", &raw.audience)] {
+        if let Some(value) = value {
+            if value.trim().is_empty() || value.chars().any(char::is_control) {
+                problems
+                    .push(Problem::new(format!("{key}.{field}"), "must be non-empty text without control characters"));
+            }
+        }
+    }
+    if raw.instance_url && upstream.target.is_none() {
+        problems.push(Problem::new(
+            format!("{key}.instance_url"),
+            "needs the upstream's `target`: where requests go until a token answer names an instance, \
+             and what keeps the egress guard and credential rules as they are for a fixed destination",
+        ));
+    }
+    if problems.len() > before {
+        return None;
+    }
+    Some(Arc::new(OAuth2 {
+        token_url: token_url?,
+        grant: raw.grant,
+        client_id_file: raw.client_id_file.clone(),
+        client_secret_file: raw.client_secret_file.clone(),
+        refresh_token_file: raw.refresh_token_file.clone(),
+        scope: raw.scope.as_deref().map(str::trim).map(str::to_owned),
+        audience: raw.audience.as_deref().map(str::trim).map(str::to_owned),
+        client_auth: raw.client_auth,
+        instance_url: raw.instance_url,
+    }))
+}
+
+/// A token endpoint: an absolute `https://` URL, or `http://` to a loopback address (a local
+/// test server): the client secret and refresh token travel in its body.
+fn token_url(raw: &str) -> Result<Uri, String> {
+    let uri: Uri = raw.trim().parse().map_err(|_| format!("`{raw}` is not a URL"))?;
+    let Some(authority) = uri.authority() else { return Err(format!("`{raw}` is not an absolute URL")) };
+    if authority.as_str().contains('@') {
+        return Err(format!("`{raw}` must not carry credentials"));
+    }
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let loopback =
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    match uri.scheme_str() {
+        Some("https") => Ok(uri),
+        Some("http") if loopback => Ok(uri),
+        Some("http") => Err(format!(
+            "`{raw}` must be https:// (the client secret and refresh token travel in the request); \
+             http:// is allowed to loopback addresses only"
+        )),
+        _ => Err(format!("`{raw}` must start with https://")),
+    }
 }
 
 /// Two upstreams may not share a name, a host or a prefix: routing must be unambiguous.
@@ -487,6 +609,80 @@ mod tests {
         .is_ok());
         assert!(load("{ name: zd, hosts: [acme.zendesk.com], credentials: { value_env: T } }").is_ok());
         assert!(load("{ name: zd, hosts: ['*.zendesk.com'] }").is_ok(), "a wildcard without credentials is fine");
+    }
+
+    #[test]
+    fn oauth2_credentials_are_bearer_tokens_from_a_checked_grant() {
+        let config = load(
+            "{ name: hs, prefix: /hs, target: 'https://api.hubapi.com', credentials: { oauth2: { \
+             token_url: 'https://api.hubapi.com/oauth/v1/token', grant: refresh_token, client_id_file: id, \
+             client_secret_file: secret, refresh_token_file: rt, scope: ' crm.objects.contacts.read ' } } }",
+        )
+        .unwrap();
+        let credentials = config.live.upstreams[0].credentials.as_ref().unwrap();
+        assert_eq!((credentials.header.as_str(), credentials.prefix.as_str()), ("authorization", "Bearer "));
+        let SecretSource::OAuth2(oauth2) = &credentials.value else { panic!("{credentials:?}") };
+        assert_eq!((oauth2.grant, oauth2.client_auth), (Grant::RefreshToken, ClientAuth::Body));
+        assert_eq!(oauth2.scope.as_deref(), Some("crm.objects.contacts.read"));
+        let static_prefix = load("{ name: hs, hosts: [api.hubapi.com], credentials: { value_env: T } }").unwrap();
+        assert_eq!(static_prefix.live.upstreams[0].credentials.as_ref().unwrap().prefix, "", "static: no prefix");
+        let local = "{ name: hs, hosts: [api.hubapi.com], credentials: { prefix: 'Token ', oauth2: { token_url: \
+                     'http://127.0.0.1:9/token', grant: client_credentials, client_id_file: id, client_secret_file: s, \
+                     client_auth: basic } } }";
+        assert_eq!(load(local).unwrap().live.upstreams[0].credentials.as_ref().unwrap().prefix, "Token ");
+    }
+
+    #[test]
+    fn oauth2_problems_name_their_keys() {
+        let cases = [
+            (
+                "credentials: { value_env: T, oauth2: { token_url: 'https://x/t', grant: client_credentials, \
+                 client_id_file: id, client_secret_file: s } }",
+                "upstreams[0].credentials: needs exactly one of value_file, value_env and oauth2",
+            ),
+            (
+                "credentials: { oauth2: { token_url: 'https://x/t', grant: refresh_token, client_id_file: id } }",
+                "upstreams[0].credentials.oauth2.refresh_token_file: required with `grant: refresh_token`",
+            ),
+            (
+                "credentials: { oauth2: { token_url: 'https://x/t', grant: client_credentials, client_id_file: id, \
+                 refresh_token_file: rt } }",
+                "upstreams[0].credentials.oauth2.client_secret_file: required with `grant: client_credentials`",
+            ),
+            (
+                "credentials: { oauth2: { token_url: 'https://x/t', grant: client_credentials, client_id_file: id, \
+                 refresh_token_file: rt } }",
+                "upstreams[0].credentials.oauth2.refresh_token_file: only used with `grant: refresh_token`",
+            ),
+            (
+                "credentials: { oauth2: { token_url: 'http://login.example.com/t', grant: refresh_token, \
+                 client_id_file: id, refresh_token_file: rt } }",
+                "upstreams[0].credentials.oauth2.token_url: `http://login.example.com/t` must be https://",
+            ),
+            (
+                "credentials: { oauth2: { token_url: '/token', grant: refresh_token, client_id_file: id, \
+                 refresh_token_file: rt } }",
+                "upstreams[0].credentials.oauth2.token_url: `/token` is not an absolute URL",
+            ),
+            (
+                "credentials: { oauth2: { token_url: 'https://x/t', grant: refresh_token, client_id_file: id, \
+                 refresh_token_file: rt, client_auth: basic } }",
+                "upstreams[0].credentials.oauth2.client_auth: `basic` needs a client_secret_file",
+            ),
+            (
+                "credentials: { oauth2: { token_url: 'https://x/t', grant: refresh_token, client_id_file: id, \
+                 refresh_token_file: rt, instance_url: true } }",
+                "upstreams[0].credentials.oauth2.instance_url: needs the upstream's `target`",
+            ),
+        ];
+        for (credentials, expected) in cases {
+            let error = load(&format!("{{ name: sf, hosts: [login.salesforce.com], {credentials} }}")).unwrap_err();
+            let (key, message) = expected.split_once(": ").unwrap();
+            assert!(error.contains(&format!("{key} (line 4): {message}")), "`{expected}` in:\n{error}");
+        }
+        let error = load("{ name: sf, hosts: [x.test], credentials: { oauth2: { token_url: 'https://x/t', grant: password, client_id_file: id } } }")
+            .unwrap_err();
+        assert!(error.contains("unknown variant `password`"), "{error}");
     }
 
     #[test]

@@ -77,7 +77,7 @@ impl Books {
         let mut counters = Vec::with_capacity(upstream.limits.quotas.len());
         let mut quotas = self.lock();
         for quota in &upstream.limits.quotas {
-            let key = scope::quota_key_for(&quota.scope, caller.headers, caller.peer, caller.client);
+            let key = scope::quota_key_for(&quota.scope, caller.headers, caller.peer, caller.client, caller.credential);
             let book = quotas
                 .entry((upstream.name.clone(), quota.name.clone()))
                 .or_insert_with(|| QuotaBook::new(metrics, upstream, quota));

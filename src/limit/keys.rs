@@ -43,7 +43,7 @@ impl KeySchema {
     /// no caller dodges it by changing a scope header.
     pub fn pause(&self, upstream: &Upstream, caller: &Caller<'_>) -> String {
         let credential_header = upstream.credentials.as_ref().map(|credentials| credentials.header.as_str());
-        let account = scope::account_key(caller.headers, credential_header);
+        let account = scope::account_key(caller.headers, credential_header, caller.credential);
         let per_host =
             upstream.target.is_none() && upstream.hosts.iter().any(|host| matches!(host, HostPattern::Subdomains(_)));
         match caller.host.filter(|_| per_host) {

@@ -18,7 +18,7 @@ use super::Limiter;
 use crate::body::ProxyBody;
 use crate::breaker::BreakerHandle;
 use crate::error::ProxyError;
-use crate::request::{RequestControls, Routed};
+use crate::request::{CredentialName, RequestControls, Routed};
 use crate::security::clients::ClientIdentity;
 use crate::telemetry::Metrics;
 
@@ -106,12 +106,14 @@ where
             let client = request.extensions().get::<ClientIdentity>().map(|identity| identity.name.clone());
             let host = routed.uri.host().map(str::to_owned);
             let max_wait = request.extensions().get::<RequestControls>().and_then(|controls| controls.max_wait);
+            let credential = request.extensions().get::<CredentialName>().map(|name| name.0.clone());
             let caller = super::Caller {
                 headers: request.headers(),
                 peer,
                 client: client.as_deref(),
                 host: host.as_deref(),
                 max_wait,
+                credential: credential.as_deref(),
             };
             let mut admission = limiter.admit(&upstream, request.method(), &path, caller, opened).await?;
             if let Some(scope) = admission.scope.take() {

@@ -84,6 +84,9 @@ pub struct Caller<'a> {
     pub host: Option<&'a str>,
     /// The caller's own wait limit (`Sluice-Max-Wait`, parsed and clamped by `controls`).
     pub max_wait: Option<Duration>,
+    /// What the injected credential stands for when its value changes (see
+    /// [`crate::request::CredentialName`]): `credential` scopes and pause accounts use it.
+    pub credential: Option<&'a str>,
 }
 
 /// What a request got from the limiter: held until its response head is back.
@@ -546,7 +549,8 @@ mod tests {
 
     async fn admit(limiter: &Limiter, upstream: &Upstream) -> Result<Admission, ProxyError> {
         let headers = HeaderMap::new();
-        let caller = Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None };
+        let caller =
+            Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None, credential: None };
         limiter.admit(upstream, &Method::GET, "/x", caller, None).await
     }
 
@@ -623,7 +627,8 @@ mod tests {
         admit(&limiter, &upstream).await.unwrap();
         let (open, opened) = tokio::sync::watch::channel(0u64);
         let headers = HeaderMap::new();
-        let caller = Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None };
+        let caller =
+            Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None, credential: None };
         let waiting = limiter.admit(&upstream, &Method::GET, "/x", caller, Some(opened));
         let opening = async {
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -213,7 +213,7 @@ impl RedisStore {
         let url = self.settings.url.clone().ok_or(StoreError::NotConnected)?;
         let timeout = self.settings.timeout.max(Duration::from_millis(250));
         let tcp = tcp_settings(timeout);
-        let conn = match cluster_nodes(&url) {
+        let conn = match crate::config::cluster_nodes(&url) {
             Some(nodes) => {
                 let client = redis::cluster::ClusterClient::builder(nodes)
                     .connection_timeout(timeout)
@@ -536,28 +536,6 @@ fn parse_pause(raw: &str) -> Option<(Micros, bool)> {
 }
 
 /// `redis+cluster://a:1,b:2` (or `rediss+cluster://`) to node URLs.
-fn cluster_nodes(url: &str) -> Option<Vec<String>> {
-    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
-        ("redis", rest)
-    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
-        ("rediss", rest)
-    } else {
-        return None;
-    };
-    let (credentials, hosts) = match rest.rsplit_once('@') {
-        Some((credentials, hosts)) => (format!("{credentials}@"), hosts),
-        None => (String::new(), rest),
-    };
-    let hosts = hosts.split('/').next().unwrap_or(hosts);
-    Some(
-        hosts
-            .split(',')
-            .filter(|host| !host.is_empty())
-            .map(|host| format!("{scheme}://{credentials}{host}"))
-            .collect(),
-    )
-}
-
 fn parse_reply(reply: &[i64], quotas: usize, cost: i64) -> Option<(Decision, i64)> {
     let standings_end = 3 + 2 * quotas;
     let charged = match reply.len() {
@@ -587,6 +565,7 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::cluster_nodes;
 
     #[test]
     fn cluster_urls() {

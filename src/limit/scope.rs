@@ -23,15 +23,18 @@ pub struct QuotaKey(pub String);
 pub const DEFAULT_BUCKET: &str = "_default";
 
 pub fn quota_key(scope: &[ScopeKey], headers: &HeaderMap, peer: Option<SocketAddr>) -> QuotaKey {
-    quota_key_for(scope, headers, peer, None)
+    quota_key_for(scope, headers, peer, None, None)
 }
 
-/// [`quota_key`], with the authenticated client's name for `proxy_user` when there is one.
+/// [`quota_key`], with the authenticated client's name for `proxy_user` when there is one, and
+/// for `credential` what a changing injected credential stands for (a brokered OAuth token's
+/// name, so a renewal keeps the bucket).
 pub fn quota_key_for(
     scope: &[ScopeKey],
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
     client: Option<&str>,
+    credential: Option<&str>,
 ) -> QuotaKey {
     if scope.is_empty() {
         return QuotaKey("_all".to_owned());
@@ -45,10 +48,13 @@ pub fn quota_key_for(
                 }
                 ScopeKey::ClientIp => peer.map(|peer| peer.ip().to_string()),
                 ScopeKey::ProxyUser => client.map(str::to_owned).or_else(|| proxy_user(headers)),
-                // Never the secret itself: a stable hash of it.
-                ScopeKey::Credential(name) => {
-                    headers.get(name).map(|v| format!("c-{}", short_hash(&String::from_utf8_lossy(v.as_bytes()))))
-                }
+                // Never the secret itself: a stable hash of it (or of what it stands for).
+                ScopeKey::Credential(name) => match credential {
+                    Some(stands_for) => Some(format!("c-{}", short_hash(stands_for))),
+                    None => {
+                        headers.get(name).map(|v| format!("c-{}", short_hash(&String::from_utf8_lossy(v.as_bytes()))))
+                    }
+                },
             };
             match value.filter(|value| !value.is_empty()) {
                 Some(value) => safe_component(&value),
@@ -81,10 +87,19 @@ pub const AUTH_HEADERS: &[&str] = &["authorization", "x-api-key", "api-key", "x-
 /// Which vendor account a request spends: a hash of every auth-bearing header it carries to the
 /// vendor (`extra`: the upstream's own `credentials.header`), or `_all` when it carries none.
 /// Vendor pauses are keyed by it: a caller cannot dodge a pause by changing a scope header, and
-/// one account's throttle does not hold another's.
-pub fn account_key(headers: &HeaderMap, extra: Option<&str>) -> String {
+/// one account's throttle does not hold another's. `credential` stands for the value of the
+/// `extra` header when that value changes over time (a brokered OAuth token), so a renewal does
+/// not forget a pause.
+pub fn account_key(headers: &HeaderMap, extra: Option<&str>, credential: Option<&str>) -> String {
     let mut material = String::new();
     for name in AUTH_HEADERS.iter().copied().chain(extra.filter(|extra| !AUTH_HEADERS.contains(extra))) {
+        if let (Some(stands_for), true) = (credential, Some(name) == extra) {
+            material.push_str(name);
+            material.push_str("~=");
+            material.push_str(stands_for);
+            material.push('\n');
+            continue;
+        }
         for value in headers.get_all(name) {
             material.push_str(name);
             material.push('=');
@@ -228,18 +243,36 @@ mod tests {
     #[test]
     fn account_keys_follow_credentials_not_scope_headers() {
         let mut headers = HeaderMap::new();
-        assert_eq!(account_key(&headers, None), "_all");
+        assert_eq!(account_key(&headers, None, None), "_all");
         headers.insert("authorization", HeaderValue::from_static("Bearer one"));
         headers.insert("x-tenant-id", HeaderValue::from_static("a"));
-        let first = account_key(&headers, None);
+        let first = account_key(&headers, None, None);
         headers.insert("x-tenant-id", HeaderValue::from_static("b"));
-        assert_eq!(account_key(&headers, None), first, "a scope header does not change the account");
+        assert_eq!(account_key(&headers, None, None), first, "a scope header does not change the account");
         headers.insert("authorization", HeaderValue::from_static("Bearer two"));
-        assert_ne!(account_key(&headers, None), first);
+        assert_ne!(account_key(&headers, None, None), first);
         let mut custom = HeaderMap::new();
         custom.insert("x-vendor-token", HeaderValue::from_static("t"));
-        assert_eq!(account_key(&custom, None), "_all");
-        assert_ne!(account_key(&custom, Some("x-vendor-token")), "_all");
+        assert_eq!(account_key(&custom, None, None), "_all");
+        assert_ne!(account_key(&custom, Some("x-vendor-token"), None), "_all");
+    }
+
+    #[test]
+    fn a_renewed_token_keeps_its_account_and_bucket() {
+        let renewed = |token: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("authorization", HeaderValue::from_static(token));
+            headers
+        };
+        let (before, after) = (renewed("Bearer at-1"), renewed("Bearer at-2"));
+        let name = Some("oauth2:hubspot");
+        let account = |headers: &HeaderMap| account_key(headers, Some("authorization"), name);
+        assert_eq!(account(&before), account(&after));
+        assert_ne!(account_key(&before, Some("authorization"), None), account_key(&after, Some("authorization"), None));
+        let scope = [ScopeKey::Credential(http::header::AUTHORIZATION)];
+        let key = |headers: &HeaderMap| quota_key_for(&scope, headers, None, None, name);
+        assert_eq!(key(&before), key(&after));
+        assert!(key(&before).0.starts_with("c-") && !key(&before).0.contains("at-1"));
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //!   forwards (`TRACE`, a `CONNECT` inside a tunnel);
 //! - identifies the proxy client (`clients:`) and checks its upstream list;
 //! - resolves the upstream and the outgoing URI into [`Routed`];
-//! - injects the upstream's credential (never in clear text to a destination the client chose),
-//!   first, so batching and quota scopes see what the vendor will see;
+//! - injects the upstream's static credential (never in clear text to a destination the client
+//!   chose), first, so batching and quota scopes see what the vendor will see (a brokered OAuth
+//!   token is set below Batch by the `oauth` layer: it is the same for every call);
 //! - parses the caller's `Sluice-*` controls once, into [`RequestControls`];
 //! - refuses a declared body over `limits.max_body_bytes`.
 //!
@@ -146,14 +147,17 @@ fn route<G: RouteContext>(request: &mut Request<ProxyBody>) -> Result<Routed, Pr
             Some(routed.upstream.name.clone()),
         ));
     }
-    if let Some(credential) = generation.credential(&routed.upstream.name) {
-        // The secret never travels in clear text to a destination the client chose.
+    if routed.upstream.credentials.is_some() {
+        // The secret (static here, or the brokered token the oauth layer sets) never travels in
+        // clear text to a destination the client chose.
         if routed.upstream.target.is_none() && routed.uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
             return Err(ProxyError::new(
                 ErrorKind::EgressDenied { host: "plain-http destination (credentials go over https only)".into() },
                 Some(routed.upstream.name.clone()),
             ));
         }
+    }
+    if let Some(credential) = generation.credential(&routed.upstream.name) {
         credential.apply(request.headers_mut());
     }
     let controls = RequestControls::parse(request.headers(), Instant::now()).map_err(|error| {

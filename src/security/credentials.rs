@@ -49,6 +49,10 @@ impl Credential {
                 })?;
                 value.store(Some(Arc::new(header_value(&settings.prefix, secret.trim(), key)?)));
             }
+            // Obtained and renewed by the `oauth` room's broker, never loaded here.
+            SecretSource::OAuth2(_) => {
+                return Err(ConfigError::at_key(format!("{key}.oauth2"), "an OAuth 2.0 credential is brokered"))
+            }
         }
         Ok(Self { upstream, settings: settings.clone(), header: settings.header.clone(), value, _watcher: watcher })
     }

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 const LATENCY_BUCKETS: &[f64] =
@@ -101,6 +101,14 @@ pub struct Metrics {
     pub batch_calls_saved: IntCounterVec,
     /// Batched calls whose own answer was an error, by upstream.
     pub batch_item_errors: IntCounterVec,
+    /// OAuth 2.0 token refreshes by upstream and result: `success` and `failure` (this replica
+    /// asked the token endpoint), `shared` (it took the token another replica had just obtained).
+    pub oauth_refreshes: IntCounterVec,
+    /// Unix time the OAuth 2.0 access token in use expires, by upstream.
+    pub oauth_token_expiry: GaugeVec,
+    /// Vendor 401s to a request carrying the brokered token, by upstream and outcome
+    /// (`retried` with a refreshed token, `relayed` to the client).
+    pub oauth_unauthorized: IntCounterVec,
     /// Handles to the per-request series, by upstream name (see [`UpstreamSeries`]).
     series: Arc<RwLock<HashMap<Arc<str>, Arc<UpstreamSeries>>>>,
 }
@@ -327,6 +335,27 @@ impl Metrics {
                 &["upstream"],
             )
             .expect("static metric definition"),
+            oauth_refreshes: IntCounterVec::new(
+                Opts::new("sluice_oauth_refresh_total", "OAuth 2.0 token refreshes by result (success, failure, shared)."),
+                &["upstream", "result"],
+            )
+            .expect("static metric definition"),
+            oauth_token_expiry: GaugeVec::new(
+                Opts::new(
+                    "sluice_oauth_token_expiry_timestamp_seconds",
+                    "Unix time the OAuth 2.0 access token in use expires.",
+                ),
+                &["upstream"],
+            )
+            .expect("static metric definition"),
+            oauth_unauthorized: IntCounterVec::new(
+                Opts::new(
+                    "sluice_oauth_unauthorized_total",
+                    "Vendor 401s to the brokered token, by outcome (retried, relayed).",
+                ),
+                &["upstream", "outcome"],
+            )
+            .expect("static metric definition"),
             registry,
         };
         metrics.register_all();
@@ -378,6 +407,9 @@ impl Metrics {
             Box::new(self.batch_flushes.clone()),
             Box::new(self.batch_calls_saved.clone()),
             Box::new(self.batch_item_errors.clone()),
+            Box::new(self.oauth_refreshes.clone()),
+            Box::new(self.oauth_token_expiry.clone()),
+            Box::new(self.oauth_unauthorized.clone()),
         ];
         for collector in collectors {
             self.registry.register(collector).expect("each metric is registered once");

@@ -8,6 +8,7 @@ pub mod curl;
 pub mod dialects;
 pub mod mock_crm;
 pub mod mtls;
+pub mod oauth;
 pub mod process;
 pub mod raw_http;
 pub mod redis;
