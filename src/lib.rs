@@ -6,8 +6,8 @@
 //!
 //! - leaves: [`vendor`] (what each vendor's rate-limit headers mean; below config, which names
 //!   its profiles), [`config`] (the YAML file, validation, the validated types), [`error`] (every
-//!   failure on the request path, one bounded kind), [`controls`] and [`request`] (what a request
-//!   carries between layers), [`body`], [`kit`] (small shared tools), [`telemetry`] (logs,
+//!   failure on the request path, one bounded kind), [`controls`], [`consumer`] and [`request`]
+//!   (what a request carries between layers: the caller's controls, who it spends for), [`body`], [`kit`] (small shared tools), [`telemetry`] (logs,
 //!   metrics), [`tls`], [`security`];
 //! - the rooms of the journey, each owning its layer, in the order a request meets them:
 //!   [`observe`] (request ids, one log line, metrics), [`respond`] (the one place errors become
@@ -24,6 +24,7 @@
 
 pub mod body;
 pub mod config;
+pub mod consumer;
 pub mod controls;
 pub mod error;
 pub mod kit;

@@ -34,6 +34,10 @@ pub struct FileConfig {
     /// Proxy clients for shared (non-sidecar) deployments; when set, every request must say
     /// who it is with `Proxy-Authorization`.
     pub clients: Vec<ClientFile>,
+    /// The known consumers quota spend is attributed to (`sluice_quota_spent_total`, `/usage`);
+    /// any other value counts as `other`. Absent: the names of `clients:`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<Vec<String>>,
     pub admin: AdminFile,
 }
 
@@ -48,6 +52,7 @@ impl Default for FileConfig {
             limits: LimitsFile::default(),
             upstreams: Vec::new(),
             clients: Vec::new(),
+            consumers: None,
             admin: AdminFile::default(),
         }
     }
@@ -441,6 +446,10 @@ pub struct QuotaFile {
     /// Most distinct scope values tracked; the least recently used is evicted past this.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// The trailing window the spend rate is measured over for the exhaustion forecast.
+    /// Default: `per / 24` (an hour for a daily quota), between 10s and 1h.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub forecast_window: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]

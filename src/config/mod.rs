@@ -38,7 +38,10 @@ pub use policy::{Feedback, Limits as UpstreamLimits, Quota, ScopeKey, Window};
 pub use resilience::{BreakerSettings, RetryPolicy};
 pub use store::{Store, StoreConfig, StoreUrl};
 pub use upstream::{Credentials, HostPattern, Scheme, SecretSource, Target, Upstream};
-pub use validate::{AdminSettings, AdminToken, ClientSecret, ClientSettings, ConnectionLimits, Intercept, Listen};
+pub use validate::{
+    is_consumer_name, AdminSettings, AdminToken, ClientSecret, ClientSettings, ConnectionLimits, Intercept, Listen,
+    RESERVED_CONSUMERS,
+};
 
 /// A validated configuration: what the proxy runs on.
 #[derive(Debug, Clone)]
@@ -77,6 +80,8 @@ pub struct LiveConfig {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Proxy clients; empty: sidecar mode.
     pub clients: Vec<ClientSettings>,
+    /// `consumers:`, the known consumers spend is attributed to; `None`: the clients' names.
+    pub consumers: Option<Vec<Arc<str>>>,
     pub admin: AdminSettings,
     /// The file as written, defaults filled in, for `GET /config` only: nothing reads settings
     /// from it, and [`ProcessConfig`]'s keys are shown from the values in force instead.

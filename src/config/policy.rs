@@ -27,6 +27,8 @@ pub struct Quota {
     pub window: Window,
     pub scope: Vec<ScopeKey>,
     pub max_keys: usize,
+    /// The trailing window the spend rate is measured over, for the exhaustion forecast.
+    pub forecast_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,6 +323,11 @@ pub(super) fn validate_quota(raw: &QuotaFile, key: &str, problems: &mut Vec<Prob
     if margin > raw.per {
         problems.push(Problem::new(format!("{key}.margin"), "must not exceed per"));
     }
+    let forecast_window =
+        raw.forecast_window.unwrap_or_else(|| (raw.per / 24).clamp(Duration::from_secs(10), Duration::from_secs(3600)));
+    if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&forecast_window) {
+        problems.push(Problem::new(format!("{key}.forecast_window"), "must be between 1s and 1d"));
+    }
     if problems.len() > before {
         return None;
     }
@@ -333,6 +340,7 @@ pub(super) fn validate_quota(raw: &QuotaFile, key: &str, problems: &mut Vec<Prob
         window,
         scope,
         max_keys: raw.max_keys,
+        forecast_window,
     })
 }
 

@@ -102,6 +102,7 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Problem>> {
         }
     }
     let clients = validate_clients(&file.clients, &upstreams, &mut problems);
+    let consumers = file.consumers.as_deref().map(|names| validate_consumers(names, &mut problems));
     if file.admin.token_file.is_some() && file.admin.token_env.is_some() {
         problems.push(Problem::new("admin", "set token_file or token_env, not both"));
     }
@@ -127,6 +128,7 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Problem>> {
         intercept,
         upstreams,
         clients,
+        consumers,
         admin,
         written: Arc::new(serde_json::to_value(&file).unwrap_or_default()),
     };
@@ -249,6 +251,42 @@ fn validate_clients(
         }
     }
     clients
+}
+
+/// Consumer names the attribution itself uses, so no listed consumer may take them.
+pub const RESERVED_CONSUMERS: &[&str] = &["other", "none"];
+
+/// `consumers:`: each a metric label value and a Redis hash field, so short and plain: 1-64 of
+/// A-Z, a-z, 0-9, `.`, `-` and `_` (a service account name or an `app` label fits), unique, and
+/// not one of [`RESERVED_CONSUMERS`]. At most 1000, so the series they make stay bounded.
+fn validate_consumers(raw: &[String], problems: &mut Vec<Problem>) -> Vec<Arc<str>> {
+    if raw.len() > MAX_CONSUMERS {
+        problems.push(Problem::new("consumers", format!("at most {MAX_CONSUMERS} consumers")));
+    }
+    let mut names: Vec<Arc<str>> = Vec::with_capacity(raw.len());
+    for (index, name) in raw.iter().enumerate() {
+        let key = format!("consumers[{index}]");
+        if !is_consumer_name(name) {
+            problems.push(Problem::new(key, "must be 1-64 characters of A-Z, a-z, 0-9, ., - and _"));
+        } else if RESERVED_CONSUMERS.contains(&name.as_str()) {
+            problems.push(Problem::new(key, format!("`{name}` is reserved (it counts what no listed consumer spent)")));
+        } else if names.iter().any(|seen| **seen == **name) {
+            problems.push(Problem::new(key, format!("`{name}` is listed twice")));
+        } else {
+            names.push(Arc::from(name.as_str()));
+        }
+    }
+    names
+}
+
+/// Most entries of `consumers:`.
+pub const MAX_CONSUMERS: usize = 1000;
+
+/// Whether `name` may be a consumer: 1-64 of A-Z, a-z, 0-9, `.`, `-` and `_`.
+pub fn is_consumer_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {

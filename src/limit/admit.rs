@@ -146,6 +146,10 @@ pub(super) async fn admit(
         let retry_after = Duration::from_micros(u64::try_from(left.max(0)).unwrap_or(0));
         return Err(pause_refusal(upstream, retry_after, outage, None));
     }
+    // Spent: counted for the request's consumer(s) and sampled for the forecast.
+    let spent = u64::try_from(cost).unwrap_or(1);
+    let (wall, now) = (limiter.clock.wall(), limiter.clock.now());
+    limiter.usage.spend(upstream, &buckets.keys, &standings, spent, caller.consumers, wall, now);
     admission.scope = Some(VendorScope { pause_key, bucket_keys: buckets.keys, standings });
     admission.queued = if waited { limiter.clock.now().saturating_duration_since(started) } else { Duration::ZERO };
     match buckets.counters.first() {

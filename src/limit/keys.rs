@@ -8,6 +8,8 @@
 //! - `<prefix>:{<upstream>}:!pause:[<host>:]<account>`: a vendor pause. `!` is never in a quota
 //!   name, so no bucket can be read as a pause.
 //! - `local:<bucket>`: a replica's local share of a bucket while Redis is away (memory only).
+//! - `<prefix>:{<upstream>}:<quota>!use:<slot>` and `<bucket>!spent`: spend by consumer and a
+//!   scope's spend counter (see `usage`).
 
 use super::rolling;
 use super::scope::{self, QuotaKey};
@@ -31,6 +33,11 @@ pub struct KeySchema {
 impl KeySchema {
     pub fn new(prefix: &str) -> Self {
         Self { prefix: prefix.to_owned() }
+    }
+
+    /// `store.key_prefix`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     pub fn bucket(&self, upstream: &Upstream, quota: &Quota, scope: &QuotaKey) -> String {

@@ -17,6 +17,7 @@ use tower::{Layer, Service};
 use super::Limiter;
 use crate::body::ProxyBody;
 use crate::breaker::BreakerHandle;
+use crate::consumer::{Consumer, ItemConsumers};
 use crate::error::ProxyError;
 use crate::request::{RequestControls, Routed};
 use crate::security::clients::ClientIdentity;
@@ -106,12 +107,20 @@ where
             let client = request.extensions().get::<ClientIdentity>().map(|identity| identity.name.clone());
             let host = routed.uri.host().map(str::to_owned);
             let max_wait = request.extensions().get::<RequestControls>().and_then(|controls| controls.max_wait);
+            // Who the tokens are spent for: the request's consumer, or each item's of a bulk call.
+            let consumers: &[Arc<str>] =
+                match (request.extensions().get::<ItemConsumers>(), request.extensions().get::<Consumer>()) {
+                    (Some(items), _) => &items.0,
+                    (None, Some(single)) => std::slice::from_ref(&single.0),
+                    (None, None) => &[],
+                };
             let caller = super::Caller {
                 headers: request.headers(),
                 peer,
                 client: client.as_deref(),
                 host: host.as_deref(),
                 max_wait,
+                consumers,
             };
             let mut admission = limiter.admit(&upstream, request.method(), &path, caller, opened).await?;
             if let Some(scope) = admission.scope.take() {

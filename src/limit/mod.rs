@@ -13,7 +13,9 @@
 //!   (this process) and `redis` (every replica), with `lease` for busy scopes;
 //! - `fallback`: Redis and what to do while it is away (`on_failure`, the probe that heals the
 //!   connection, the local shares and folding them back in);
-//! - `admit`: the admission loop; `headers`: what the caller is told; `layer`: the Limit layer.
+//! - `admit`: the admission loop; `headers`: what the caller is told; `layer`: the Limit layer;
+//! - `usage`: who spent each quota (by consumer, merged across replicas through the store) and
+//!   when it will run out at the rate it is spent (the forecast).
 //!
 //! [`Limiter`] ties them together for the Limit layer and the Feedback layer (which records vendor
 //! pauses and adopts the vendor's figures through it).
@@ -36,6 +38,7 @@ pub mod rolling;
 pub mod scope;
 pub mod slots;
 pub mod store;
+pub mod usage;
 pub mod window;
 
 use std::net::SocketAddr;
@@ -59,6 +62,7 @@ use keys::KeySchema;
 use memory::MemoryStore;
 use redis::RedisStore;
 use slots::Slots;
+use usage::Usage;
 
 /// Request header with which a caller shortens (never lengthens) its own queue wait.
 pub const MAX_WAIT_HEADER: &str = crate::controls::MAX_WAIT_HEADER;
@@ -78,6 +82,8 @@ pub struct Caller<'a> {
     pub host: Option<&'a str>,
     /// The caller's own wait limit (`Sluice-Max-Wait`, parsed and clamped by `controls`).
     pub max_wait: Option<Duration>,
+    /// Who the tokens are spent for: the request's consumer, or one per item of a bulk call.
+    pub consumers: &'a [Arc<str>],
 }
 
 /// What a request got from the limiter: held until its response head is back.
@@ -142,9 +148,13 @@ pub struct Limiter {
     books: Books,
     slots: Slots,
     announced: Announced,
+    usage: Usage,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
 }
+
+/// How often spend is folded into the series, sent to Redis and sampled for forecasts.
+pub const USAGE_TICK: Duration = Duration::from_secs(1);
 
 impl Limiter {
     /// Builds the limiter for `store`; with Redis, tries to connect for up to a second, then
@@ -166,11 +176,12 @@ impl Limiter {
             StoreKind::Memory => (Decider::Memory(MemoryStore::default()), None),
             StoreKind::Redis => {
                 let redis = RedisStore::new(store.clone());
-                let fallback = Fallback::start(store, redis.clone(), metrics.clone(), clock.clone(), stop).await;
+                let fallback =
+                    Fallback::start(store, redis.clone(), metrics.clone(), clock.clone(), stop.clone()).await;
                 (Decider::Shared(fallback), Some(redis))
             }
         };
-        Arc::new(Self {
+        let limiter = Arc::new(Self {
             decider,
             redis,
             store_kind,
@@ -178,9 +189,124 @@ impl Limiter {
             books: Books::default(),
             slots: Slots::default(),
             announced: Announced::default(),
+            usage: Usage::new(metrics.clone()),
             metrics,
             clock,
-        })
+        });
+        spawn_usage_ticks(Arc::downgrade(&limiter), stop);
+        limiter
+    }
+
+    /// One usage tick: pending spend into the series; with Redis, sent (off the request path)
+    /// and the scopes' shared totals read back; then the forecasts.
+    pub async fn usage_tick(&self) {
+        let shared = matches!(self.decider, Decider::Shared(_));
+        let Some((flush, token)) = self.usage.tick(self.clock.wall(), self.clock.now(), shared, self.keys.prefix())
+        else {
+            return;
+        };
+        let result = match (&self.redis, self.mode()) {
+            (Some(redis), Mode::Shared) if !flush.groups.is_empty() => {
+                let wait = self.store_patience();
+                match tokio::time::timeout(wait, redis.add_usage(&flush)).await {
+                    Ok(Ok(totals)) => Ok(totals),
+                    Ok(Err(error)) => {
+                        self.metrics.store_errors.with_label_values(&[error.kind()]).inc();
+                        tracing::debug!(%error, "Usage not sent to Redis; kept for the next tick.");
+                        Err(())
+                    }
+                    Err(_) => {
+                        self.metrics.store_errors.with_label_values(&["timeout"]).inc();
+                        Err(())
+                    }
+                }
+            }
+            (Some(_), Mode::Shared) => Ok(std::collections::HashMap::new()),
+            _ => Err(()),
+        };
+        self.usage.sent(token, result, self.clock.wall(), self.clock.now());
+    }
+
+    /// How long an admin read or a background write waits on Redis.
+    fn store_patience(&self) -> Duration {
+        self.redis
+            .as_ref()
+            .map_or(Duration::from_secs(1), |redis| (redis.settings().timeout * 20).max(Duration::from_secs(1)))
+    }
+
+    /// `GET /usage`: per upstream and quota, spend by consumer in the current window, the last
+    /// hour and the current (UTC) day; every replica's through Redis, else this replica's.
+    pub async fn usage(&self, upstreams: &[Arc<Upstream>]) -> UsageSnapshot {
+        let now = self.clock.wall();
+        let plans: Vec<(Arc<Upstream>, Vec<(usage::Plan, &Quota)>)> = upstreams
+            .iter()
+            .filter(|upstream| !upstream.limits.quotas.is_empty())
+            .map(|upstream| {
+                let plans =
+                    upstream.limits.quotas.iter().map(|quota| (usage::Plan::of(upstream, quota, now), quota)).collect();
+                (upstream.clone(), plans)
+            })
+            .collect();
+        // Every replica's spend, from Redis, when it answers.
+        let mut shared: Option<std::collections::HashMap<String, usage::SlotSpend>> = None;
+        if let (Some(redis), Mode::Shared) = (&self.redis, self.mode()) {
+            let prefix = self.keys.prefix();
+            let groups: Vec<Vec<String>> = plans
+                .iter()
+                .map(|(_, quotas)| {
+                    quotas
+                        .iter()
+                        .flat_map(|(plan, _)| plan.slots().map(|slot| usage::usage_key(prefix, &plan.id, slot)))
+                        .collect()
+                })
+                .collect();
+            if let Ok(Ok(read)) = tokio::time::timeout(self.store_patience(), redis.read_usage(&groups)).await {
+                let mut by_key = std::collections::HashMap::new();
+                for (keys, hashes) in groups.into_iter().zip(read) {
+                    for (key, fields) in keys.into_iter().zip(hashes) {
+                        let spend: usage::SlotSpend =
+                            fields.into_iter().map(|(consumer, milli)| (Arc::from(consumer.as_str()), milli)).collect();
+                        by_key.insert(key, spend);
+                    }
+                }
+                shared = Some(by_key);
+            }
+        }
+        let prefix = self.keys.prefix();
+        let mut out = Vec::new();
+        for (upstream, quotas) in &plans {
+            let mut views = Vec::new();
+            for (plan, quota) in quotas {
+                let read = |slot: &usage::Slot| match &shared {
+                    Some(by_key) => {
+                        let mut spend =
+                            by_key.get(&usage::usage_key(prefix, &plan.id, slot)).cloned().unwrap_or_default();
+                        for (consumer, milli) in self.usage.unsent(&plan.id, slot) {
+                            *spend.entry(consumer).or_default() += milli;
+                        }
+                        spend
+                    }
+                    None => self.usage.local(&plan.id, slot),
+                };
+                views.push(usage::QuotaUsage {
+                    name: quota.name.to_string(),
+                    limit: quota.limit,
+                    per: humantime::format_duration(quota.per).to_string(),
+                    window: usage::period(plan.window.0, &plan.window.1, Some(quota.limit), read),
+                    last_hour: usage::period(plan.hour.0, &plan.hour.1, None, read),
+                    today: usage::period(plan.day.0, &plan.day.1, None, read),
+                });
+            }
+            out.push(UpstreamUsage { name: upstream.name.to_string(), quotas: views });
+        }
+        UsageSnapshot {
+            scope: if shared.is_some() { "cluster" } else { "replica" },
+            store: self.store_kind.as_str(),
+            mode: self.mode().as_str(),
+            replicas: self.replicas(),
+            at: usage::rfc3339(now),
+            upstreams: out,
+        }
     }
 
     pub fn mode(&self) -> Mode {
@@ -383,15 +509,19 @@ impl Limiter {
                             Decider::Shared(fallback) => fallback.leased(bucket),
                             Decider::Memory(_) => 0,
                         };
+                        let forecast = self.usage.forecast(bucket);
                         ScopeView {
                             scope: key.0.clone(),
                             requests: *requests,
                             remaining: standing.remaining + leased,
                             next_free_in_ms: next_free_in(&rule, &state, now) / 1000,
                             full_in_ms: standing.reset_in.max(0) / 1000,
+                            spend_per_second: forecast.map(|forecast| round3(forecast.spend_per_second)),
+                            exhausts_at: forecast.and_then(|forecast| forecast.exhausts_at).map(usage::rfc3339),
                         }
                     })
                     .collect();
+                let forecast = self.usage.quota_forecast(&upstream.name, &quota.name);
                 quotas.push(QuotaView {
                     name: quota.name.to_string(),
                     limit: quota.limit,
@@ -406,6 +536,8 @@ impl Limiter {
                         Window::Fixed { .. } => None,
                     },
                     burst: matches!(quota.window, Window::Smooth).then_some(quota.burst),
+                    spend_per_second: forecast.map(|forecast| round3(forecast.spend_per_second)),
+                    exhausts_at: forecast.and_then(|forecast| forecast.exhausts_at).map(usage::rfc3339),
                     scopes,
                 });
             }
@@ -457,6 +589,11 @@ pub struct QuotaView {
     pub window: &'static str,
     pub shape: Option<&'static str>,
     pub burst: Option<u64>,
+    /// The spend rate (tokens per second, every replica's) of the scope closest to running
+    /// out, over the quota's `forecast_window`; `null` until a forecast window has been seen.
+    pub spend_per_second: Option<f64>,
+    /// When that scope runs out at that rate (RFC 3339); `null` when it is not at risk.
+    pub exhausts_at: Option<String>,
     pub scopes: Vec<ScopeView>,
 }
 
@@ -467,6 +604,55 @@ pub struct ScopeView {
     pub remaining: i64,
     pub next_free_in_ms: i64,
     pub full_in_ms: i64,
+    /// This scope's spend rate (see [`QuotaView::spend_per_second`]), if it is forecast.
+    pub spend_per_second: Option<f64>,
+    /// When this scope runs out at that rate, if it does before it is whole again.
+    pub exhausts_at: Option<String>,
+}
+
+/// What `GET /usage` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageSnapshot {
+    /// `cluster`: every replica's spend, read from Redis; `replica`: this replica's only (the
+    /// memory store, or Redis unreachable).
+    pub scope: &'static str,
+    pub store: &'static str,
+    pub mode: &'static str,
+    pub replicas: u64,
+    /// When the answer was made (RFC 3339).
+    pub at: String,
+    pub upstreams: Vec<UpstreamUsage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamUsage {
+    pub name: String,
+    pub quotas: Vec<usage::QuotaUsage>,
+}
+
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+/// Runs [`Limiter::usage_tick`] every [`USAGE_TICK`] until `stop`, and once more then, so the
+/// last second's spend reaches Redis.
+fn spawn_usage_ticks(limiter: std::sync::Weak<Limiter>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(USAGE_TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            let stopping = tokio::select! {
+                _ = ticks.tick() => false,
+                () = stop.cancelled() => true,
+            };
+            let Some(limiter) = limiter.upgrade() else { return };
+            limiter.usage_tick().await;
+            if stopping {
+                return;
+            }
+        }
+    });
 }
 
 /// Whether sluice acts on this upstream's responses (pauses): it has quotas or a header profile.
@@ -540,7 +726,7 @@ mod tests {
 
     async fn admit(limiter: &Limiter, upstream: &Upstream) -> Result<Admission, ProxyError> {
         let headers = HeaderMap::new();
-        let caller = Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None };
+        let caller = Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None, consumers: &[] };
         limiter.admit(upstream, &Method::GET, "/x", caller, None).await
     }
 
@@ -617,7 +803,7 @@ mod tests {
         admit(&limiter, &upstream).await.unwrap();
         let (open, opened) = tokio::sync::watch::channel(0u64);
         let headers = HeaderMap::new();
-        let caller = Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None };
+        let caller = Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None, consumers: &[] };
         let waiting = limiter.admit(&upstream, &Method::GET, "/x", caller, Some(opened));
         let opening = async {
             tokio::time::sleep(Duration::from_secs(1)).await;
