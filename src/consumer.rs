@@ -3,7 +3,10 @@
 //!
 //! 1. the authenticated proxy client (`clients:`), which cannot be forged;
 //! 2. the caller's `Sluice-Consumer` header (parsed by `controls`, stripped before the vendor);
-//! 3. the proxy user (the Basic user name in `Proxy-Authorization`, without `clients:`).
+//! 3. the proxy user (the Basic user name in `Proxy-Authorization`, without `clients:`);
+//! 4. the sidecar's own consumer, [`DEFAULT_ENV`] in sluice's environment: the injector sets it
+//!    from the pod's service account, so a pod's calls are attributed without the app sending
+//!    anything. It is always a known name.
 //!
 //! The answer is a metric label and a Redis hash field, so it comes from a bounded set: the
 //! names in `consumers:` (or, without that list, the names of `clients:`). Any other value counts
@@ -25,6 +28,9 @@ pub const OTHER: &str = "other";
 /// What spend is attributed to when nothing names a consumer.
 pub const NONE: &str = "none";
 
+/// The environment variable naming the sidecar's own consumer (read when a generation is built).
+pub const DEFAULT_ENV: &str = "SLUICE_CONSUMER";
+
 /// The consumer a request spends for (a request extension, written by Route).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumer(pub Arc<str>);
@@ -41,26 +47,46 @@ pub struct Known {
     names: HashSet<Arc<str>>,
     other: Arc<str>,
     none: Arc<str>,
+    /// The sidecar's own consumer, when nothing else names one.
+    default: Option<Arc<str>>,
 }
 
 impl Default for Known {
     fn default() -> Self {
-        Self::new(None, &[])
+        Self::new(None, &[], None)
     }
 }
 
 impl Known {
-    /// The names of `consumers:` when it is given, else the names of `clients:`.
-    pub fn new(listed: Option<&[Arc<str>]>, clients: &[ClientSettings]) -> Self {
-        let names = match listed {
+    /// The names of `consumers:` when it is given, else the names of `clients:`; and `default`,
+    /// the sidecar's own (see [`DEFAULT_ENV`]).
+    pub fn new(listed: Option<&[Arc<str>]>, clients: &[ClientSettings], default: Option<Arc<str>>) -> Self {
+        let mut names: HashSet<Arc<str>> = match listed {
             Some(listed) => listed.iter().cloned().collect(),
             None => clients.iter().map(|client| client.name.clone()).collect(),
         };
-        Self { names, other: Arc::from(OTHER), none: Arc::from(NONE) }
+        names.extend(default.clone());
+        Self { names, other: Arc::from(OTHER), none: Arc::from(NONE), default }
+    }
+
+    /// The sidecar's own consumer from [`DEFAULT_ENV`], if it is set to a valid name (an invalid
+    /// one is logged and ignored: attribution is never a reason not to start).
+    pub fn default_from_env() -> Option<Arc<str>> {
+        let value = std::env::var(DEFAULT_ENV).ok()?;
+        let value = value.trim();
+        if value.is_empty() {
+            return None;
+        }
+        if !crate::config::is_consumer_name(value) || crate::config::RESERVED_CONSUMERS.contains(&value) {
+            tracing::warn!(value, "{DEFAULT_ENV} is not a consumer name (1-64 of A-Z, a-z, 0-9, ., - and _); ignored.");
+            return None;
+        }
+        Some(Arc::from(value))
     }
 
     /// The consumer of a request: the first of `client`, `header` and `proxy_user` that says
-    /// anything, as the known name it is, else [`OTHER`]; [`NONE`] when none says anything.
+    /// anything, as the known name it is, else [`OTHER`]; the default when none says anything,
+    /// else [`NONE`].
     /// `proxy_user` is asked only when the other two are silent.
     pub fn attribute(
         &self,
@@ -72,7 +98,7 @@ impl Known {
             Some(name) => Some(self.lookup(name)),
             None => proxy_user().map(|user| self.lookup(&user)),
         };
-        Consumer(claimed.unwrap_or_else(|| self.none.clone()))
+        Consumer(claimed.or_else(|| self.default.clone()).unwrap_or_else(|| self.none.clone()))
     }
 
     fn lookup(&self, name: &str) -> Arc<str> {
@@ -106,7 +132,7 @@ mod tests {
     #[test]
     fn the_first_source_that_says_anything_wins() {
         let listed: Vec<Arc<str>> = vec![Arc::from("billing"), Arc::from("sync")];
-        let known = Known::new(Some(&listed), &[]);
+        let known = Known::new(Some(&listed), &[], None);
         let never = || -> Option<String> { panic!("the proxy user is not asked when another source speaks") };
         assert_eq!(name(known.attribute(Some("billing"), Some("sync"), never)), "billing", "client first");
         assert_eq!(name(known.attribute(None, Some("sync"), never)), "sync", "then the header");
@@ -118,7 +144,7 @@ mod tests {
 
     #[test]
     fn unknown_values_are_other_so_the_label_set_is_bounded() {
-        let known = Known::new(Some(&[Arc::from("billing")]), &[]);
+        let known = Known::new(Some(&[Arc::from("billing")]), &[], None);
         let mut seen = HashSet::new();
         for at in 0..10_000 {
             seen.insert(name(known.attribute(None, Some(&format!("caller-{at}")), || None)));
@@ -131,7 +157,7 @@ mod tests {
 
     #[test]
     fn without_a_list_the_clients_are_the_known_set() {
-        let known = Known::new(None, &[client("billing"), client("sync")]);
+        let known = Known::new(None, &[client("billing"), client("sync")], None);
         assert_eq!(name(known.attribute(Some("sync"), None, || None)), "sync");
         assert_eq!(name(known.attribute(None, Some("billing"), || None)), "billing");
         assert_eq!(name(known.attribute(None, Some("backfill"), || None)), OTHER);
@@ -139,5 +165,16 @@ mod tests {
         let sidecar = Known::default();
         assert_eq!(name(sidecar.attribute(None, Some("billing"), || None)), OTHER);
         assert_eq!(sidecar.label_count(), 2);
+    }
+
+    #[test]
+    fn the_sidecars_own_consumer_counts_what_names_no_one() {
+        let listed: Vec<Arc<str>> = vec![Arc::from("billing")];
+        let known = Known::new(Some(&listed), &[], Some(Arc::from("crm-sync")));
+        assert_eq!(name(known.attribute(None, None, || None)), "crm-sync");
+        assert_eq!(name(known.attribute(None, Some("billing"), || None)), "billing", "a caller still says");
+        assert_eq!(name(known.attribute(None, Some("crm-sync"), || None)), "crm-sync", "and the default is known");
+        assert_eq!(name(known.attribute(None, Some("stranger"), || None)), OTHER);
+        assert_eq!(known.label_count(), 4);
     }
 }

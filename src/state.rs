@@ -158,7 +158,11 @@ impl Generation {
         }
         let (Some(store), Some(proxy_clients)) = (store, proxy_clients) else { return Err(problems.refusal()) };
         problems.finish()?;
-        let consumers = crate::consumer::Known::new(config.live.consumers.as_deref(), &config.live.clients);
+        let consumers = crate::consumer::Known::new(
+            config.live.consumers.as_deref(),
+            &config.live.clients,
+            crate::consumer::Known::default_from_env(),
+        );
         Ok(Self {
             proxy_clients,
             credentials,

@@ -419,6 +419,33 @@ clients:
     }
 
     #[test]
+    fn consumers_are_plain_unique_names_each_problem_at_its_line() {
+        let text = "\
+upstreams: []
+consumers:
+  - billing
+  - billing
+  - other
+  - 'has spaces'
+  - nightly.backfill_v2
+";
+        let error = Config::from_yaml(text).unwrap_err().to_string();
+        for expected in [
+            "3 problems",
+            "consumers[1] (line 4): `billing` is listed twice",
+            "consumers[2] (line 5): `other` is reserved",
+            "consumers[3] (line 6): must be 1-64 characters",
+        ] {
+            assert!(error.contains(expected), "`{expected}` in:\n{error}");
+        }
+        let config = Config::from_yaml("consumers: [billing, nightly.backfill_v2]\n").unwrap();
+        let names: Vec<&str> = config.live.consumers.iter().flatten().map(|name| &**name).collect();
+        assert_eq!(names, ["billing", "nightly.backfill_v2"]);
+        assert!(Config::from_yaml("upstreams: []\n").unwrap().live.consumers.is_none(), "absent: the clients");
+        assert!(Config::from_yaml("upstreams: []\n").unwrap().effective().get("consumers").is_none());
+    }
+
+    #[test]
     fn validation_reads_nothing_but_the_text() {
         let config = Config::from_yaml(RICH).unwrap();
         assert_eq!(config.process.store.url, Some(StoreUrl::Env("SLUICE_TEST_REDIS_URL".into())));
