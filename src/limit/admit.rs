@@ -15,6 +15,7 @@ use http::{HeaderValue, Method};
 use tokio::time::Instant;
 
 use super::decide::{Decision, Micros, Standing};
+use super::usage::Spent;
 use super::{headers, Admission, Caller, Limiter, VendorScope, MAX_PAUSE};
 use crate::config::{OverLimit, Upstream};
 use crate::error::{ErrorKind, ProxyError};
@@ -147,9 +148,13 @@ pub(super) async fn admit(
         return Err(pause_refusal(upstream, retry_after, outage, None));
     }
     // Spent: counted for the request's consumer(s) and sampled for the forecast.
-    let spent = u64::try_from(cost).unwrap_or(1);
-    let (wall, now) = (limiter.clock.wall(), limiter.clock.now());
-    limiter.usage.spend(upstream, &buckets.keys, &standings, spent, caller.consumers, wall, now);
+    let spent = Spent {
+        cost: u64::try_from(cost).unwrap_or(1),
+        consumers: caller.consumers,
+        wall: limiter.clock.wall(),
+        at: limiter.clock.now(),
+    };
+    limiter.usage.spend(upstream, &buckets.keys, &standings, spent);
     admission.scope = Some(VendorScope { pause_key, bucket_keys: buckets.keys, standings });
     admission.queued = if waited { limiter.clock.now().saturating_duration_since(started) } else { Duration::ZERO };
     match buckets.counters.first() {

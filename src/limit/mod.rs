@@ -238,7 +238,7 @@ impl Limiter {
     /// hour and the current (UTC) day; every replica's through Redis, else this replica's.
     pub async fn usage(&self, upstreams: &[Arc<Upstream>]) -> UsageSnapshot {
         let now = self.clock.wall();
-        let plans: Vec<(Arc<Upstream>, Vec<(usage::Plan, &Quota)>)> = upstreams
+        let plans: Vec<UpstreamPlans<'_>> = upstreams
             .iter()
             .filter(|upstream| !upstream.limits.quotas.is_empty())
             .map(|upstream| {
@@ -629,6 +629,9 @@ pub struct UpstreamUsage {
     pub name: String,
     pub quotas: Vec<usage::QuotaUsage>,
 }
+
+/// An upstream and what `/usage` reads of each of its quotas.
+type UpstreamPlans<'a> = (Arc<Upstream>, Vec<(usage::Plan, &'a Quota)>);
 
 fn round3(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0

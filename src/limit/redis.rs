@@ -425,11 +425,11 @@ impl RedisStore {
         let mut totals = HashMap::new();
         for group in &flush.groups {
             let mut pipe = redis::pipe();
-            for (key, expires_ms, deltas) in &group.hashes {
-                for (consumer, milli) in deltas {
-                    pipe.cmd("HINCRBY").arg(key).arg(&**consumer).arg(*milli).ignore();
+            for hash in &group.hashes {
+                for (consumer, milli) in &hash.deltas {
+                    pipe.cmd("HINCRBY").arg(&hash.key).arg(&**consumer).arg(*milli).ignore();
                 }
-                pipe.cmd("PEXPIREAT").arg(key).arg(*expires_ms).ignore();
+                pipe.cmd("PEXPIREAT").arg(&hash.key).arg(hash.expires_ms).ignore();
             }
             for (bucket, ttl_ms, delta) in &group.counters {
                 let key = spent_key(bucket);

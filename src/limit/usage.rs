@@ -57,15 +57,16 @@ pub type Milli = i64;
 /// Milli-tokens per token.
 pub const MILLI: Milli = 1000;
 
-/// Most scopes tracked for forecasts at once; past it, new scopes are not forecast.
-pub const MAX_SCOPES: usize = 100_000;
+/// Most scopes tracked for forecasts at once (about 1.5 KiB each); past it, new scopes are not
+/// forecast until idle ones are forgotten.
+pub const MAX_SCOPES: usize = 10_000;
 
 /// Most (key, consumer) entries of spend kept for Redis while it is away; past it the oldest
 /// slot's entries are dropped (and this replica's own series still count them).
 pub const MAX_UNSENT: usize = 200_000;
 
 /// Samples kept per scope for the rate fit.
-const MAX_SAMPLES: usize = 128;
+const MAX_SAMPLES: usize = 64;
 
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
@@ -97,7 +98,8 @@ pub enum SlotKind {
 }
 
 impl Slot {
-    pub fn len(&self) -> i64 {
+    /// How long the slot is (ms).
+    pub fn span(&self) -> i64 {
         match self.kind {
             SlotKind::Fixed { len } | SlotKind::Rolling { len } => len,
             SlotKind::Minute => MINUTE_MS,
@@ -113,7 +115,7 @@ impl Slot {
             SlotKind::Minute => HOUR_MS + 5 * MINUTE_MS,
             SlotKind::Hour => DAY_MS + HOUR_MS,
         };
-        self.start.saturating_add(self.len()).saturating_add(after)
+        self.start.saturating_add(self.span()).saturating_add(after)
     }
 
     /// The key suffix that names the slot (`f86400000:1767225600000`, `m:1767225600000`).
@@ -246,7 +248,13 @@ impl ScopeTrack {
         (den > 0.0).then(|| (num / den).max(0.0))
     }
 
-    fn update_forecast(&mut self) {
+    /// The forecast as of `at`; none while the samples are stale (a scope no longer watched).
+    fn update_forecast(&mut self, at: Instant) {
+        let fresh = (self.shape.window / 2).max(Duration::from_secs(3));
+        if self.samples.back().is_none_or(|(last, _)| at.saturating_duration_since(*last) > fresh) {
+            self.forecast = None;
+            return;
+        }
         self.forecast = self.rate().map(|rate| Forecast {
             spend_per_second: rate,
             exhausts_at: self.standing.and_then(|(at, standing)| {
@@ -271,10 +279,28 @@ pub struct Flush {
 #[derive(Debug, Default)]
 pub struct FlushGroup {
     pub upstream: Arc<str>,
-    /// (key, expires at in Unix ms, consumer deltas).
-    pub hashes: Vec<(String, i64, Vec<(Arc<str>, Milli)>)>,
+    pub hashes: Vec<HashDelta>,
     /// (bucket key, delta): the counter is `<bucket>!spent`, kept for `ttl_ms`.
     pub counters: Vec<(String, i64, i64)>,
+}
+
+/// Spend to add to one slot's hash.
+#[derive(Debug)]
+pub struct HashDelta {
+    pub key: String,
+    /// When the hash may go (Unix ms).
+    pub expires_ms: i64,
+    pub deltas: Vec<(Arc<str>, Milli)>,
+}
+
+/// What one admission spent: `cost` tokens from each quota, for `consumers` in equal shares,
+/// at `wall` (Unix microseconds) / `at` (the limiter's clock).
+#[derive(Debug, Clone, Copy)]
+pub struct Spent<'a> {
+    pub cost: u64,
+    pub consumers: &'a [Arc<str>],
+    pub wall: Micros,
+    pub at: Instant,
 }
 
 /// What went into a flush, to take it back when Redis does not.
@@ -405,18 +431,10 @@ impl Usage {
         crate::kit::lock(&self.inner)
     }
 
-    /// An admission spent `cost` from each quota of `upstream` (the bucket `buckets[i]` of quota
-    /// `i`, which stood at `standings[i]` after it), for `consumers` in equal shares.
-    pub fn spend(
-        &self,
-        upstream: &Upstream,
-        buckets: &[String],
-        standings: &[Standing],
-        cost: u64,
-        consumers: &[Arc<str>],
-        wall: Micros,
-        at: Instant,
-    ) {
+    /// An admission spent from each quota of `upstream` (the bucket `buckets[i]` of quota `i`,
+    /// which stood at `standings[i]` after it).
+    pub fn spend(&self, upstream: &Upstream, buckets: &[String], standings: &[Standing], spent: Spent<'_>) {
+        let Spent { cost, consumers, wall, at } = spent;
         let shares = shares(cost, consumers);
         let now_ms = wall.div_euclid(1000);
         let mut inner = self.lock();
@@ -509,7 +527,7 @@ impl Usage {
             for track in inner.scopes.values_mut() {
                 let total = track.total + std::mem::take(&mut track.pending);
                 track.sample(at, total);
-                track.update_forecast();
+                track.update_forecast(at);
             }
             self.publish_gauges(inner, wall);
             return None;
@@ -548,7 +566,7 @@ impl Usage {
                 .entry(id.0.clone())
                 .or_insert_with(|| FlushGroup { upstream: id.0.clone(), ..Default::default() });
             let deltas = spent.iter().map(|(consumer, milli)| (consumer.clone(), *milli)).collect();
-            group.hashes.push((usage_key(prefix, id, slot), slot.expires(), deltas));
+            group.hashes.push(HashDelta { key: usage_key(prefix, id, slot), expires_ms: slot.expires(), deltas });
         }
         for (bucket, delta) in &scopes {
             let Some(track) = inner.scopes.get(bucket) else { continue };
@@ -574,7 +592,6 @@ impl Usage {
                     if let Some(total) = totals.get(bucket) {
                         track.sample(at, *total);
                     }
-                    track.update_forecast();
                 }
             }
             Err(()) => {
@@ -600,6 +617,9 @@ impl Usage {
                     }
                 }
             }
+        }
+        for track in inner.scopes.values_mut() {
+            track.update_forecast(at);
         }
         self.publish_gauges(inner, wall);
     }
@@ -818,12 +838,14 @@ mod tests {
             let jitter = if second % 2 == 0 { 1 } else { -1 };
             track.sample(start + Duration::from_secs(second), i64::try_from(second).unwrap() * 20 + jitter);
         }
-        track.update_forecast();
+        track.update_forecast(start + Duration::from_secs(12));
         let forecast = track.forecast.unwrap();
         assert!((forecast.spend_per_second - 20.0).abs() < 0.5, "{forecast:?}");
         let at = forecast.exhausts_at.unwrap();
         assert!((at - 20_000_000).abs() < 500_000, "400 left at 20/s: 20 s after the standing, got {at}");
         assert!(track.samples.len() <= 11, "samples older than the window go");
+        track.update_forecast(start + Duration::from_secs(30));
+        assert_eq!(track.forecast, None, "stale samples forecast nothing");
     }
 
     #[test]
