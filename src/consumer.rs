@@ -17,10 +17,10 @@
 //! extensions, Batch replaces it on a bulk call by [`ItemConsumers`] (each item's own caller),
 //! and the limiter reads them when it counts the tokens spent.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::config::ClientSettings;
+use crate::config::{ClientSettings, ConsumerSettings, Lane};
 
 /// What spend is attributed to when the caller names a consumer that is not known.
 pub const OTHER: &str = "other";
@@ -45,6 +45,8 @@ pub struct ItemConsumers(pub Vec<Arc<str>>);
 #[derive(Debug, Clone)]
 pub struct Known {
     names: HashSet<Arc<str>>,
+    /// Consumers whose requests take another lane than `normal` by default.
+    lanes: HashMap<Arc<str>, Lane>,
     other: Arc<str>,
     none: Arc<str>,
     /// The sidecar's own consumer, when nothing else names one.
@@ -60,13 +62,20 @@ impl Default for Known {
 impl Known {
     /// The names of `consumers:` when it is given, else the names of `clients:`; and `default`,
     /// the sidecar's own (see [`DEFAULT_ENV`]).
-    pub fn new(listed: Option<&[Arc<str>]>, clients: &[ClientSettings], default: Option<Arc<str>>) -> Self {
+    pub fn new(listed: Option<&[ConsumerSettings]>, clients: &[ClientSettings], default: Option<Arc<str>>) -> Self {
         let mut names: HashSet<Arc<str>> = match listed {
-            Some(listed) => listed.iter().cloned().collect(),
+            Some(listed) => listed.iter().map(|consumer| consumer.name.clone()).collect(),
             None => clients.iter().map(|client| client.name.clone()).collect(),
         };
         names.extend(default.clone());
-        Self { names, other: Arc::from(OTHER), none: Arc::from(NONE), default }
+        let lanes =
+            listed.into_iter().flatten().filter_map(|consumer| Some((consumer.name.clone(), consumer.lane?))).collect();
+        Self { names, lanes, other: Arc::from(OTHER), none: Arc::from(NONE), default }
+    }
+
+    /// The lane a consumer's requests take when they send no `Sluice-Priority`.
+    pub fn lane_of(&self, consumer: &Consumer) -> Lane {
+        self.lanes.get(&consumer.0).copied().unwrap_or_default()
     }
 
     /// The sidecar's own consumer from [`DEFAULT_ENV`], if it is set to a valid name (an invalid
@@ -125,13 +134,26 @@ mod tests {
         }
     }
 
+    fn listed(name: &str, lane: Option<Lane>) -> ConsumerSettings {
+        ConsumerSettings { name: Arc::from(name), lane }
+    }
+
+    #[test]
+    fn a_consumer_may_have_a_lane_of_its_own() {
+        let known = Known::new(Some(&[listed("billing", None), listed("backfill", Some(Lane::Low))]), &[], None);
+        let lane = |header: &str| known.lane_of(&known.attribute(None, Some(header), || None));
+        assert_eq!(lane("backfill"), Lane::Low);
+        assert_eq!(lane("billing"), Lane::Normal);
+        assert_eq!(lane("stranger"), Lane::Normal);
+    }
+
     fn name(consumer: Consumer) -> String {
         consumer.0.to_string()
     }
 
     #[test]
     fn the_first_source_that_says_anything_wins() {
-        let listed: Vec<Arc<str>> = vec![Arc::from("billing"), Arc::from("sync")];
+        let listed = [listed("billing", None), listed("sync", None)];
         let known = Known::new(Some(&listed), &[], None);
         let never = || -> Option<String> { panic!("the proxy user is not asked when another source speaks") };
         assert_eq!(name(known.attribute(Some("billing"), Some("sync"), never)), "billing", "client first");
@@ -144,7 +166,7 @@ mod tests {
 
     #[test]
     fn unknown_values_are_other_so_the_label_set_is_bounded() {
-        let known = Known::new(Some(&[Arc::from("billing")]), &[], None);
+        let known = Known::new(Some(&[listed("billing", None)]), &[], None);
         let mut seen = HashSet::new();
         for at in 0..10_000 {
             seen.insert(name(known.attribute(None, Some(&format!("caller-{at}")), || None)));
@@ -169,8 +191,7 @@ mod tests {
 
     #[test]
     fn the_sidecars_own_consumer_counts_what_names_no_one() {
-        let listed: Vec<Arc<str>> = vec![Arc::from("billing")];
-        let known = Known::new(Some(&listed), &[], Some(Arc::from("crm-sync")));
+        let known = Known::new(Some(&[listed("billing", None)]), &[], Some(Arc::from("crm-sync")));
         assert_eq!(name(known.attribute(None, None, || None)), "crm-sync");
         assert_eq!(name(known.attribute(None, Some("billing"), || None)), "billing", "a caller still says");
         assert_eq!(name(known.attribute(None, Some("crm-sync"), || None)), "crm-sync", "and the default is known");

@@ -1,5 +1,5 @@
 //! The caller's own controls over its request (`Sluice-Deadline`, `Sluice-Max-Wait`,
-//! `Sluice-Batch`, `Sluice-Consumer`), read once, in the Route step, into one typed value in the request's
+//! `Sluice-Batch`, `Sluice-Consumer`, `Sluice-Priority`), read once, in the Route step, into one typed value in the request's
 //! extensions. Later layers read [`RequestControls`], never the headers, so there is exactly one
 //! parser of what a client sends here, and it is the one that is fuzzed.
 //!
@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
+
+pub use crate::config::Lane;
 use tokio::time::Instant;
 
 /// Request header with which a caller caps the whole time sluice may spend on its request.
@@ -31,6 +33,9 @@ pub const BATCH_HEADER: &str = "sluice-batch";
 
 /// Request header with which a caller says which consumer (service, job) it spends quota for.
 pub const CONSUMER_HEADER: &str = "sluice-consumer";
+
+/// Request header with which a caller picks its request's lane: `high`, `normal` or `low`.
+pub const PRIORITY_HEADER: &str = "sluice-priority";
 
 /// The longest `Sluice-Consumer` value kept; a longer one is no known consumer's name anyway,
 /// so it is cut here (and counted as `other`) rather than carried along whole.
@@ -54,11 +59,13 @@ pub struct RequestControls {
     /// `Sluice-Consumer`: who the caller says it spends for, trimmed, at most
     /// [`MAX_CONSUMER_BYTES`]. A claim only: the consumer room decides what it counts as.
     pub consumer: Option<Arc<str>>,
+    /// `Sluice-Priority`: the lane the caller asked for (else its consumer's, else `normal`).
+    pub priority: Option<Lane>,
 }
 
 impl Default for RequestControls {
     fn default() -> Self {
-        Self { deadline: None, max_wait: None, batch: true, consumer: None }
+        Self { deadline: None, max_wait: None, batch: true, consumer: None, priority: None }
     }
 }
 
@@ -92,6 +99,12 @@ impl RequestControls {
             };
         }
         controls.consumer = consumer(headers)?;
+        if let Some(text) = single(headers, PRIORITY_HEADER, "Sluice-Priority")? {
+            controls.priority = Some(
+                Lane::parse(text)
+                    .ok_or(ControlError { header: "Sluice-Priority", problem: "expected high, normal or low" })?,
+            );
+        }
         Ok(controls)
     }
 
@@ -209,6 +222,8 @@ mod tests {
             (MAX_WAIT_HEADER, "1.2.3", "Sluice-Max-Wait"),
             (MAX_WAIT_HEADER, "999999999999999999999999s", "Sluice-Max-Wait"),
             (BATCH_HEADER, "maybe", "Sluice-Batch"),
+            (PRIORITY_HEADER, "urgent", "Sluice-Priority"),
+            (PRIORITY_HEADER, "", "Sluice-Priority"),
         ];
         for (name, value, shown) in cases {
             let error = parse(&[(name, value)]).unwrap_err();
@@ -248,6 +263,14 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(CONSUMER_HEADER, http::HeaderValue::from_bytes(b"bill\xffing").unwrap());
         assert_eq!(RequestControls::parse(&headers, Instant::now()).unwrap_err().header, "Sluice-Consumer");
+    }
+
+    #[test]
+    fn priority_lanes() {
+        assert_eq!(parse(&[(PRIORITY_HEADER, "high")]).unwrap().priority, Some(Lane::High));
+        assert_eq!(parse(&[(PRIORITY_HEADER, " LOW ")]).unwrap().priority, Some(Lane::Low));
+        assert_eq!(parse(&[(PRIORITY_HEADER, "normal")]).unwrap().priority, Some(Lane::Normal));
+        assert_eq!(parse(&[]).unwrap().priority, None);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::body::{self, ProxyBody};
-use crate::config::{BatchRule, ScopeKey, Upstream};
+use crate::config::{BatchRule, Lane, ScopeKey, Upstream};
 use crate::consumer::{Consumer, ItemConsumers};
 use crate::controls::RequestControls;
 use crate::error::{ErrorKind, ProxyError};
@@ -379,6 +379,8 @@ struct Waiter {
     item: Item,
     /// Who this call spends for: the bulk call's tokens are shared out by item.
     consumer: Option<Arc<str>>,
+    /// This call's lane: the bulk call takes the most urgent of its items'.
+    lane: Lane,
     reply: oneshot::Sender<Reply>,
     span: tracing::Span,
 }
@@ -459,6 +461,7 @@ impl Batcher {
         let waiter = Waiter {
             item: Item { id: candidate.id.clone(), body, trace },
             consumer: parts.extensions.get::<Consumer>().map(|consumer| consumer.0.clone()),
+            lane: parts.extensions.get::<Lane>().copied().unwrap_or_default(),
             reply,
             span: tracing::Span::current(),
         };
@@ -555,9 +558,11 @@ impl Batcher {
                 .map(|waiter| waiter.consumer.clone().unwrap_or_else(|| Arc::from(crate::consumer::NONE)))
                 .collect(),
         );
+        let lane = waiters.iter().map(|waiter| waiter.lane).min().unwrap_or_default();
         let result = match bulk_request(&rule, format, op, &routed, head, &items) {
             Ok(mut request) => {
                 request.extensions_mut().insert(consumers);
+                request.extensions_mut().insert(lane);
                 let exchange: BoxFuture<Result<(http::response::Parts, Bytes), ProxyError>> =
                     Box::pin(exchange(inner, request, upstream.name.clone()));
                 exchange.instrument(span).await

@@ -33,14 +33,14 @@ use serde_json::Value;
 
 pub use crate::vendor::{ProfileKind, ResetUnit};
 pub use batch::BatchRule;
-pub use kinds::{CredentialMode, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
-pub use policy::{Feedback, Limits as UpstreamLimits, Quota, ScopeKey, Window};
+pub use kinds::{CredentialMode, Lane, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
+pub use policy::{Feedback, LaneCaps, Limits as UpstreamLimits, Quota, ScopeKey, Window};
 pub use resilience::{BreakerSettings, RetryPolicy};
 pub use store::{Store, StoreConfig, StoreUrl};
 pub use upstream::{Credentials, HostPattern, Scheme, SecretSource, Target, Upstream};
 pub use validate::{
-    is_consumer_name, AdminSettings, AdminToken, ClientSecret, ClientSettings, ConnectionLimits, Intercept, Listen,
-    RESERVED_CONSUMERS,
+    is_consumer_name, AdminSettings, AdminToken, ClientSecret, ClientSettings, ConnectionLimits, ConsumerSettings,
+    Intercept, Listen, RESERVED_CONSUMERS,
 };
 
 /// A validated configuration: what the proxy runs on.
@@ -81,7 +81,7 @@ pub struct LiveConfig {
     /// Proxy clients; empty: sidecar mode.
     pub clients: Vec<ClientSettings>,
     /// `consumers:`, the known consumers spend is attributed to; `None`: the clients' names.
-    pub consumers: Option<Vec<Arc<str>>>,
+    pub consumers: Option<Vec<ConsumerSettings>>,
     pub admin: AdminSettings,
     /// The file as written, defaults filled in, for `GET /config` only: nothing reads settings
     /// from it, and [`ProcessConfig`]'s keys are shown from the values in force instead.
@@ -439,8 +439,13 @@ consumers:
             assert!(error.contains(expected), "`{expected}` in:\n{error}");
         }
         let config = Config::from_yaml("consumers: [billing, nightly.backfill_v2]\n").unwrap();
-        let names: Vec<&str> = config.live.consumers.iter().flatten().map(|name| &**name).collect();
+        let names: Vec<&str> = config.live.consumers.iter().flatten().map(|consumer| &*consumer.name).collect();
         assert_eq!(names, ["billing", "nightly.backfill_v2"]);
+        let config = Config::from_yaml("consumers: [billing, { name: backfill, lane: low }]\n").unwrap();
+        let lanes: Vec<Option<Lane>> = config.live.consumers.iter().flatten().map(|consumer| consumer.lane).collect();
+        assert_eq!(lanes, [None, Some(Lane::Low)]);
+        let error = Config::from_yaml("consumers:\n  - { name: 'a b', lane: low }\n").unwrap_err().to_string();
+        assert!(error.contains("consumers[0].name (line 2): must be"), "{error}");
         assert!(Config::from_yaml("upstreams: []\n").unwrap().live.consumers.is_none(), "absent: the clients");
         assert!(Config::from_yaml("upstreams: []\n").unwrap().effective().get("consumers").is_none());
     }

@@ -17,6 +17,7 @@ use tower::{Layer, Service};
 use super::Limiter;
 use crate::body::ProxyBody;
 use crate::breaker::BreakerHandle;
+use crate::config::Lane;
 use crate::consumer::{Consumer, ItemConsumers};
 use crate::error::ProxyError;
 use crate::request::{RequestControls, Routed};
@@ -114,6 +115,7 @@ where
                     (None, Some(single)) => std::slice::from_ref(&single.0),
                     (None, None) => &[],
                 };
+            let lane = request.extensions().get::<Lane>().copied().unwrap_or_default();
             let caller = super::Caller {
                 headers: request.headers(),
                 peer,
@@ -121,8 +123,12 @@ where
                 host: host.as_deref(),
                 max_wait,
                 consumers,
+                lane,
             };
-            let mut admission = limiter.admit(&upstream, request.method(), &path, caller, opened).await?;
+            let mut admission = limiter
+                .admit(&upstream, request.method(), &path, caller, opened)
+                .await
+                .map_err(|error| error.in_lane(lane.as_str()))?;
             if let Some(scope) = admission.scope.take() {
                 request.extensions_mut().insert(scope);
             }

@@ -29,6 +29,7 @@ pub mod fallback;
 pub mod gcra;
 pub mod headers;
 pub mod keys;
+pub mod lanes;
 pub mod layer;
 pub mod lease;
 pub mod measure;
@@ -38,6 +39,7 @@ pub mod rolling;
 pub mod scope;
 pub mod slots;
 pub mod store;
+pub mod turns;
 pub mod usage;
 pub mod window;
 
@@ -50,7 +52,7 @@ use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{OnFailure, Quota, Store, StoreKind, Upstream, Window};
+use crate::config::{Lane, OnFailure, Quota, Store, StoreKind, Upstream, Window};
 use crate::error::ProxyError;
 use crate::telemetry::Metrics;
 use announced::{Announced, Followed};
@@ -84,6 +86,8 @@ pub struct Caller<'a> {
     pub max_wait: Option<Duration>,
     /// Who the tokens are spent for: the request's consumer, or one per item of a bulk call.
     pub consumers: &'a [Arc<str>],
+    /// The request's priority lane (see `lanes`).
+    pub lane: Lane,
 }
 
 /// What a request got from the limiter: held until its response head is back.
@@ -149,6 +153,7 @@ pub struct Limiter {
     slots: Slots,
     announced: Announced,
     usage: Usage,
+    turns: Arc<turns::Turns>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
 }
@@ -190,6 +195,7 @@ impl Limiter {
             slots: Slots::default(),
             announced: Announced::default(),
             usage: Usage::new(metrics.clone()),
+            turns: Arc::default(),
             metrics,
             clock,
         });
@@ -447,15 +453,20 @@ impl Limiter {
     }
 
     /// One decision in the current mode; `None` means "let it through unlimited" (`allow`).
+    /// `extra`: the lane's own pseudo-quotas, whose buckets follow the quotas' in `keys`.
     async fn decide(
         &self,
         upstream: &Upstream,
         keys: &[String],
+        extra: &[Quota],
         pause_key: &str,
         cost: i64,
         max_wait: Micros,
     ) -> Result<Option<Decision>, ProxyError> {
-        let quotas = self.announced.effective(upstream);
+        let mut quotas = self.announced.effective(upstream);
+        if !extra.is_empty() {
+            quotas.to_mut().extend_from_slice(extra);
+        }
         match &self.decider {
             Decider::Memory(memory) => {
                 let now = self.clock.wall();
@@ -729,8 +740,130 @@ mod tests {
 
     async fn admit(limiter: &Limiter, upstream: &Upstream) -> Result<Admission, ProxyError> {
         let headers = HeaderMap::new();
-        let caller = Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None, consumers: &[] };
+        let caller = Caller {
+            headers: &headers,
+            peer: None,
+            client: None,
+            host: None,
+            max_wait: None,
+            consumers: &[],
+            lane: Lane::Normal,
+        };
         limiter.admit(upstream, &Method::GET, "/x", caller, None).await
+    }
+
+    async fn admit_as(
+        limiter: &Limiter,
+        upstream: &Upstream,
+        lane: Lane,
+        consumer: &str,
+    ) -> Result<Admission, ProxyError> {
+        let headers = HeaderMap::new();
+        let consumers = [Arc::from(consumer)];
+        let caller = Caller {
+            headers: &headers,
+            peer: None,
+            client: None,
+            host: None,
+            max_wait: None,
+            consumers: &consumers,
+            lane,
+        };
+        limiter.admit(upstream, &Method::GET, "/x", caller, None).await
+    }
+
+    /// Admission times (seconds since `started`) of `count` requests of `lane` sent at once.
+    fn spawn_lane(
+        limiter: &Arc<Limiter>,
+        upstream: &Arc<Upstream>,
+        lane: Lane,
+        consumer: &'static str,
+        count: usize,
+        times: tokio::sync::mpsc::UnboundedSender<(Lane, &'static str, f64, Duration)>,
+        started: tokio::time::Instant,
+    ) {
+        for _ in 0..count {
+            let (limiter, upstream, times) = (limiter.clone(), upstream.clone(), times.clone());
+            tokio::spawn(async move {
+                let admission = admit_as(&limiter, &upstream, lane, consumer).await.unwrap();
+                let at = started.elapsed().as_secs_f64();
+                times.send((lane, consumer, at, admission.queued)).unwrap();
+            });
+        }
+    }
+
+    /// A backfill of low requests keeps a quota full; a high request arriving then goes within
+    /// two slot intervals, where behind the backfill's reservations it would wait for all of them.
+    #[tokio::test(start_paused = true)]
+    async fn a_high_request_passes_a_queued_backfill() {
+        let (limiter, upstream) =
+            limiter_for("{ name: w, limit: 10, per: 10s, margin: 0s }", "    max_queue_wait: 60s\n").await;
+        let started = limiter.clock.now();
+        let (times, mut got) = tokio::sync::mpsc::unbounded_channel();
+        spawn_lane(&limiter, &upstream, Lane::Low, "backfill", 30, times.clone(), started);
+        tokio::time::sleep(Duration::from_millis(12_500)).await;
+        let high = admit_as(&limiter, &upstream, Lane::High, "web").await.unwrap();
+        assert!(high.queued <= Duration::from_secs(2), "two slot intervals at most: {:?}", high.queued);
+        drop(times);
+        let mut low = Vec::new();
+        while let Some((_, _, at, _)) = got.recv().await {
+            low.push(at);
+        }
+        assert_eq!(low.len(), 30, "the backfill gets through, behind");
+        // Paced: never two low admissions in one slot interval, so never a burst of freed slots.
+        low.sort_by(f64::total_cmp);
+        assert!(low.windows(2).all(|pair| pair[1] - pair[0] >= 0.999), "{low:?}");
+    }
+
+    /// `lanes: { low: { max_share: 0.5 } }`: low never takes more than half of any window, and
+    /// normal traffic takes the rest.
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_share_caps_what_it_takes_of_any_window() {
+        let (limiter, upstream) = limiter_for(
+            "{ name: w, limit: 10, per: 10s, margin: 0s }",
+            "    max_queue_wait: 60s\n    lanes: { low: { max_share: 0.5 } }\n",
+        )
+        .await;
+        let started = limiter.clock.now();
+        let (times, mut got) = tokio::sync::mpsc::unbounded_channel();
+        spawn_lane(&limiter, &upstream, Lane::Low, "backfill", 12, times.clone(), started);
+        spawn_lane(&limiter, &upstream, Lane::Normal, "sync", 12, times.clone(), started);
+        drop(times);
+        let mut all = Vec::new();
+        while let Some(entry) = got.recv().await {
+            all.push(entry);
+        }
+        assert_eq!(all.len(), 24);
+        let low: Vec<f64> = all.iter().filter(|(lane, ..)| *lane == Lane::Low).map(|e| e.2).collect();
+        for &at in &all {
+            let in_window = |times: &[f64]| times.iter().filter(|t| **t > at.2 - 10.0 && **t <= at.2).count();
+            assert!(in_window(&low) <= 5, "low took more than half of the window ending at {}: {low:?}", at.2);
+            let every: Vec<f64> = all.iter().map(|e| e.2).collect();
+            assert!(in_window(&every) <= 10, "the quota itself holds");
+        }
+        let first_window = all.iter().filter(|e| e.2 < 10.0).count();
+        assert_eq!(first_window, 10, "the rest of the window goes to normal: {all:?}");
+    }
+
+    /// Two consumers in one lane, one sending ten times the other: they take turns, so the light
+    /// one's calls do not wait behind all of the heavy one's.
+    #[tokio::test(start_paused = true)]
+    async fn consumers_of_a_lane_take_turns() {
+        let (limiter, upstream) =
+            limiter_for("{ name: w, limit: 2, per: 1s, margin: 0s }", "    max_queue_wait: 60s\n").await;
+        let started = limiter.clock.now();
+        let (times, mut got) = tokio::sync::mpsc::unbounded_channel();
+        spawn_lane(&limiter, &upstream, Lane::Normal, "heavy", 30, times.clone(), started);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        spawn_lane(&limiter, &upstream, Lane::Normal, "light", 3, times.clone(), started);
+        drop(times);
+        let mut order = Vec::new();
+        while let Some((_, consumer, at, _)) = got.recv().await {
+            order.push((at, consumer));
+        }
+        order.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let light_done = order.iter().rposition(|(_, consumer)| *consumer == "light").unwrap();
+        assert!(light_done < 16, "the light consumer's 3 calls are through within the first 16 of 33: {order:?}");
     }
 
     fn scope_of(admission: &Admission) -> VendorScope {
@@ -806,7 +939,15 @@ mod tests {
         admit(&limiter, &upstream).await.unwrap();
         let (open, opened) = tokio::sync::watch::channel(0u64);
         let headers = HeaderMap::new();
-        let caller = Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None, consumers: &[] };
+        let caller = Caller {
+            headers: &headers,
+            peer: None,
+            client: None,
+            host: None,
+            max_wait: None,
+            consumers: &[],
+            lane: Lane::Normal,
+        };
         let waiting = limiter.admit(&upstream, &Method::GET, "/x", caller, Some(opened));
         let opening = async {
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -10,7 +10,8 @@
 //!   first, so batching and quota scopes see what the vendor will see;
 //! - parses the caller's `Sluice-*` controls once, into [`RequestControls`];
 //! - attributes the request to its [`Consumer`] (the client, else `Sluice-Consumer`, else the
-//!   proxy user; bounded by the known set, see `consumer`);
+//!   proxy user; bounded by the known set, see `consumer`) and its [`Lane`] (`Sluice-Priority`,
+//!   else the consumer's own, else `normal`);
 //! - refuses a declared body over `limits.max_body_bytes`.
 //!
 //! The layer reads the generation a request runs on through [`RouteContext`], so this room needs
@@ -30,6 +31,7 @@ use tower::{Layer, Service};
 pub use table::RouteTable;
 
 use crate::body::ProxyBody;
+use crate::config::Lane;
 use crate::consumer::{Consumer, Known};
 use crate::error::{ErrorKind, ProxyError};
 use crate::request::{RequestControls, Routed, Via};
@@ -168,6 +170,9 @@ fn route<G: RouteContext>(request: &mut Request<ProxyBody>) -> Result<Routed, Pr
     let consumer: Consumer = generation.consumers().attribute(client.as_deref(), controls.consumer.as_deref(), || {
         crate::limit::scope::proxy_user(request.headers())
     });
+    // The lane: what the caller asked for, else its consumer's own, else `normal`.
+    let lane: Lane = controls.priority.unwrap_or_else(|| generation.consumers().lane_of(&consumer));
+    request.extensions_mut().insert(lane);
     request.extensions_mut().insert(consumer);
     request.extensions_mut().insert(controls);
     let limit = generation.max_body_bytes();
