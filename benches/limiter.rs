@@ -176,6 +176,7 @@ upstreams:
         host: None,
         max_wait: None,
         consumers: &[],
+        lane: sluice::config::Lane::Normal,
     };
     let method = http::Method::GET;
     c.bench_function("Limiter::admit, memory store, 2 quotas", |b| {

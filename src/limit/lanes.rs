@@ -6,15 +6,15 @@
 //!
 //! - `high`: as far as its allowed wait (the behaviour without lanes);
 //! - `normal`: [`NORMAL_SLOTS`] slot intervals of the quota (`per / limit`);
-//! - `low`: one slot interval; and its requests are *paced* (a smooth bucket beside each rolling
+//! - `low`: a quarter of a slot interval; and its requests are *paced* (a smooth bucket beside each rolling
 //!   quota, at the lane's share of the limit, one at a time), so a backfill never takes a burst
 //!   of freed slots, and the window frees a slot every interval.
 //!
 //! A request that cannot reserve within its horizon is not refused while its allowed wait lasts:
 //! it waits for its lane's turn on this replica (`turns`: consumers in rotation), then until its
 //! slot is within the horizon, and asks again. A `high` request arriving in a window a backfill
-//! fills therefore finds at most one slot interval of `low` reservations ahead of it, on
-//! whichever replica they were made, and goes within about two.
+//! fills therefore finds at most one `low` reservation ahead of it, made less than a quarter of a
+//! slot interval before its slot, on whichever replica; it goes within two slot intervals.
 //!
 //! `lanes: { low: { max_share: 0.7 } }` caps what a lane may take of any window of each quota:
 //! its requests are also charged in a bucket of their own (`<quota>~low`) whose limit is that
@@ -33,9 +33,10 @@ pub const NORMAL_SLOTS: i64 = 4;
 /// How far ahead (microseconds) a request of `lane` may reserve its slot; `None`: as far as its
 /// allowed wait (`high`, or an upstream without quotas).
 pub fn horizon(limits: &UpstreamLimits, lane: Lane) -> Option<Micros> {
-    let slots = match lane {
+    // In quarters of a slot interval.
+    let quarters = match lane {
         Lane::High => return None,
-        Lane::Normal => NORMAL_SLOTS,
+        Lane::Normal => 4 * NORMAL_SLOTS,
         Lane::Low => 1,
     };
     let interval = limits
@@ -43,7 +44,7 @@ pub fn horizon(limits: &UpstreamLimits, lane: Lane) -> Option<Micros> {
         .iter()
         .map(|quota| i64::try_from(quota.per.as_micros() / u128::from(quota.limit.max(1))).unwrap_or(i64::MAX))
         .min()?;
-    Some(interval.max(1000).saturating_mul(slots))
+    Some((interval / 4).max(1000).saturating_mul(quarters))
 }
 
 /// The lane's own buckets for `upstream`: for each quota index, the pseudo-quota its requests
@@ -111,7 +112,7 @@ mod tests {
         // The shortest interval: 10 s / 100 = 100 ms.
         assert_eq!(horizon(&upstream.limits, Lane::High), None);
         assert_eq!(horizon(&upstream.limits, Lane::Normal), Some(400_000));
-        assert_eq!(horizon(&upstream.limits, Lane::Low), Some(100_000));
+        assert_eq!(horizon(&upstream.limits, Lane::Low), Some(25_000));
     }
 
     #[test]
