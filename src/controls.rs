@@ -1,6 +1,6 @@
 //! The caller's own controls over its request (`Sluice-Deadline`, `Sluice-Max-Wait`,
-//! `Sluice-Batch`, `Sluice-Consumer`, `Sluice-Priority`), read once, in the Route step, into one typed value in the request's
-//! extensions. Later layers read [`RequestControls`], never the headers, so there is exactly one
+//! `Sluice-Batch`, `Sluice-Consumer`, `Sluice-Priority`), read once, in the Route step, into one
+//! typed value in the request's extensions. Later layers read [`RequestControls`], never the headers, so there is exactly one
 //! parser of what a client sends here, and it is the one that is fuzzed.
 //!
 //! The numbers are a client's word, so they are clamped before any arithmetic: a wait or a
@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
+use tokio::time::Instant;
 
 pub use crate::config::Lane;
-use tokio::time::Instant;
 
 /// Request header with which a caller caps the whole time sluice may spend on its request.
 pub const DEADLINE_HEADER: &str = "sluice-deadline";
