@@ -104,9 +104,13 @@ pub(super) async fn admit(
     let horizon = lanes::horizon(limits, lane).filter(|_| !max_wait.is_zero());
     let consumer: Arc<str> = caller.consumers.first().cloned().unwrap_or_else(|| Arc::from(crate::consumer::NONE));
     let mut turn: Option<Turn> = None;
+    // Whether the request waited in its lane (its turn, its slot to come near): then it counts
+    // as queued even if its last decision had it go at once.
+    let mut lane_waited = false;
     if horizon.is_some() && limiter.turns.busy(&upstream.name, lane) {
         // Others of this lane are waiting their turn here: behind them, not past them.
         waited = true;
+        lane_waited = true;
         turn = take_turn(limiter, upstream, lane, &consumer, deadline, &mut breaker_opened).await?;
     }
     // A pause can be re-armed while we sleep through it; each hold is bounded by the deadline, so
@@ -123,7 +127,7 @@ pub(super) async fn admit(
                 drop(turn.take());
                 after.truncate(quotas);
                 for counter in &buckets.counters {
-                    if wait > 0 || waited {
+                    if wait > 0 || lane_waited {
                         counter.queued.inc()
                     } else {
                         counter.allowed.inc()
@@ -157,6 +161,7 @@ pub(super) async fn admit(
                 // Not refused: its slot is beyond the lane's horizon but within its wait. Wait
                 // for the lane's turn here, then until the slot is near, and ask again.
                 waited = true;
+                lane_waited = true;
                 if turn.is_none() {
                     let place = limiter.turns.take(&upstream.name, lane, &consumer);
                     match place {
