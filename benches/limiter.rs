@@ -176,6 +176,8 @@ upstreams:
         host: None,
         max_wait: None,
         credential: None,
+        consumers: &[],
+        lane: sluice::config::Lane::Normal,
     };
     let method = http::Method::GET;
     c.bench_function("Limiter::admit, memory store, 2 quotas", |b| {

@@ -7,7 +7,8 @@
 //! | `GET /readyz` | 200 once listeners are bound and config is loaded, 503 while draining; body says the store mode |
 //! | `GET /config` | the effective config as JSON, secrets redacted |
 //! | `POST /reload` | reload the config file now; 200 with the generation, or 422 with the problems |
-//! | `GET /quotas` | quota state per upstream (empty until quotas are configured), store mode |
+//! | `GET /quotas` | quota state per upstream (empty until quotas are configured), store mode, forecasts |
+//! | `GET /usage` | spend per upstream and quota by consumer: the current window, last hour, today |
 //! | `GET /breakers` | circuit breaker state per upstream (and per host on wildcard upstreams) |
 //!
 //! The listener often has to be reachable from the cluster (kubelet probes, Prometheus), so it
@@ -305,7 +306,15 @@ async fn route(
             }
             json_response(StatusCode::OK, &quotas)
         }
-        (_, path @ ("/metrics" | "/healthz" | "/readyz" | "/config" | "/reload" | "/quotas" | "/breakers")) => {
+        (&Method::GET, "/usage") => {
+            let generation = shared.current();
+            let usage = shared.limiter.usage(&generation.config.live.upstreams).await;
+            json_response(StatusCode::OK, &serde_json::to_value(usage).unwrap_or_default())
+        }
+        (
+            _,
+            path @ ("/metrics" | "/healthz" | "/readyz" | "/config" | "/reload" | "/quotas" | "/usage" | "/breakers"),
+        ) => {
             let allow = if path == "/reload" { "POST" } else { "GET" };
             let mut response = AdminError::MethodNotAllowed { method: request.method().to_string(), allow }.response();
             response.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static(allow));
@@ -325,7 +334,7 @@ enum AdminError {
     Unauthorized,
     #[error("{method} is not allowed here; use {allow}")]
     MethodNotAllowed { method: String, allow: &'static str },
-    #[error("endpoints: /metrics /healthz /readyz /config /reload /quotas /breakers")]
+    #[error("endpoints: /metrics /healthz /readyz /config /reload /quotas /usage /breakers")]
     NotFound,
     #[error("{detail}")]
     ConfigInvalid { detail: String },

@@ -1,20 +1,28 @@
 //! The caller's own controls over its request (`Sluice-Deadline`, `Sluice-Max-Wait`,
-//! `Sluice-Batch`), read once, in the Route step, into one typed value in the request's
-//! extensions. Later layers read [`RequestControls`], never the headers, so there is exactly one
-//! parser of what a client sends here, and it is the one that is fuzzed. A leaf: it imports
-//! nothing from sluice, so `route` parses the controls and `retry`, `limit` and `batch` read them
-//! without naming each other.
+//! `Sluice-Batch`, `Sluice-Consumer`, `Sluice-Priority`), read once, in the Route step, into one
+//! typed value in the request's extensions. Later layers read [`RequestControls`], never the
+//! headers, so there is exactly one parser of what a client sends here, and it is the one that is
+//! fuzzed. A leaf: it imports nothing from sluice, so `route` parses the controls and `retry`,
+//! `limit` and `batch` read them without naming each other.
 //!
 //! The numbers are a client's word, so they are clamped before any arithmetic: a wait or a
 //! deadline is at most [`MAX_CONTROL`] (24 h) from now, every instant is computed with
 //! `checked_add`, and a value that is not a duration at all is refused with
 //! `400 malformed_request` naming the header, rather than ignored: a caller who asked for a
 //! deadline and silently got none would not know its request is unbounded.
+//!
+//! `Sluice-Consumer` is the exception that proves the rule: any name is a valid claim (one sluice
+//! does not know is counted as `other` by the consumer room), so only a value that is not text
+//! at all, or one given twice, is refused; an empty one (an unset variable in the client's
+//! template) is taken as absent.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
 use tokio::time::Instant;
+
+pub use crate::config::Lane;
 
 /// Request header with which a caller caps the whole time sluice may spend on its request.
 pub const DEADLINE_HEADER: &str = "sluice-deadline";
@@ -25,12 +33,22 @@ pub const MAX_WAIT_HEADER: &str = "sluice-max-wait";
 /// Request header with which a caller opts out of batching.
 pub const BATCH_HEADER: &str = "sluice-batch";
 
+/// Request header with which a caller says which consumer (service, job) it spends quota for.
+pub const CONSUMER_HEADER: &str = "sluice-consumer";
+
+/// Request header with which a caller picks its request's lane: `high`, `normal` or `low`.
+pub const PRIORITY_HEADER: &str = "sluice-priority";
+
+/// The longest `Sluice-Consumer` value kept; a longer one is no known consumer's name anyway,
+/// so it is cut here (and counted as `other`) rather than carried along whole.
+pub const MAX_CONSUMER_BYTES: usize = 128;
+
 /// The longest deadline or wait a caller can ask for; longer values are taken as this. The
 /// upstream's own bounds (`timeouts.request`, `max_queue_wait`) still apply on top.
 pub const MAX_CONTROL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// What the caller asked of sluice for this one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestControls {
     /// `Sluice-Deadline`: when sluice must have answered, at most [`MAX_CONTROL`] after the
     /// request was routed.
@@ -40,11 +58,16 @@ pub struct RequestControls {
     pub max_wait: Option<Duration>,
     /// `Sluice-Batch`: whether the call may be folded into a bulk call (`off` says no).
     pub batch: bool,
+    /// `Sluice-Consumer`: who the caller says it spends for, trimmed, at most
+    /// [`MAX_CONSUMER_BYTES`]. A claim only: the consumer room decides what it counts as.
+    pub consumer: Option<Arc<str>>,
+    /// `Sluice-Priority`: the lane the caller asked for (else its consumer's, else `normal`).
+    pub priority: Option<Lane>,
 }
 
 impl Default for RequestControls {
     fn default() -> Self {
-        Self { deadline: None, max_wait: None, batch: true }
+        Self { deadline: None, max_wait: None, batch: true, consumer: None, priority: None }
     }
 }
 
@@ -77,6 +100,13 @@ impl RequestControls {
                 _ => return Err(ControlError { header: "Sluice-Batch", problem: "expected off or on" }),
             };
         }
+        controls.consumer = consumer(headers)?;
+        if let Some(text) = single(headers, PRIORITY_HEADER, "Sluice-Priority")? {
+            controls.priority = Some(
+                Lane::parse(text)
+                    .ok_or(ControlError { header: "Sluice-Priority", problem: "expected high, normal or low" })?,
+            );
+        }
         Ok(controls)
     }
 
@@ -99,6 +129,22 @@ fn single<'a>(headers: &'a HeaderMap, name: &str, shown: &'static str) -> Result
         return Err(ControlError { header: shown, problem: "empty" });
     }
     Ok(Some(text))
+}
+
+/// `Sluice-Consumer`: text, at most once; empty is absent; cut to [`MAX_CONSUMER_BYTES`].
+fn consumer(headers: &HeaderMap) -> Result<Option<Arc<str>>, ControlError> {
+    const SHOWN: &str = "Sluice-Consumer";
+    let mut values = headers.get_all(CONSUMER_HEADER).iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(ControlError { header: SHOWN, problem: "given more than once" });
+    }
+    let text = value.to_str().map_err(|_| ControlError { header: SHOWN, problem: "not visible ASCII" })?.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    // ASCII, so any byte index is a char boundary.
+    Ok(Some(Arc::from(&text[..text.len().min(MAX_CONSUMER_BYTES)])))
 }
 
 /// Seconds (`2`, `0.5`, `1e3`) or a humantime duration (`2s`, `250ms`, `1h 30m`), clamped to
@@ -178,6 +224,8 @@ mod tests {
             (MAX_WAIT_HEADER, "1.2.3", "Sluice-Max-Wait"),
             (MAX_WAIT_HEADER, "999999999999999999999999s", "Sluice-Max-Wait"),
             (BATCH_HEADER, "maybe", "Sluice-Batch"),
+            (PRIORITY_HEADER, "urgent", "Sluice-Priority"),
+            (PRIORITY_HEADER, "", "Sluice-Priority"),
         ];
         for (name, value, shown) in cases {
             let error = parse(&[(name, value)]).unwrap_err();
@@ -199,6 +247,32 @@ mod tests {
         for on in ["on", "true", "1", "yes"] {
             assert!(parse(&[(BATCH_HEADER, on)]).unwrap().batch, "{on}");
         }
+    }
+
+    #[test]
+    fn a_consumer_is_any_text_once() {
+        assert_eq!(parse(&[(CONSUMER_HEADER, " billing ")]).unwrap().consumer.as_deref(), Some("billing"));
+        assert_eq!(parse(&[(CONSUMER_HEADER, "")]).unwrap().consumer, None, "empty is absent");
+        assert_eq!(parse(&[(CONSUMER_HEADER, "   ")]).unwrap().consumer, None);
+        assert_eq!(
+            parse(&[(CONSUMER_HEADER, "not a {known} name")]).unwrap().consumer.as_deref(),
+            Some("not a {known} name")
+        );
+        let long = "x".repeat(5000);
+        assert_eq!(parse(&[(CONSUMER_HEADER, &long)]).unwrap().consumer.unwrap().len(), MAX_CONSUMER_BYTES);
+        let error = parse(&[(CONSUMER_HEADER, "a"), (CONSUMER_HEADER, "b")]).unwrap_err();
+        assert_eq!((error.header, error.problem), ("Sluice-Consumer", "given more than once"));
+        let mut headers = HeaderMap::new();
+        headers.insert(CONSUMER_HEADER, http::HeaderValue::from_bytes(b"bill\xffing").unwrap());
+        assert_eq!(RequestControls::parse(&headers, Instant::now()).unwrap_err().header, "Sluice-Consumer");
+    }
+
+    #[test]
+    fn priority_lanes() {
+        assert_eq!(parse(&[(PRIORITY_HEADER, "high")]).unwrap().priority, Some(Lane::High));
+        assert_eq!(parse(&[(PRIORITY_HEADER, " LOW ")]).unwrap().priority, Some(Lane::Low));
+        assert_eq!(parse(&[(PRIORITY_HEADER, "normal")]).unwrap().priority, Some(Lane::Normal));
+        assert_eq!(parse(&[]).unwrap().priority, None);
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub struct ProxyError {
     /// Boxed: the error travels up every layer's `Result`, which stays small this way.
     pub kind: Box<ErrorKind>,
     pub upstream: Option<Arc<str>>,
+    /// The priority lane of a request refused or timed out while it waited its turn (`high`,
+    /// `normal`, `low`): the JSON answer says it.
+    pub lane: Option<&'static str>,
 }
 
 /// What went wrong; each variant maps to one status and one RFC 9209 error type.
@@ -123,7 +126,25 @@ pub enum ErrorKind {
 
 impl ProxyError {
     pub fn new(kind: ErrorKind, upstream: Option<Arc<str>>) -> Self {
-        Self { kind: Box::new(kind), upstream }
+        Self { kind: Box::new(kind), upstream, lane: None }
+    }
+
+    /// Says the lane of a refusal or a timeout that waiting decides (quota, concurrency, vendor
+    /// pauses, the store, the deadline); any other error is left as it is.
+    pub fn in_lane(mut self, lane: &'static str) -> Self {
+        let waited = matches!(
+            *self.kind,
+            ErrorKind::RateLimited { .. }
+                | ErrorKind::ConcurrencyLimited { .. }
+                | ErrorKind::StoreUnavailable
+                | ErrorKind::BreakerOpen { .. }
+                | ErrorKind::VendorUnavailable { .. }
+                | ErrorKind::ResponseTimeout { .. }
+        );
+        if waited && self.lane.is_none() {
+            self.lane = Some(lane);
+        }
+        self
     }
 
     /// When the caller may try again, for `Retry-After`.

@@ -14,7 +14,7 @@
 //!   (small shared tools), [`telemetry`] (logs, metrics);
 //! - [`config`]: the YAML file, validation, the validated types (it names `vendor`'s profiles);
 //! - what a request carries and the tools both sides use: [`request`] (the extension types
-//!   layers pass on), [`body`], [`tls`], [`security`];
+//!   layers pass on), [`consumer`] (who a request spends for), [`body`], [`tls`], [`security`];
 //! - the rooms of the journey, each owning its layer; in the order a request meets them:
 //!   [`observe`] (request ids, one log line, metrics), [`respond`] (the one place errors become
 //!   responses), [`route`] (identity, destination, credentials), [`batch`] (single calls folded
@@ -36,6 +36,7 @@
 
 pub mod body;
 pub mod config;
+pub mod consumer;
 pub mod controls;
 pub mod error;
 pub mod kit;

@@ -106,7 +106,11 @@ fn error_message(error: &ProxyError) -> (http::response::Parts, Bytes) {
         upstream: error.upstream.as_deref(),
         detail: error.kind.to_string(),
     };
-    let (mut head, bytes) = refusal.message(serde_json::Map::new());
+    let mut extra = serde_json::Map::new();
+    if let Some(lane) = error.lane {
+        extra.insert("lane".to_owned(), serde_json::Value::String(lane.to_owned()));
+    }
+    let (mut head, bytes) = refusal.message(extra);
     let headers = &mut head.headers;
     if let Some(wait) = error.retry_after() {
         headers.insert(RETRY_AFTER, crate::limit::headers::retry_after(wait));

@@ -79,7 +79,8 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
-        Box::pin(async move {
+        let lane = request.extensions().get::<crate::config::Lane>().copied();
+        let attempts = Box::pin(async move {
             let upstream = request.extensions().get::<Routed>().map(|routed| routed.upstream.clone());
             let Some(upstream) = upstream else {
                 let response: BoxFuture<_> = Box::pin(inner.oneshot(request));
@@ -160,6 +161,14 @@ where
                 drop(result);
                 tokio::time::sleep(delay).await;
                 attempt += 1;
+            }
+        });
+        Box::pin(async move {
+            let result: Result<Response<ProxyBody>, ProxyError> = attempts.await;
+            // A request that timed out waiting says which lane it waited in.
+            match lane {
+                Some(lane) => result.map_err(|error| error.in_lane(lane.as_str())),
+                None => result,
             }
         })
     }

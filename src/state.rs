@@ -45,6 +45,8 @@ pub struct Generation {
     /// Injected static credentials by upstream name (OAuth 2.0 ones are brokered by
     /// `Shared::brokers`, since their tokens outlive a generation).
     pub credentials: HashMap<Arc<str>, Arc<Credential>>,
+    /// The consumers spend is attributed to (`consumers:`, else the clients' names).
+    pub consumers: crate::consumer::Known,
 }
 
 // === what the layers read of a generation ===
@@ -64,6 +66,10 @@ impl crate::route::RouteContext for Generation {
 
     fn max_body_bytes(&self) -> u64 {
         self.config.live.limits.max_body_bytes
+    }
+
+    fn consumers(&self) -> &crate::consumer::Known {
+        &self.consumers
     }
 }
 
@@ -164,9 +170,15 @@ impl Generation {
         }
         let (Some(store), Some(proxy_clients)) = (store, proxy_clients) else { return Err(problems.refusal()) };
         problems.finish()?;
+        let consumers = crate::consumer::Known::new(
+            config.live.consumers.as_deref(),
+            &config.live.clients,
+            crate::consumer::Known::default_from_env(),
+        );
         Ok(Self {
             proxy_clients,
             credentials,
+            consumers,
             id: previous.map_or(1, |old| old.id + 1),
             store,
             routes: RouteTable::new(&config.live.upstreams),

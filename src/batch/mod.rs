@@ -13,7 +13,9 @@
 //! route's cost, vendor feedback), so it takes its own quota token. Calls that opt out
 //! (`Sluice-Batch: off`), carry a precondition (`If-Match`, ...), don't parse as the expected
 //! JSON, or are too big pass through unbatched. Every queue is bounded; a caller that goes away
-//! leaves its mates unharmed.
+//! leaves its mates unharmed. Calls of different consumers may share a batch (the consumer is
+//! not a header the vendor sees); the bulk call carries each item's consumer, so the limiter
+//! shares its tokens out among the items' callers.
 //!
 //! What a vendor's bulk endpoint looks like is not known here: each format is a [`BulkFormat`]
 //! in its own file, listed in [`FORMATS`], so a new format is that file and its line there.
@@ -42,7 +44,8 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::body::{self, ProxyBody};
-use crate::config::{BatchRule, ScopeKey, Upstream};
+use crate::config::{BatchRule, Lane, ScopeKey, Upstream};
+use crate::consumer::{Consumer, ItemConsumers};
 use crate::controls::RequestControls;
 use crate::error::{ErrorKind, ProxyError};
 use crate::request::Routed;
@@ -334,6 +337,8 @@ impl SharedHead {
         // switch, an upgrade, or its destination (the bulk call gets its own).
         let mut extensions = parts.extensions.clone();
         extensions.remove::<crate::request::RequestControls>();
+        // Each item spends for its own caller (`ItemConsumers`, set when the batch is sent).
+        extensions.remove::<Consumer>();
         extensions.remove::<Arc<crate::body::UploadWatch>>();
         extensions.remove::<crate::body::ConnectionAbort>();
         extensions.remove::<hyper::upgrade::OnUpgrade>();
@@ -376,6 +381,10 @@ fn kept_headers(upstream: &Upstream) -> Vec<http::HeaderName> {
 
 struct Waiter {
     item: Item,
+    /// Who this call spends for: the bulk call's tokens are shared out by item.
+    consumer: Option<Arc<str>>,
+    /// This call's lane: the bulk call takes the most urgent of its items'.
+    lane: Lane,
     reply: oneshot::Sender<Reply>,
     span: tracing::Span,
 }
@@ -453,8 +462,13 @@ impl Batcher {
         let serial = self.next_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let trace = format!("sluice-{serial:x}");
         let (reply, receiver) = oneshot::channel();
-        let waiter =
-            Waiter { item: Item { id: candidate.id.clone(), body, trace }, reply, span: tracing::Span::current() };
+        let waiter = Waiter {
+            item: Item { id: candidate.id.clone(), body, trace },
+            consumer: parts.extensions.get::<Consumer>().map(|consumer| consumer.0.clone()),
+            lane: parts.extensions.get::<Lane>().copied().unwrap_or_default(),
+            reply,
+            span: tracing::Span::current(),
+        };
 
         let mut open = self.lock();
         let full = match open.get_mut(&key) {
@@ -542,8 +556,17 @@ impl Batcher {
             waiter.span.follows_from(&span);
         }
         let items: Vec<Item> = waiters.iter().map(|waiter| waiter.item.clone()).collect();
+        let consumers = ItemConsumers(
+            waiters
+                .iter()
+                .map(|waiter| waiter.consumer.clone().unwrap_or_else(|| Arc::from(crate::consumer::NONE)))
+                .collect(),
+        );
+        let lane = waiters.iter().map(|waiter| waiter.lane).min().unwrap_or_default();
         let result = match bulk_request(&rule, format, op, &routed, head, &items) {
-            Ok(request) => {
+            Ok(mut request) => {
+                request.extensions_mut().insert(consumers);
+                request.extensions_mut().insert(lane);
                 let exchange: BoxFuture<Result<(http::response::Parts, Bytes), ProxyError>> =
                     Box::pin(exchange(inner, request, upstream.name.clone()));
                 exchange.instrument(span).await

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::kinds::{ClientAuth, CredentialMode, Grant, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
+use super::kinds::{ClientAuth, CredentialMode, Grant, Lane, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
 use crate::vendor::{ProfileKind, ResetUnit};
 
 /// The whole configuration file.
@@ -34,6 +34,10 @@ pub struct FileConfig {
     /// Proxy clients for shared (non-sidecar) deployments; when set, every request must say
     /// who it is with `Proxy-Authorization`.
     pub clients: Vec<ClientFile>,
+    /// The known consumers quota spend is attributed to (`sluice_quota_spent_total`, `/usage`);
+    /// any other value counts as `other`. Absent: the names of `clients:`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<Vec<ConsumerFile>>,
     pub admin: AdminFile,
 }
 
@@ -48,6 +52,7 @@ impl Default for FileConfig {
             limits: LimitsFile::default(),
             upstreams: Vec::new(),
             clients: Vec::new(),
+            consumers: None,
             admin: AdminFile::default(),
         }
     }
@@ -112,6 +117,56 @@ pub struct ClientFile {
     pub secret_file: Option<PathBuf>,
     /// Upstreams this client may use (by name); empty: none.
     pub upstreams: Vec<String>,
+}
+
+/// One of `consumers:`: a name, or a name with the lane its requests take by default.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ConsumerFile {
+    Name(String),
+    Detailed(ConsumerDetail),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerDetail {
+    pub name: String,
+    /// The lane of this consumer's requests that send no `Sluice-Priority`.
+    pub lane: Lane,
+}
+
+impl ConsumerFile {
+    pub fn name(&self) -> &str {
+        match self {
+            ConsumerFile::Name(name) => name,
+            ConsumerFile::Detailed(detail) => &detail.name,
+        }
+    }
+
+    pub fn lane(&self) -> Option<Lane> {
+        match self {
+            ConsumerFile::Name(_) => None,
+            ConsumerFile::Detailed(detail) => Some(detail.lane),
+        }
+    }
+}
+
+/// `lanes:` of an upstream: what each lane may take of any window of each quota.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LanesFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normal: Option<LaneFile>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub low: Option<LaneFile>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LaneFile {
+    /// The most this lane may take of any window of each quota (0.7: 70%), so later traffic of
+    /// higher lanes finds room.
+    pub max_share: f64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -277,6 +332,9 @@ pub struct UpstreamFile {
     /// Most requests in flight to this upstream at once (per replica); more wait in line.
     #[serde(default)]
     pub max_concurrency: Option<usize>,
+    /// What the `normal` and `low` lanes may take of any window (`low: { max_share: 0.7 }`).
+    #[serde(default, skip_serializing_if = "is_default_lanes")]
+    pub lanes: LanesFile,
     /// Per-route token costs (`match: "POST /crm/v3/objects/{object}/batch/create", cost: 10`).
     #[serde(default)]
     pub routes: Vec<RouteFile>,
@@ -445,6 +503,10 @@ pub struct QuotaFile {
     /// Most distinct scope values tracked; the least recently used is evicted past this.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// The trailing window the spend rate is measured over for the exhaustion forecast.
+    /// Default: `per / 24` (an hour for a daily quota), between 10s and 1h.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub forecast_window: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -547,6 +609,10 @@ pub struct OAuth2File {
 }
 
 // === defaults of optional keys in structs with required ones ===
+
+fn is_default_lanes(lanes: &LanesFile) -> bool {
+    *lanes == LanesFile::default()
+}
 
 fn default_leaf_ttl() -> Duration {
     Duration::from_secs(24 * 3600)

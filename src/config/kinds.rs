@@ -46,6 +46,38 @@ pub enum OnFailure {
     Deny,
 }
 
+/// A request's priority lane (`Sluice-Priority`, a consumer's `lane`): when a quota is
+/// contended, higher lanes are admitted first. Ordered: `High < Normal < Low` sorts the most
+/// urgent first.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Lane {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::High => "high",
+            Lane::Normal => "normal",
+            Lane::Low => "low",
+        }
+    }
+
+    /// `high`, `normal` or `low`, any case.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "high" => Some(Lane::High),
+            "normal" => Some(Lane::Normal),
+            "low" => Some(Lane::Low),
+            _ => None,
+        }
+    }
+}
+
 /// `replace` what the client sent, or set the credential only `if_absent`.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

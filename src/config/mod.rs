@@ -36,12 +36,15 @@ use serde_json::Value;
 
 pub use crate::vendor::{ProfileKind, ResetUnit};
 pub use batch::BatchRule;
-pub use kinds::{ClientAuth, CredentialMode, Grant, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
-pub use policy::{Feedback, Limits as UpstreamLimits, Quota, ScopeKey, Window};
+pub use kinds::{ClientAuth, CredentialMode, Grant, Lane, OnFailure, OverLimit, ShapeKind, StoreKind, WindowKind};
+pub use policy::{Feedback, LaneCaps, Limits as UpstreamLimits, Quota, ScopeKey, Window};
 pub use resilience::{BreakerSettings, RetryPolicy};
 pub use store::{cluster_nodes, Store, StoreConfig, StoreUrl};
 pub use upstream::{check_probe_path, Credentials, HostPattern, OAuth2, Scheme, SecretSource, Target, Upstream};
-pub use validate::{AdminSettings, AdminToken, ClientSecret, ClientSettings, ConnectionLimits, Intercept, Listen};
+pub use validate::{
+    is_consumer_name, AdminSettings, AdminToken, ClientSecret, ClientSettings, ConnectionLimits, ConsumerSettings,
+    Intercept, Listen, RESERVED_CONSUMERS,
+};
 
 /// A validated configuration: what the proxy runs on.
 #[derive(Debug, Clone)]
@@ -80,6 +83,8 @@ pub struct LiveConfig {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Proxy clients; empty: sidecar mode.
     pub clients: Vec<ClientSettings>,
+    /// `consumers:`, the known consumers spend is attributed to; `None`: the clients' names.
+    pub consumers: Option<Vec<ConsumerSettings>>,
     pub admin: AdminSettings,
     /// The file as written, defaults filled in, for `GET /config` only: nothing reads settings
     /// from it, and [`ProcessConfig`]'s keys are shown from the values in force instead.
@@ -414,6 +419,38 @@ clients:
         assert_eq!(shown["limits"]["max_tunnels_per_client"], 4);
         assert_eq!(shown["shutdown_grace"], "8s", "live settings are the new file's");
         assert!(running.process.changed_keys(&running.process).is_empty());
+    }
+
+    #[test]
+    fn consumers_are_plain_unique_names_each_problem_at_its_line() {
+        let text = "\
+upstreams: []
+consumers:
+  - billing
+  - billing
+  - other
+  - 'has spaces'
+  - nightly.backfill_v2
+";
+        let error = Config::from_yaml(text).unwrap_err().to_string();
+        for expected in [
+            "3 problems",
+            "consumers[1] (line 4): `billing` is listed twice",
+            "consumers[2] (line 5): `other` is reserved",
+            "consumers[3] (line 6): must be 1-64 characters",
+        ] {
+            assert!(error.contains(expected), "`{expected}` in:\n{error}");
+        }
+        let config = Config::from_yaml("consumers: [billing, nightly.backfill_v2]\n").unwrap();
+        let names: Vec<&str> = config.live.consumers.iter().flatten().map(|consumer| &*consumer.name).collect();
+        assert_eq!(names, ["billing", "nightly.backfill_v2"]);
+        let config = Config::from_yaml("consumers: [billing, { name: backfill, lane: low }]\n").unwrap();
+        let lanes: Vec<Option<Lane>> = config.live.consumers.iter().flatten().map(|consumer| consumer.lane).collect();
+        assert_eq!(lanes, [None, Some(Lane::Low)]);
+        let error = Config::from_yaml("consumers:\n  - { name: 'a b', lane: low }\n").unwrap_err().to_string();
+        assert!(error.contains("consumers[0].name (line 2): must be"), "{error}");
+        assert!(Config::from_yaml("upstreams: []\n").unwrap().live.consumers.is_none(), "absent: the clients");
+        assert!(Config::from_yaml("upstreams: []\n").unwrap().effective().get("consumers").is_none());
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::time::Duration;
 use http::header::HeaderName;
 use http::Method;
 
-use super::file::{LimitHeadersFile, QuotaFile, RouteFile};
-use super::kinds::{OverLimit, ShapeKind, WindowKind};
+use super::file::{LaneFile, LanesFile, LimitHeadersFile, QuotaFile, RouteFile};
+use super::kinds::{Lane, OverLimit, ShapeKind, WindowKind};
 use super::Problem;
 use crate::vendor::{ProfileKind, ResetUnit};
 
@@ -27,6 +27,8 @@ pub struct Quota {
     pub window: Window,
     pub scope: Vec<ScopeKey>,
     pub max_keys: usize,
+    /// The trailing window the spend rate is measured over, for the exhaustion forecast.
+    pub forecast_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,6 +180,40 @@ pub struct Limits {
     pub max_queue_wait: Duration,
     pub max_concurrency: Option<usize>,
     pub routes: Vec<RouteCost>,
+    /// `lanes:`: what the `normal` and `low` lanes may take of any window of each quota.
+    pub lanes: LaneCaps,
+}
+
+/// `lanes:` validated: each lane's `max_share`, in millionths (so the limits stay `Eq`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaneCaps {
+    pub normal: Option<u32>,
+    pub low: Option<u32>,
+}
+
+impl LaneCaps {
+    /// The cap of `lane` on a quota of `limit`: at least 1 token, at most `limit`.
+    pub fn cap(&self, lane: Lane, limit: u64) -> Option<u64> {
+        let share = match lane {
+            Lane::High => None,
+            Lane::Normal => self.normal,
+            Lane::Low => self.low,
+        }?;
+        let capped = u128::from(limit) * u128::from(share) / 1_000_000;
+        Some(u64::try_from(capped).unwrap_or(limit).clamp(1, limit))
+    }
+}
+
+pub(super) fn validate_lanes(raw: &LanesFile, key: &str, problems: &mut Vec<Problem>) -> LaneCaps {
+    let mut share = |lane: Option<LaneFile>, name: &str| {
+        let lane = lane?;
+        if !(lane.max_share > 0.0 && lane.max_share <= 1.0) {
+            problems.push(Problem::new(format!("{key}.lanes.{name}.max_share"), "must be above 0 and at most 1"));
+            return None;
+        }
+        Some((lane.max_share * 1_000_000.0).round() as u32)
+    };
+    LaneCaps { normal: share(raw.normal, "normal"), low: share(raw.low, "low") }
 }
 
 impl Limits {
@@ -321,6 +357,11 @@ pub(super) fn validate_quota(raw: &QuotaFile, key: &str, problems: &mut Vec<Prob
     if margin > raw.per {
         problems.push(Problem::new(format!("{key}.margin"), "must not exceed per"));
     }
+    let forecast_window =
+        raw.forecast_window.unwrap_or_else(|| (raw.per / 24).clamp(Duration::from_secs(10), Duration::from_secs(3600)));
+    if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&forecast_window) {
+        problems.push(Problem::new(format!("{key}.forecast_window"), "must be between 1s and 1d"));
+    }
     if problems.len() > before {
         return None;
     }
@@ -333,6 +374,7 @@ pub(super) fn validate_quota(raw: &QuotaFile, key: &str, problems: &mut Vec<Prob
         window,
         scope,
         max_keys: raw.max_keys,
+        forecast_window,
     })
 }
 
@@ -432,6 +474,7 @@ mod tests {
             max_queue_wait: Duration::from_secs(1),
             max_concurrency: None,
             routes,
+            lanes: LaneCaps::default(),
         }
     }
 

@@ -416,6 +416,7 @@ fn validate_limits(raw: &UpstreamFile, key: &str, problems: &mut Vec<Problem>) -
         max_queue_wait: raw.max_queue_wait,
         max_concurrency: raw.max_concurrency,
         routes,
+        lanes: super::policy::validate_lanes(&raw.lanes, key, problems),
     }
 }
 

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::file::{AdminFile, ClientFile, FileConfig, InterceptFile, LimitsFile};
+use super::file::{AdminFile, ClientFile, ConsumerFile, FileConfig, InterceptFile, LimitsFile};
+use super::kinds::Lane;
 use super::store::validate_store;
 use super::upstream::{check_overlaps, validate_upstream, Upstream};
 use super::{Config, LiveConfig, Problem, ProcessConfig};
@@ -102,6 +103,7 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Problem>> {
         }
     }
     let clients = validate_clients(&file.clients, &upstreams, &mut problems);
+    let consumers = file.consumers.as_deref().map(|entries| validate_consumers(entries, &mut problems));
     if file.admin.token_file.is_some() && file.admin.token_env.is_some() {
         problems.push(Problem::new("admin", "set token_file or token_env, not both"));
     }
@@ -127,6 +129,7 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Problem>> {
         intercept,
         upstreams,
         clients,
+        consumers,
         admin,
         written: Arc::new(serde_json::to_value(&file).unwrap_or_default()),
     };
@@ -249,6 +252,54 @@ fn validate_clients(
         }
     }
     clients
+}
+
+/// Consumer names the attribution itself uses, so no listed consumer may take them.
+pub const RESERVED_CONSUMERS: &[&str] = &["other", "none"];
+
+/// One known consumer (`consumers:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSettings {
+    pub name: Arc<str>,
+    /// The lane of its requests that send no `Sluice-Priority`; `None`: `normal`.
+    pub lane: Option<Lane>,
+}
+
+/// `consumers:`: each a metric label value and a Redis hash field, so short and plain: 1-64 of
+/// A-Z, a-z, 0-9, `.`, `-` and `_` (a service account name or an `app` label fits), unique, and
+/// not one of [`RESERVED_CONSUMERS`]. At most 1000, so the series they make stay bounded.
+fn validate_consumers(raw: &[ConsumerFile], problems: &mut Vec<Problem>) -> Vec<ConsumerSettings> {
+    if raw.len() > MAX_CONSUMERS {
+        problems.push(Problem::new("consumers", format!("at most {MAX_CONSUMERS} consumers")));
+    }
+    let mut consumers: Vec<ConsumerSettings> = Vec::with_capacity(raw.len());
+    for (index, entry) in raw.iter().enumerate() {
+        let name = entry.name();
+        let key = match entry {
+            ConsumerFile::Name(_) => format!("consumers[{index}]"),
+            ConsumerFile::Detailed(_) => format!("consumers[{index}].name"),
+        };
+        if !is_consumer_name(name) {
+            problems.push(Problem::new(key, "must be 1-64 characters of A-Z, a-z, 0-9, ., - and _"));
+        } else if RESERVED_CONSUMERS.contains(&name) {
+            problems.push(Problem::new(key, format!("`{name}` is reserved (it counts what no listed consumer spent)")));
+        } else if consumers.iter().any(|seen| &*seen.name == name) {
+            problems.push(Problem::new(key, format!("`{name}` is listed twice")));
+        } else {
+            consumers.push(ConsumerSettings { name: Arc::from(name), lane: entry.lane() });
+        }
+    }
+    consumers
+}
+
+/// Most entries of `consumers:`.
+pub const MAX_CONSUMERS: usize = 1000;
+
+/// Whether `name` may be a consumer: 1-64 of A-Z, a-z, 0-9, `.`, `-` and `_`.
+pub fn is_consumer_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {

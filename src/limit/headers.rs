@@ -70,6 +70,7 @@ mod tests {
             window: Window::Rolling,
             scope: vec![],
             max_keys: 10,
+            forecast_window: Duration::from_secs(10),
         }
     }
 

@@ -7,7 +7,10 @@
 //!   the shape starts a fresh bucket instead of failing with WRONGTYPE.
 //! - `<prefix>:{<upstream>}:!pause:[<host>:]<account>`: a vendor pause. `!` is never in a quota
 //!   name, so no bucket can be read as a pause.
+//! - `<prefix>:{<upstream>}:<quota>~<lane><shape>:<scope>`: a lane's own bucket (`lanes`).
 //! - `local:<bucket>`: a replica's local share of a bucket while Redis is away (memory only).
+//! - `<prefix>:{<upstream>}:<quota>!use:<slot>` and `<bucket>!spent`: spend by consumer and a
+//!   scope's spend counter (see `usage`).
 
 use super::rolling;
 use super::scope::{self, QuotaKey};
@@ -33,8 +36,22 @@ impl KeySchema {
         Self { prefix: prefix.to_owned() }
     }
 
+    /// `store.key_prefix`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn bucket(&self, upstream: &Upstream, quota: &Quota, scope: &QuotaKey) -> String {
         format!("{}:{{{}}}:{}{}:{}", self.prefix, upstream.name, quota.name, shape_tag(quota), scope.0)
+    }
+
+    /// The bucket of a lane's own pseudo-quota `pseudo` of `quota` (see `lanes`), for the scope
+    /// of `bucket`, that quota's bucket: `<prefix>:{<upstream>}:<quota>~<lane><shape>:<scope>`.
+    /// `~` is never in a quota name, so no quota's bucket can be read as a lane's.
+    pub fn lane_bucket(&self, upstream: &Upstream, quota: &Quota, pseudo: &Quota, bucket: &str) -> String {
+        let head = format!("{}:{{{}}}:{}{}:", self.prefix, upstream.name, quota.name, shape_tag(quota));
+        let scope = bucket.strip_prefix(head.as_str()).unwrap_or("_all");
+        format!("{}:{{{}}}:{}{}:{scope}", self.prefix, upstream.name, pseudo.name, shape_tag(pseudo))
     }
 
     /// Where a vendor pause for this request is kept: per upstream, per destination host on a

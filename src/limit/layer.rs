@@ -17,6 +17,8 @@ use tower::{Layer, Service};
 use super::Limiter;
 use crate::body::ProxyBody;
 use crate::breaker::BreakerHandle;
+use crate::config::Lane;
+use crate::consumer::{Consumer, ItemConsumers};
 use crate::error::ProxyError;
 use crate::request::{CredentialName, RequestControls, Routed};
 use crate::security::clients::ClientIdentity;
@@ -107,6 +109,14 @@ where
             let host = routed.uri.host().map(str::to_owned);
             let max_wait = request.extensions().get::<RequestControls>().and_then(|controls| controls.max_wait);
             let credential = request.extensions().get::<CredentialName>().map(|name| name.0.clone());
+            // Who the tokens are spent for: the request's consumer, or each item's of a bulk call.
+            let consumers: &[Arc<str>] =
+                match (request.extensions().get::<ItemConsumers>(), request.extensions().get::<Consumer>()) {
+                    (Some(items), _) => &items.0,
+                    (None, Some(single)) => std::slice::from_ref(&single.0),
+                    (None, None) => &[],
+                };
+            let lane = request.extensions().get::<Lane>().copied().unwrap_or_default();
             let caller = super::Caller {
                 headers: request.headers(),
                 peer,
@@ -114,8 +124,13 @@ where
                 host: host.as_deref(),
                 max_wait,
                 credential: credential.as_deref(),
+                consumers,
+                lane,
             };
-            let mut admission = limiter.admit(&upstream, request.method(), &path, caller, opened).await?;
+            let mut admission = limiter
+                .admit(&upstream, request.method(), &path, caller, opened)
+                .await
+                .map_err(|error| error.in_lane(lane.as_str()))?;
             if let Some(scope) = admission.scope.take() {
                 request.extensions_mut().insert(scope);
             }

@@ -14,7 +14,9 @@
 //!   `announced`: limits the vendor said are lower than configured;
 //! - `fallback`: Redis and what to do while it is away (`on_failure`, the probe that heals the
 //!   connection, the local shares and folding them back in);
-//! - `headers`: what the caller is told; `admit`: the admission loop; `layer`: the Limit layer.
+//! - `admit`: the admission loop; `headers`: what the caller is told; `layer`: the Limit layer;
+//! - `usage`: who spent each quota (by consumer, merged across replicas through the store) and
+//!   when it will run out at the rate it is spent (the forecast).
 //!
 //! [`Limiter`] ties them together for the Limit layer and the Feedback layer (which records vendor
 //! pauses and adopts the vendor's figures through it).
@@ -33,6 +35,7 @@ pub mod fallback;
 pub mod gcra;
 pub mod headers;
 pub mod keys;
+pub mod lanes;
 pub mod layer;
 pub mod lease;
 pub mod measure;
@@ -42,6 +45,8 @@ pub mod rolling;
 pub mod scope;
 pub mod slots;
 pub mod store;
+pub mod turns;
+pub mod usage;
 pub mod window;
 
 use std::net::SocketAddr;
@@ -53,7 +58,7 @@ use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{OnFailure, Quota, Store, StoreKind, Upstream, Window};
+use crate::config::{Lane, OnFailure, Quota, Store, StoreKind, Upstream, Window};
 use crate::error::ProxyError;
 use crate::telemetry::Metrics;
 use announced::{Announced, Followed};
@@ -65,6 +70,7 @@ use keys::KeySchema;
 use memory::MemoryStore;
 use redis::RedisStore;
 use slots::Slots;
+use usage::Usage;
 
 /// Request header with which a caller shortens (never lengthens) its own queue wait.
 pub const MAX_WAIT_HEADER: &str = crate::controls::MAX_WAIT_HEADER;
@@ -87,6 +93,10 @@ pub struct Caller<'a> {
     /// What the injected credential stands for when its value changes (see
     /// [`crate::request::CredentialName`]): `credential` scopes and pause accounts use it.
     pub credential: Option<&'a str>,
+    /// Who the tokens are spent for: the request's consumer, or one per item of a bulk call.
+    pub consumers: &'a [Arc<str>],
+    /// The request's priority lane (see `lanes`).
+    pub lane: Lane,
 }
 
 /// What a request got from the limiter: held until its response head is back.
@@ -151,9 +161,14 @@ pub struct Limiter {
     books: Books,
     slots: Slots,
     announced: Announced,
+    usage: Usage,
+    turns: Arc<turns::Turns>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
 }
+
+/// How often spend is folded into the series, sent to Redis and sampled for forecasts.
+pub const USAGE_TICK: Duration = Duration::from_secs(1);
 
 impl Limiter {
     /// Builds the limiter for `store`; with Redis, tries to connect for up to a second, then
@@ -175,11 +190,12 @@ impl Limiter {
             StoreKind::Memory => (Decider::Memory(MemoryStore::default()), None),
             StoreKind::Redis => {
                 let redis = RedisStore::new(store.clone());
-                let fallback = Fallback::start(store, redis.clone(), metrics.clone(), clock.clone(), stop).await;
+                let fallback =
+                    Fallback::start(store, redis.clone(), metrics.clone(), clock.clone(), stop.clone()).await;
                 (Decider::Shared(fallback), Some(redis))
             }
         };
-        Arc::new(Self {
+        let limiter = Arc::new(Self {
             decider,
             redis,
             store_kind,
@@ -187,9 +203,125 @@ impl Limiter {
             books: Books::default(),
             slots: Slots::default(),
             announced: Announced::default(),
+            usage: Usage::new(metrics.clone()),
+            turns: Arc::default(),
             metrics,
             clock,
-        })
+        });
+        spawn_usage_ticks(Arc::downgrade(&limiter), stop);
+        limiter
+    }
+
+    /// One usage tick: pending spend into the series; with Redis, sent (off the request path)
+    /// and the scopes' shared totals read back; then the forecasts.
+    pub async fn usage_tick(&self) {
+        let shared = matches!(self.decider, Decider::Shared(_));
+        let Some((flush, token)) = self.usage.tick(self.clock.wall(), self.clock.now(), shared, self.keys.prefix())
+        else {
+            return;
+        };
+        let result = match (&self.redis, self.mode()) {
+            (Some(redis), Mode::Shared) if !flush.groups.is_empty() => {
+                let wait = self.store_patience();
+                match tokio::time::timeout(wait, redis.add_usage(&flush)).await {
+                    Ok(Ok(totals)) => Ok(totals),
+                    Ok(Err(error)) => {
+                        self.metrics.store_errors.with_label_values(&[error.kind()]).inc();
+                        tracing::debug!(%error, "Usage not sent to Redis; kept for the next tick.");
+                        Err(())
+                    }
+                    Err(_) => {
+                        self.metrics.store_errors.with_label_values(&["timeout"]).inc();
+                        Err(())
+                    }
+                }
+            }
+            (Some(_), Mode::Shared) => Ok(std::collections::HashMap::new()),
+            _ => Err(()),
+        };
+        self.usage.sent(token, result, self.clock.wall(), self.clock.now());
+    }
+
+    /// How long an admin read or a background write waits on Redis.
+    fn store_patience(&self) -> Duration {
+        self.redis
+            .as_ref()
+            .map_or(Duration::from_secs(1), |redis| (redis.settings().timeout * 20).max(Duration::from_secs(1)))
+    }
+
+    /// `GET /usage`: per upstream and quota, spend by consumer in the current window, the last
+    /// hour and the current (UTC) day; every replica's through Redis, else this replica's.
+    pub async fn usage(&self, upstreams: &[Arc<Upstream>]) -> UsageSnapshot {
+        let now = self.clock.wall();
+        let plans: Vec<UpstreamPlans<'_>> = upstreams
+            .iter()
+            .filter(|upstream| !upstream.limits.quotas.is_empty())
+            .map(|upstream| {
+                let plans =
+                    upstream.limits.quotas.iter().map(|quota| (usage::Plan::of(upstream, quota, now), quota)).collect();
+                (upstream.clone(), plans)
+            })
+            .collect();
+        // Every replica's spend, from Redis, when it answers.
+        let mut shared: Option<std::collections::HashMap<String, usage::SlotSpend>> = None;
+        if let (Some(redis), Mode::Shared) = (&self.redis, self.mode()) {
+            let prefix = self.keys.prefix();
+            let groups: Vec<Vec<String>> = plans
+                .iter()
+                .map(|(_, quotas)| {
+                    quotas
+                        .iter()
+                        .flat_map(|(plan, _)| plan.slots().map(|slot| usage::usage_key(prefix, &plan.id, slot)))
+                        .collect()
+                })
+                .collect();
+            if let Ok(Ok(read)) = tokio::time::timeout(self.store_patience(), redis.read_usage(&groups)).await {
+                let mut by_key = std::collections::HashMap::new();
+                for (keys, hashes) in groups.into_iter().zip(read) {
+                    for (key, fields) in keys.into_iter().zip(hashes) {
+                        let spend: usage::SlotSpend =
+                            fields.into_iter().map(|(consumer, milli)| (Arc::from(consumer.as_str()), milli)).collect();
+                        by_key.insert(key, spend);
+                    }
+                }
+                shared = Some(by_key);
+            }
+        }
+        let prefix = self.keys.prefix();
+        let mut out = Vec::new();
+        for (upstream, quotas) in &plans {
+            let mut views = Vec::new();
+            for (plan, quota) in quotas {
+                let read = |slot: &usage::Slot| match &shared {
+                    Some(by_key) => {
+                        let mut spend =
+                            by_key.get(&usage::usage_key(prefix, &plan.id, slot)).cloned().unwrap_or_default();
+                        for (consumer, milli) in self.usage.unsent(&plan.id, slot) {
+                            *spend.entry(consumer).or_default() += milli;
+                        }
+                        spend
+                    }
+                    None => self.usage.local(&plan.id, slot),
+                };
+                views.push(usage::QuotaUsage {
+                    name: quota.name.to_string(),
+                    limit: quota.limit,
+                    per: humantime::format_duration(quota.per).to_string(),
+                    window: usage::period(plan.window.0, &plan.window.1, Some(quota.limit), read),
+                    last_hour: usage::period(plan.hour.0, &plan.hour.1, None, read),
+                    today: usage::period(plan.day.0, &plan.day.1, None, read),
+                });
+            }
+            out.push(UpstreamUsage { name: upstream.name.to_string(), quotas: views });
+        }
+        UsageSnapshot {
+            scope: if shared.is_some() { "cluster" } else { "replica" },
+            store: self.store_kind.as_str(),
+            mode: self.mode().as_str(),
+            replicas: self.replicas(),
+            at: usage::rfc3339(now),
+            upstreams: out,
+        }
     }
 
     pub fn mode(&self) -> Mode {
@@ -330,15 +462,20 @@ impl Limiter {
     }
 
     /// One decision in the current mode; `None` means "let it through unlimited" (`allow`).
+    /// `extra`: the lane's own pseudo-quotas, whose buckets follow the quotas' in `keys`.
     async fn decide(
         &self,
         upstream: &Upstream,
         keys: &[String],
+        extra: &[Quota],
         pause_key: &str,
         cost: i64,
         max_wait: Micros,
     ) -> Result<Option<Decision>, ProxyError> {
-        let quotas = self.announced.effective(upstream);
+        let mut quotas = self.announced.effective(upstream);
+        if !extra.is_empty() {
+            quotas.to_mut().extend_from_slice(extra);
+        }
         match &self.decider {
             Decider::Memory(memory) => {
                 let now = self.clock.wall();
@@ -392,15 +529,19 @@ impl Limiter {
                             Decider::Shared(fallback) => fallback.leased(bucket),
                             Decider::Memory(_) => 0,
                         };
+                        let forecast = self.usage.forecast(bucket);
                         ScopeView {
                             scope: key.0.clone(),
                             requests: *requests,
                             remaining: standing.remaining + leased,
                             next_free_in_ms: next_free_in(&rule, &state, now) / 1000,
                             full_in_ms: standing.reset_in.max(0) / 1000,
+                            spend_per_second: forecast.map(|forecast| round3(forecast.spend_per_second)),
+                            exhausts_at: forecast.and_then(|forecast| forecast.exhausts_at).map(usage::rfc3339),
                         }
                     })
                     .collect();
+                let forecast = self.usage.quota_forecast(&upstream.name, &quota.name);
                 quotas.push(QuotaView {
                     name: quota.name.to_string(),
                     limit: quota.limit,
@@ -415,6 +556,8 @@ impl Limiter {
                         Window::Fixed { .. } => None,
                     },
                     burst: matches!(quota.window, Window::Smooth).then_some(quota.burst),
+                    spend_per_second: forecast.map(|forecast| round3(forecast.spend_per_second)),
+                    exhausts_at: forecast.and_then(|forecast| forecast.exhausts_at).map(usage::rfc3339),
                     scopes,
                 });
             }
@@ -466,6 +609,11 @@ pub struct QuotaView {
     pub window: &'static str,
     pub shape: Option<&'static str>,
     pub burst: Option<u64>,
+    /// The spend rate (tokens per second, every replica's) of the scope closest to running
+    /// out, over the quota's `forecast_window`; `null` until a forecast window has been seen.
+    pub spend_per_second: Option<f64>,
+    /// When that scope runs out at that rate (RFC 3339); `null` when it is not at risk.
+    pub exhausts_at: Option<String>,
     pub scopes: Vec<ScopeView>,
 }
 
@@ -476,6 +624,58 @@ pub struct ScopeView {
     pub remaining: i64,
     pub next_free_in_ms: i64,
     pub full_in_ms: i64,
+    /// This scope's spend rate (see [`QuotaView::spend_per_second`]), if it is forecast.
+    pub spend_per_second: Option<f64>,
+    /// When this scope runs out at that rate, if it does before it is whole again.
+    pub exhausts_at: Option<String>,
+}
+
+/// What `GET /usage` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageSnapshot {
+    /// `cluster`: every replica's spend, read from Redis; `replica`: this replica's only (the
+    /// memory store, or Redis unreachable).
+    pub scope: &'static str,
+    pub store: &'static str,
+    pub mode: &'static str,
+    pub replicas: u64,
+    /// When the answer was made (RFC 3339).
+    pub at: String,
+    pub upstreams: Vec<UpstreamUsage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamUsage {
+    pub name: String,
+    pub quotas: Vec<usage::QuotaUsage>,
+}
+
+/// An upstream and what `/usage` reads of each of its quotas.
+type UpstreamPlans<'a> = (Arc<Upstream>, Vec<(usage::Plan, &'a Quota)>);
+
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+/// Runs [`Limiter::usage_tick`] every [`USAGE_TICK`] until `stop`, and once more then, so the
+/// last second's spend reaches Redis.
+fn spawn_usage_ticks(limiter: std::sync::Weak<Limiter>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(USAGE_TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            let stopping = tokio::select! {
+                _ = ticks.tick() => false,
+                () = stop.cancelled() => true,
+            };
+            let Some(limiter) = limiter.upgrade() else { return };
+            limiter.usage_tick().await;
+            if stopping {
+                return;
+            }
+        }
+    });
 }
 
 /// Whether sluice acts on this upstream's responses (pauses): it has quotas or a header profile.
@@ -549,9 +749,132 @@ mod tests {
 
     async fn admit(limiter: &Limiter, upstream: &Upstream) -> Result<Admission, ProxyError> {
         let headers = HeaderMap::new();
-        let caller =
-            Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None, credential: None };
+        let caller = Caller {
+            headers: &headers,
+            peer: None,
+            client: None,
+            host: None,
+            max_wait: None,
+            credential: None,
+            consumers: &[],
+            lane: Lane::Normal,
+        };
         limiter.admit(upstream, &Method::GET, "/x", caller, None).await
+    }
+
+    async fn admit_as(
+        limiter: &Limiter,
+        upstream: &Upstream,
+        lane: Lane,
+        consumer: &str,
+    ) -> Result<Admission, ProxyError> {
+        let headers = HeaderMap::new();
+        let consumers = [Arc::from(consumer)];
+        let caller = Caller {
+            headers: &headers,
+            peer: None,
+            client: None,
+            host: None,
+            max_wait: None,
+            credential: None,
+            consumers: &consumers,
+            lane,
+        };
+        limiter.admit(upstream, &Method::GET, "/x", caller, None).await
+    }
+
+    /// Admission times (seconds since `started`) of `count` requests of `lane` sent at once.
+    fn spawn_lane(
+        limiter: &Arc<Limiter>,
+        upstream: &Arc<Upstream>,
+        lane: Lane,
+        consumer: &'static str,
+        count: usize,
+        times: tokio::sync::mpsc::UnboundedSender<(Lane, &'static str, f64, Duration)>,
+        started: tokio::time::Instant,
+    ) {
+        for _ in 0..count {
+            let (limiter, upstream, times) = (limiter.clone(), upstream.clone(), times.clone());
+            tokio::spawn(async move {
+                let admission = admit_as(&limiter, &upstream, lane, consumer).await.unwrap();
+                let at = started.elapsed().as_secs_f64();
+                times.send((lane, consumer, at, admission.queued)).unwrap();
+            });
+        }
+    }
+
+    /// A backfill of low requests keeps a quota full; a high request arriving then goes within
+    /// two slot intervals, where behind the backfill's reservations it would wait for all of them.
+    #[tokio::test(start_paused = true)]
+    async fn a_high_request_passes_a_queued_backfill() {
+        let (limiter, upstream) =
+            limiter_for("{ name: w, limit: 10, per: 10s, margin: 0s }", "    max_queue_wait: 60s\n").await;
+        let started = limiter.clock.now();
+        let (times, mut got) = tokio::sync::mpsc::unbounded_channel();
+        spawn_lane(&limiter, &upstream, Lane::Low, "backfill", 30, times.clone(), started);
+        tokio::time::sleep(Duration::from_millis(12_500)).await;
+        let high = admit_as(&limiter, &upstream, Lane::High, "web").await.unwrap();
+        assert!(high.queued <= Duration::from_secs(2), "two slot intervals at most: {:?}", high.queued);
+        drop(times);
+        let mut low = Vec::new();
+        while let Some((_, _, at, _)) = got.recv().await {
+            low.push(at);
+        }
+        assert_eq!(low.len(), 30, "the backfill gets through, behind");
+        // Paced: never two low admissions in one slot interval, so never a burst of freed slots.
+        low.sort_by(f64::total_cmp);
+        assert!(low.windows(2).all(|pair| pair[1] - pair[0] >= 0.999), "{low:?}");
+    }
+
+    /// `lanes: { low: { max_share: 0.5 } }`: low never takes more than half of any window, and
+    /// normal traffic takes the rest.
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_share_caps_what_it_takes_of_any_window() {
+        let (limiter, upstream) = limiter_for(
+            "{ name: w, limit: 10, per: 10s, margin: 0s }",
+            "    max_queue_wait: 60s\n    lanes: { low: { max_share: 0.5 } }\n",
+        )
+        .await;
+        let started = limiter.clock.now();
+        let (times, mut got) = tokio::sync::mpsc::unbounded_channel();
+        spawn_lane(&limiter, &upstream, Lane::Low, "backfill", 12, times.clone(), started);
+        spawn_lane(&limiter, &upstream, Lane::Normal, "sync", 12, times.clone(), started);
+        drop(times);
+        let mut all = Vec::new();
+        while let Some(entry) = got.recv().await {
+            all.push(entry);
+        }
+        assert_eq!(all.len(), 24);
+        let low: Vec<f64> = all.iter().filter(|(lane, ..)| *lane == Lane::Low).map(|e| e.2).collect();
+        for &at in &all {
+            let in_window = |times: &[f64]| times.iter().filter(|t| **t > at.2 - 10.0 && **t <= at.2).count();
+            assert!(in_window(&low) <= 5, "low took more than half of the window ending at {}: {low:?}", at.2);
+            let every: Vec<f64> = all.iter().map(|e| e.2).collect();
+            assert!(in_window(&every) <= 10, "the quota itself holds");
+        }
+        let first_window = all.iter().filter(|e| e.2 < 10.0).count();
+        assert_eq!(first_window, 10, "the rest of the window goes to normal: {all:?}");
+    }
+
+    /// Two consumers in one lane, one sending ten times the other: they take turns, so the light
+    /// one's calls do not wait behind all of the heavy one's.
+    #[tokio::test(start_paused = true)]
+    async fn consumers_of_a_lane_take_turns() {
+        let (limiter, upstream) =
+            limiter_for("{ name: w, limit: 2, per: 1s, margin: 0s }", "    max_queue_wait: 60s\n").await;
+        let started = limiter.clock.now();
+        let (times, mut got) = tokio::sync::mpsc::unbounded_channel();
+        spawn_lane(&limiter, &upstream, Lane::Normal, "heavy", 30, times.clone(), started);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        spawn_lane(&limiter, &upstream, Lane::Normal, "light", 3, times.clone(), started);
+        drop(times);
+        let mut order = Vec::new();
+        while let Some((_, consumer, at, _)) = got.recv().await {
+            order.push((at, consumer));
+        }
+        order.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let light_done = order.iter().rposition(|(_, consumer)| *consumer == "light").unwrap();
+        assert!(light_done < 16, "the light consumer's 3 calls are through within the first 16 of 33: {order:?}");
     }
 
     fn scope_of(admission: &Admission) -> VendorScope {
@@ -627,8 +950,16 @@ mod tests {
         admit(&limiter, &upstream).await.unwrap();
         let (open, opened) = tokio::sync::watch::channel(0u64);
         let headers = HeaderMap::new();
-        let caller =
-            Caller { headers: &headers, peer: None, client: None, host: None, max_wait: None, credential: None };
+        let caller = Caller {
+            headers: &headers,
+            peer: None,
+            client: None,
+            host: None,
+            max_wait: None,
+            credential: None,
+            consumers: &[],
+            lane: Lane::Normal,
+        };
         let waiting = limiter.admit(&upstream, &Method::GET, "/x", caller, Some(opened));
         let opening = async {
             tokio::time::sleep(Duration::from_secs(1)).await;

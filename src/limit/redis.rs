@@ -55,6 +55,7 @@
 //! (members seen within five heartbeats) is each replica's divisor for its local share of a quota
 //! while Redis is unreachable.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +69,7 @@ use redis::IntoConnectionInfo;
 use super::decide::{Decision, Micros, Rule, Standing, State};
 use super::rolling::Admissions;
 use super::store::{Ask, QuotaStore, SharedStore};
+use super::usage::{spent_key, Flush};
 use super::window::Counts;
 use crate::config::Store;
 
@@ -122,6 +124,13 @@ impl Conn {
         match self {
             Conn::Single(manager) => command.query_async(&mut manager.clone()).await,
             Conn::Cluster(cluster) => command.query_async(&mut cluster.clone()).await,
+        }
+    }
+
+    async fn pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(manager) => pipe.query_async(&mut manager.clone()).await,
+            Conn::Cluster(cluster) => pipe.query_async(&mut cluster.clone()).await,
         }
     }
 
@@ -406,6 +415,59 @@ impl RedisStore {
             states.push(state);
         }
         Ok(states)
+    }
+
+    /// Sends a usage flush (see `usage`): per upstream one pipeline (its keys share the hash
+    /// tag, so one Cluster slot) adding each slot's spend by consumer and bumping each scope's
+    /// spend counter. Returns the counters' new totals by bucket.
+    pub async fn add_usage(&self, flush: &Flush) -> Result<HashMap<String, i64>, StoreError> {
+        let conn = self.conn()?;
+        let mut totals = HashMap::new();
+        for group in &flush.groups {
+            let mut pipe = redis::pipe();
+            for hash in &group.hashes {
+                for (consumer, milli) in &hash.deltas {
+                    pipe.cmd("HINCRBY").arg(&hash.key).arg(&**consumer).arg(*milli).ignore();
+                }
+                pipe.cmd("PEXPIREAT").arg(&hash.key).arg(hash.expires_ms).ignore();
+            }
+            for (bucket, ttl_ms, delta) in &group.counters {
+                let key = spent_key(bucket);
+                pipe.cmd("INCRBY").arg(&key).arg(*delta);
+                pipe.cmd("PEXPIRE").arg(&key).arg(*ttl_ms).ignore();
+            }
+            let values: Vec<i64> = conn.pipeline(&pipe).await?;
+            if values.len() != group.counters.len() {
+                return Err(StoreError::BadReply);
+            }
+            for ((bucket, _, _), total) in group.counters.iter().zip(values) {
+                totals.insert(bucket.clone(), total);
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Reads usage slot hashes (see `usage`), each group of keys sharing a hash tag in one
+    /// pipeline: each key's spend by consumer (milli-tokens).
+    pub async fn read_usage(&self, groups: &[Vec<String>]) -> Result<Vec<Vec<Vec<(String, i64)>>>, StoreError> {
+        let conn = self.conn()?;
+        let mut out = Vec::with_capacity(groups.len());
+        for keys in groups {
+            if keys.is_empty() {
+                out.push(Vec::new());
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for key in keys {
+                pipe.cmd("HGETALL").arg(key);
+            }
+            let hashes: Vec<Vec<(String, i64)>> = conn.pipeline(&pipe).await?;
+            if hashes.len() != keys.len() {
+                return Err(StoreError::BadReply);
+            }
+            out.push(hashes);
+        }
+        Ok(out)
     }
 
     /// Redis `TIME` in microseconds (for `/quotas`, so reported times match the script's).

@@ -10,6 +10,9 @@
 //!   chose), first, so batching and quota scopes see what the vendor will see (a brokered OAuth
 //!   token is set below Batch by the `oauth` layer: it is the same for every call);
 //! - parses the caller's `Sluice-*` controls once, into [`RequestControls`];
+//! - attributes the request to its [`Consumer`] (the client, else `Sluice-Consumer`, else the
+//!   proxy user; bounded by the known set, see `consumer`) and its [`Lane`] (`Sluice-Priority`,
+//!   else the consumer's own, else `normal`);
 //! - refuses a declared body over `limits.max_body_bytes`.
 //!
 //! The layer reads the generation a request runs on through [`RouteContext`], so this room needs
@@ -29,6 +32,8 @@ use tower::{Layer, Service};
 pub use table::RouteTable;
 
 use crate::body::ProxyBody;
+use crate::config::Lane;
+use crate::consumer::{Consumer, Known};
 use crate::error::{ErrorKind, ProxyError};
 use crate::request::{RequestControls, Routed, Via};
 use crate::security::clients::{ClientIdentity, Clients};
@@ -45,6 +50,8 @@ pub trait RouteContext: Send + Sync + 'static {
     fn credential(&self, upstream: &str) -> Option<&Credential>;
     /// `limits.max_body_bytes`.
     fn max_body_bytes(&self) -> u64;
+    /// The consumers spend may be attributed to.
+    fn consumers(&self) -> &Known;
 }
 
 pub struct RouteLayer<G> {
@@ -163,6 +170,14 @@ fn route<G: RouteContext>(request: &mut Request<ProxyBody>) -> Result<Routed, Pr
     let controls = RequestControls::parse(request.headers(), Instant::now()).map_err(|error| {
         ProxyError::new(ErrorKind::Malformed { detail: error.to_string() }, Some(routed.upstream.name.clone()))
     })?;
+    let client = request.extensions().get::<ClientIdentity>().map(|identity| identity.name.clone());
+    let consumer: Consumer = generation.consumers().attribute(client.as_deref(), controls.consumer.as_deref(), || {
+        crate::limit::scope::proxy_user(request.headers())
+    });
+    // The lane: what the caller asked for, else its consumer's own, else `normal`.
+    let lane: Lane = controls.priority.unwrap_or_else(|| generation.consumers().lane_of(&consumer));
+    request.extensions_mut().insert(lane);
+    request.extensions_mut().insert(consumer);
     request.extensions_mut().insert(controls);
     let limit = generation.max_body_bytes();
     let declared = request.headers().get(CONTENT_LENGTH).and_then(|value: &HeaderValue| value.to_str().ok());

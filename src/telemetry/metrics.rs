@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const LATENCY_BUCKETS: &[f64] =
@@ -58,6 +58,14 @@ pub struct Metrics {
     pub quota_decisions: IntCounterVec,
     /// Time requests spent queued for quota or a concurrency slot, by upstream.
     pub quota_queue_wait: HistogramVec,
+    /// Tokens spent, by upstream, quota and consumer (a bounded set: see `consumer`).
+    pub quota_spent: CounterVec,
+    /// Seconds until the quota's scope closest to running out does, at its current spend rate
+    /// (`+Inf` when none is at risk), by upstream and quota.
+    pub quota_exhaustion: GaugeVec,
+    /// Each quota's window (`per`) in seconds, by upstream and quota: lets an alert tell daily
+    /// quotas from short ones.
+    pub quota_window: GaugeVec,
     /// Latency of quota store (Redis) decisions.
     pub store_latency: prometheus::Histogram,
     /// Quota store errors by kind (`timeout`, `redis_error`, `not_connected`, ...).
@@ -224,6 +232,24 @@ impl Metrics {
                 &["upstream"],
             )
             .expect("static metric definition"),
+            quota_spent: CounterVec::new(
+                Opts::new("sluice_quota_spent_total", "Quota tokens spent, by upstream, quota and consumer."),
+                &["upstream", "quota", "consumer"],
+            )
+            .expect("static metric definition"),
+            quota_exhaustion: GaugeVec::new(
+                Opts::new(
+                    "sluice_quota_exhaustion_seconds",
+                    "Seconds until the quota runs out at its current spend rate (+Inf when not at risk).",
+                ),
+                &["upstream", "quota"],
+            )
+            .expect("static metric definition"),
+            quota_window: GaugeVec::new(
+                Opts::new("sluice_quota_window_seconds", "The quota's window (per), in seconds."),
+                &["upstream", "quota"],
+            )
+            .expect("static metric definition"),
             store_latency: prometheus::Histogram::with_opts(
                 HistogramOpts::new("sluice_store_latency_seconds", "Latency of quota store decisions.")
                     .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]),
@@ -385,6 +411,9 @@ impl Metrics {
             Box::new(self.leaf_certs_minted.clone()),
             Box::new(self.quota_decisions.clone()),
             Box::new(self.quota_queue_wait.clone()),
+            Box::new(self.quota_spent.clone()),
+            Box::new(self.quota_exhaustion.clone()),
+            Box::new(self.quota_window.clone()),
             Box::new(self.store_latency.clone()),
             Box::new(self.store_errors.clone()),
             Box::new(self.store_degraded.clone()),
@@ -471,8 +500,34 @@ impl Metrics {
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        out
+        infinities_as_the_format_spells_them(out)
     }
+}
+
+/// The text format spells infinite sample values `+Inf` and `-Inf`; the encoder writes Rust's
+/// `inf` (a gauge that is `+Inf` when nothing is at risk, `sluice_quota_exhaustion_seconds`, is
+/// the only such value). Only whole sample values at the end of a line are rewritten.
+fn infinities_as_the_format_spells_them(text: Vec<u8>) -> Vec<u8> {
+    if !text.windows(5).any(|window| window == b" inf\n" || window == b"-inf\n") {
+        return text;
+    }
+    let text = String::from_utf8_lossy(&text);
+    let mut out = String::with_capacity(text.len() + 64);
+    for line in text.split_inclusive('\n') {
+        let body = line.strip_suffix('\n').unwrap_or(line);
+        match (body.strip_suffix(" inf"), body.strip_suffix(" -inf")) {
+            (_, Some(series)) if !body.starts_with('#') => {
+                out.push_str(series);
+                out.push_str(" -Inf\n");
+            }
+            (Some(series), _) if !body.starts_with('#') => {
+                out.push_str(series);
+                out.push_str(" +Inf\n");
+            }
+            _ => out.push_str(line),
+        }
+    }
+    out.into_bytes()
 }
 
 impl Default for Metrics {
@@ -551,6 +606,21 @@ mod tests {
         assert_eq!(metrics.upstream_duration.with_label_values(&["hubspot"]).get_sample_count(), 1);
         let text = String::from_utf8(metrics.render()).unwrap();
         assert!(!text.contains("method=\"POST\""), "unused series stay out of /metrics: {text}");
+    }
+
+    #[test]
+    fn infinite_gauges_are_spelt_as_the_text_format_says() {
+        let metrics = Metrics::new();
+        metrics.quota_exhaustion.with_label_values(&["hubspot", "daily"]).set(f64::INFINITY);
+        metrics.quota_exhaustion.with_label_values(&["hubspot", "burst"]).set(12.5);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains("sluice_quota_exhaustion_seconds{quota=\"daily\",upstream=\"hubspot\"} +Inf\n"),
+            "{text}"
+        );
+        assert!(text.contains("sluice_quota_exhaustion_seconds{quota=\"burst\",upstream=\"hubspot\"} 12.5\n"));
+        assert!(text.contains("le=\"+Inf\""), "histogram buckets untouched");
+        assert_eq!(infinities_as_the_format_spells_them(b"x -inf\n# HELP y inf\n".to_vec()), b"x -Inf\n# HELP y inf\n");
     }
 
     #[test]

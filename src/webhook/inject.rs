@@ -14,6 +14,8 @@
 //! - the `sluice` container: a native sidecar (the first init container, `restartPolicy: Always`)
 //!   or a regular container placed first, with the config and CA mounted, probes on the admin port,
 //!   resources, a preStop pause so calls still in flight can finish, and a non-root security context;
+//!   and `SLUICE_CONSUMER` from the pod's service account (or a label, see [`ConsumerSource`]), so
+//!   the pod's quota spend is attributed to it without the app sending `Sluice-Consumer`;
 //! - in `init` CA-bundle mode, an init container that writes system roots + sluice's CA into an
 //!   `emptyDir`; in `secret` mode the CA Secret carries that bundle as `ca-bundle.pem`;
 //! - volumes for the config, the CA (key included, sidecar only), and the trust files apps read;
@@ -34,9 +36,9 @@ use std::collections::BTreeMap;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    KeyToPath, Lifecycle, LifecycleHandler, Pod, Probe, ResourceRequirements, SecretVolumeSource, SecurityContext,
-    SleepAction, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ResourceRequirements,
+    SecretVolumeSource, SecurityContext, SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -106,6 +108,35 @@ pub enum ConfigKind {
     Secret,
 }
 
+/// Where the sidecar's own consumer (`SLUICE_CONSUMER`, see `consumer`) comes from: the pod's
+/// service account name, one of its labels (read by the downward API), or nowhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerSource {
+    ServiceAccount,
+    Label(String),
+    None,
+}
+
+impl std::str::FromStr for ConsumerSource {
+    type Err = String;
+
+    /// `service-account`, `label:<key>` (e.g. `label:app.kubernetes.io/name`) or `none`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "service-account" => Ok(ConsumerSource::ServiceAccount),
+            "none" => Ok(ConsumerSource::None),
+            other => match other.strip_prefix("label:") {
+                Some(key)
+                    if !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b)) =>
+                {
+                    Ok(ConsumerSource::Label(key.to_owned()))
+                }
+                _ => Err(format!("`{other}`: expected service-account, label:<key> or none")),
+            },
+        }
+    }
+}
+
 /// Resource requests and limits of the sidecar, as Kubernetes quantities; `None` leaves one unset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resources {
@@ -150,6 +181,8 @@ pub struct Settings {
     /// The sidecar's UID. Its GID is 0 so it can read the CA key, which Kubernetes mounts
     /// `root:root` (mode 0440) in pods without `fsGroup`.
     pub run_as_user: i64,
+    /// Where the sidecar's `SLUICE_CONSUMER` comes from.
+    pub consumer_from: ConsumerSource,
 }
 
 impl Default for Settings {
@@ -179,6 +212,7 @@ impl Default for Settings {
             drain_seconds: 5,
             scrape_annotations: true,
             run_as_user: 65532,
+            consumer_from: ConsumerSource::ServiceAccount,
         }
     }
 }
@@ -325,7 +359,7 @@ fn sidecar_container(settings: &Settings) -> Container {
         image: Some(settings.image.clone()),
         image_pull_policy: Some(settings.image_pull_policy.clone()),
         args: Some(vec!["run".to_owned(), "--config".to_owned(), format!("{CONFIG_DIR}/{}", settings.config_key)]),
-        env: Some(vec![env_var("SLUICE_LOG_FORMAT", "json")]),
+        env: Some(sidecar_env(settings)),
         ports: Some(vec![ContainerPort {
             name: Some(ADMIN_PORT_NAME.to_owned()),
             container_port: i32::from(settings.admin_port),
@@ -343,6 +377,27 @@ fn sidecar_container(settings: &Settings) -> Container {
         volume_mounts: Some(vec![mount(CONFIG_VOLUME, CONFIG_DIR), mount(CA_VOLUME, CA_DIR)]),
         ..Container::default()
     }
+}
+
+/// The sidecar's variables: JSON logs, and its own consumer from the pod (the downward API).
+fn sidecar_env(settings: &Settings) -> Vec<EnvVar> {
+    let mut env = vec![env_var("SLUICE_LOG_FORMAT", "json")];
+    let field = match &settings.consumer_from {
+        ConsumerSource::ServiceAccount => Some("spec.serviceAccountName".to_owned()),
+        ConsumerSource::Label(key) => Some(format!("metadata.labels['{key}']")),
+        ConsumerSource::None => None,
+    };
+    if let Some(field_path) = field {
+        env.push(EnvVar {
+            name: "SLUICE_CONSUMER".to_owned(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector { field_path, api_version: None }),
+                ..EnvVarSource::default()
+            }),
+        });
+    }
+    env
 }
 
 /// `init` mode: system roots + sluice's CA into the shared `emptyDir`, and the CA beside it.
@@ -694,6 +749,27 @@ mod tests {
         assert_eq!(app["volumeMounts"][0]["mountPath"], TRUST_DIR);
         assert_eq!(pod["metadata"]["labels"][INJECTED_KEY], "true");
         assert_eq!(pod["metadata"]["annotations"]["prometheus.io/port"], "9901");
+    }
+
+    #[test]
+    fn the_sidecar_names_its_consumer_from_the_pod() {
+        let sidecar_env = |settings: &Settings| {
+            let (pod, _) = patched(app_pod(), settings);
+            pod["spec"]["initContainers"][1]["env"].clone()
+        };
+        let env = sidecar_env(&Settings::default());
+        assert_eq!(env[1]["name"], "SLUICE_CONSUMER");
+        assert_eq!(env[1]["valueFrom"]["fieldRef"]["fieldPath"], "spec.serviceAccountName");
+        let by_label =
+            Settings { consumer_from: "label:app.kubernetes.io/name".parse().unwrap(), ..Settings::default() };
+        assert_eq!(
+            sidecar_env(&by_label)[1]["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.labels['app.kubernetes.io/name']"
+        );
+        let none = Settings { consumer_from: ConsumerSource::None, ..Settings::default() };
+        assert_eq!(sidecar_env(&none).as_array().unwrap().len(), 1);
+        assert!("label:".parse::<ConsumerSource>().is_err());
+        assert!("label:a'b".parse::<ConsumerSource>().is_err(), "no quote can break out of the field path");
     }
 
     #[test]

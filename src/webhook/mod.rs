@@ -56,7 +56,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::{self, ProxyBody};
 use crate::respond::json_response;
-pub use inject::{CaBundle, ConfigKind, Resources, Settings, SidecarMode};
+pub use inject::{CaBundle, ConfigKind, ConsumerSource, Resources, Settings, SidecarMode};
 
 /// The largest review accepted. Pods are capped by etcd at about 1.5 MiB; this leaves room.
 const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
@@ -149,6 +149,10 @@ pub struct InjectArgs {
     /// UID of the sidecar (its GID is 0, to read the CA key Kubernetes mounts as root:root 0440).
     #[arg(long, env = "SLUICE_INJECT_RUN_AS_USER", default_value_t = 65532)]
     pub run_as_user: i64,
+    /// Where each sidecar's own consumer (`SLUICE_CONSUMER`, what its pod's quota spend is
+    /// attributed to when the app names none) comes from: `service-account`, `label:<key>` or `none`.
+    #[arg(long, env = "SLUICE_INJECT_CONSUMER_FROM", default_value = "service-account")]
+    pub consumer_from: ConsumerSource,
 }
 
 impl InjectArgs {
@@ -179,6 +183,7 @@ impl InjectArgs {
             drain_seconds: self.drain_seconds,
             scrape_annotations: self.scrape_annotations,
             run_as_user: self.run_as_user,
+            consumer_from: self.consumer_from.clone(),
         }
     }
 }
