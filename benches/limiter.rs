@@ -169,16 +169,7 @@ upstreams:
     let upstream = config.live.upstreams[0].clone();
     let mut headers = HeaderMap::new();
     headers.insert("x-tenant-id", HeaderValue::from_static("acme"));
-    let caller = sluice::limit::Caller {
-        headers: &headers,
-        peer: None,
-        client: None,
-        host: None,
-        max_wait: None,
-        credential: None,
-        consumers: &[],
-        lane: sluice::config::Lane::Normal,
-    };
+    let caller = sluice::limit::Caller::from_headers(&headers);
     let method = http::Method::GET;
     c.bench_function("Limiter::admit, memory store, 2 quotas", |b| {
         b.iter(|| {

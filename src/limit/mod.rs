@@ -99,6 +99,23 @@ pub struct Caller<'a> {
     pub lane: Lane,
 }
 
+impl<'a> Caller<'a> {
+    /// A caller known by its headers alone: no peer, client, host, wait limit, credential name
+    /// or consumer, in the `normal` lane (benches, tests, and callers that are not requests).
+    pub fn from_headers(headers: &'a HeaderMap) -> Self {
+        Caller {
+            headers,
+            peer: None,
+            client: None,
+            host: None,
+            max_wait: None,
+            credential: None,
+            consumers: &[],
+            lane: Lane::Normal,
+        }
+    }
+}
+
 /// What a request got from the limiter: held until its response head is back.
 #[derive(Debug, Default)]
 pub struct Admission {
@@ -749,16 +766,7 @@ mod tests {
 
     async fn admit(limiter: &Limiter, upstream: &Upstream) -> Result<Admission, ProxyError> {
         let headers = HeaderMap::new();
-        let caller = Caller {
-            headers: &headers,
-            peer: None,
-            client: None,
-            host: None,
-            max_wait: None,
-            credential: None,
-            consumers: &[],
-            lane: Lane::Normal,
-        };
+        let caller = Caller::from_headers(&headers);
         limiter.admit(upstream, &Method::GET, "/x", caller, None).await
     }
 
@@ -950,16 +958,7 @@ mod tests {
         admit(&limiter, &upstream).await.unwrap();
         let (open, opened) = tokio::sync::watch::channel(0u64);
         let headers = HeaderMap::new();
-        let caller = Caller {
-            headers: &headers,
-            peer: None,
-            client: None,
-            host: None,
-            max_wait: None,
-            credential: None,
-            consumers: &[],
-            lane: Lane::Normal,
-        };
+        let caller = Caller::from_headers(&headers);
         let waiting = limiter.admit(&upstream, &Method::GET, "/x", caller, Some(opened));
         let opening = async {
             tokio::time::sleep(Duration::from_secs(1)).await;
