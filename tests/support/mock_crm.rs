@@ -71,25 +71,9 @@ impl MockCrm {
 
     /// TLS mock (h2 + http/1.1 by ALPN) with a certificate for `localhost`, `127.0.0.1` and `hosts`.
     pub async fn start_tls(hosts: &[&str]) -> Self {
-        sluice::tls::install_crypto_provider();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "mock vendor CA");
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        names.extend(hosts.iter().map(|h| h.to_string()));
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(names).unwrap().signed_by(&leaf_key, &issuer).unwrap();
-        let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
-        let mut config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![leaf.der().clone()], key_der)
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let (config, ca_pem) = localhost_server_config("mock vendor CA", hosts);
         let mut mock = Self::start_inner(Some(Arc::new(config))).await;
-        mock.ca_pem = Some(ca_cert.pem());
+        mock.ca_pem = Some(ca_pem);
         mock
     }
 
@@ -246,4 +230,28 @@ pub fn hubspot_rate_headers(headers: &mut http::HeaderMap, max: u64, remaining: 
     headers.insert("x-hubspot-ratelimit-interval-milliseconds", "10000".parse().unwrap());
     headers.insert("x-hubspot-ratelimit-max", max.to_string().parse().unwrap());
     headers.insert("x-hubspot-ratelimit-remaining", remaining.to_string().parse().unwrap());
+}
+
+/// A TLS server config for `localhost`, `127.0.0.1` and `hosts` under a fresh CA named
+/// `ca_name`, ALPN `h2` then `http/1.1`; and the CA's PEM, for the client to trust. Every mock
+/// server over TLS uses it.
+pub fn localhost_server_config(ca_name: &str, hosts: &[&str]) -> (rustls::ServerConfig, String) {
+    sluice::tls::install_crypto_provider();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, ca_name);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    names.extend(hosts.iter().map(|h| h.to_string()));
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(names).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key_der)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (config, ca_cert.pem())
 }

@@ -69,7 +69,7 @@ impl TokenServer {
     /// `refresh_token` as the first valid refresh token.
     pub async fn start(lifetime: Duration, refresh_token: &str) -> Self {
         sluice::tls::install_crypto_provider();
-        let (config, ca_pem) = tls_config();
+        let (config, ca_pem) = super::mock_crm::localhost_server_config("mock token endpoint CA", &[]);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -336,26 +336,4 @@ fn percent_decode(text: &str) -> String {
         at += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A server config for `127.0.0.1` / `localhost` under a fresh CA, and the CA's PEM.
-fn tls_config() -> (rustls::ServerConfig, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "mock token endpoint CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], key_der)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    (config, ca_cert.pem())
 }

@@ -104,25 +104,8 @@ impl StreamingVendor {
 
     /// TLS for `localhost` and `127.0.0.1`, ALPN `h2` then `http/1.1`.
     pub async fn start_tls() -> Self {
-        sluice::tls::install_crypto_provider();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "streaming vendor CA");
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
-        let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
-        let mut config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![leaf.der().clone()], key_der)
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Self::start_inner(Some(Arc::new(config)), Some(ca_cert.pem())).await
+        let (config, ca_pem) = super::mock_crm::localhost_server_config("streaming vendor CA", &[]);
+        Self::start_inner(Some(Arc::new(config)), Some(ca_pem)).await
     }
 
     async fn start_inner(tls: Option<Arc<rustls::ServerConfig>>, ca_pem: Option<String>) -> Self {
